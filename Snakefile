@@ -1,0 +1,18 @@
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/classify.smk"
+include: "workflow/rules/store.smk"
+include: "workflow/rules/index.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),

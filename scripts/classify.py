@@ -1,0 +1,7 @@
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from snakembed.classify import classify_folder
+
+classify_folder(snakemake.input[0], snakemake.output[0], snakemake.config)

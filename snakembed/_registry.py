@@ -1,0 +1,110 @@
+"""Plugins found through Python entry points, one group per kind.
+
+An entry point's object is either a factory, registered under the entry point's name, or a
+*family*: an object with ``names()`` and ``create(name, **kwargs)`` that provides many names at
+once (torchvision's classifiers, for example). Built-ins register exactly like third-party
+plugins, in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+__all__ = ["Registry", "PluginError"]
+
+
+class PluginError(LookupError):
+    """An unknown or duplicate plugin name; the message lists what exists."""
+
+
+class Registry:
+    """The plugins of one entry-point group.
+
+    Args:
+        group: the entry-point group, for example ``"snakembed.backbones"``.
+        kind: what a plugin of this group is, for messages (``"backbone"``).
+
+    Example:
+        >>> Registry("snakembed.heads", "head").names()
+        ['pretrained']
+    """
+
+    def __init__(self, group: str, kind: str) -> None:
+        self.group = group
+        self.kind = kind
+        self._extra: dict[str, Any] = {}
+
+    def add(self, name: str, plugin: Any) -> None:
+        """Register a plugin in this process (tests, notebooks); entry points are the usual way."""
+        if name in self._entry_points() or name in self._extra:
+            raise PluginError(f"{self.kind} {name!r} is already registered")
+        self._extra[name] = plugin
+
+    def _entry_points(self) -> dict[str, EntryPoint]:
+        found: dict[str, EntryPoint] = {}
+        for ep in entry_points(group=self.group):
+            if ep.name in found and found[ep.name].value != ep.value:
+                raise PluginError(
+                    f"two plugins register the {self.kind} name {ep.name!r} in entry-point group "
+                    f"{self.group!r}: {found[ep.name].value} and {ep.value}; uninstall one"
+                )
+            found[ep.name] = ep
+        return found
+
+    def _providers(self) -> dict[str, Any]:
+        providers = {name: ep.load() for name, ep in self._entry_points().items()}
+        providers.update(self._extra)
+        return providers
+
+    def _table(self, want: str | None = None) -> dict[str, tuple[str, Callable[..., Any]]]:
+        """name -> (provider name, factory).
+
+        Families are expanded only when needed (listing, or a name that no plain plugin has),
+        since asking a family for its names may import a large library.
+        """
+        providers = self._providers()
+        plain = {n: (n, obj) for n, obj in providers.items() if not _is_family(obj)}
+        if want is not None and want in plain:
+            return plain
+        table = dict(plain)
+        for provider, obj in providers.items():
+            if not _is_family(obj):
+                continue
+            for name in obj.names():
+                if name in table:
+                    raise PluginError(
+                        f"the {self.kind} name {name!r} is provided twice, by {table[name][0]!r} "
+                        f"and by {provider!r}; uninstall one of them"
+                    )
+                table[name] = (provider, _bind(obj.create, name))
+        return table
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        return sorted(self._table())
+
+    def factory(self, name: str) -> Callable[..., Any]:
+        """The factory registered as ``name``.
+
+        Raises:
+            PluginError: for an unknown name, listing the known ones.
+        """
+        table = self._table(want=name)
+        if name not in table:
+            raise PluginError(
+                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(sorted(table))}"
+            )
+        return table[name][1]
+
+
+def _is_family(obj: Any) -> bool:
+    return hasattr(obj, "names") and hasattr(obj, "create")
+
+
+def _bind(create: Callable[..., Any], name: str) -> Callable[..., Any]:
+    def factory(**kwargs: Any) -> Any:
+        return create(name, **kwargs)
+
+    return factory

@@ -1,0 +1,202 @@
+"""Backbones: a network that maps a batch of images to one embedding per image.
+
+A backbone plugin is a factory ``f(weights=..., layer=...) -> Backbone`` registered in the
+``snakembed.backbones`` entry-point group (or a family object with ``names()`` and
+``create(name, weights=..., layer=...)``). The returned :class:`Backbone` carries its own
+preprocessing and class names, as torchvision's ``Weights`` and timm's ``pretrained_cfg`` do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._registry import PluginError, Registry
+from ..images import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Backbone",
+    "WeightsError",
+    "create_backbone",
+    "list_backbones",
+    "load_checkpoint",
+    "split_classifier",
+    "is_local_weights",
+    "BACKBONES",
+    "NO_WEIGHTS",
+    "PluginError",
+    "file_sha256",
+    "load_state",
+]
+
+#: The backbone registry (entry-point group ``snakembed.backbones``).
+BACKBONES = Registry("snakembed.backbones", "backbone")
+
+#: ``weights:`` values that mean "random initialisation".
+NO_WEIGHTS = (None, "none", "None", "null")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be had or do not fit; the message names the file and the fix."""
+
+
+@dataclass
+class Backbone:
+    """A network truncated before its classifier, with everything needed to use it.
+
+    Attributes:
+        name: the registered name.
+        model: ``[B, 3, H, W]`` normalised float images to ``[B, D]`` embeddings, in eval mode.
+        preprocess: what the weights expect (resize, crop, mean, std, interpolation).
+        embedding_dim: ``D``.
+        weights: what was loaded: a weights name, a checkpoint path, or ``none``.
+        weights_sha256: the checkpoint file's sha256, where the weights came from a file.
+        classifier: the model's own final layer, embeddings to logits, or None.
+        categories: the class names of ``classifier``'s outputs.
+        layer: where the embedding is taken.
+    """
+
+    name: str
+    model: torch.nn.Module
+    preprocess: Preprocess
+    embedding_dim: int
+    weights: str
+    weights_sha256: str | None = None
+    classifier: torch.nn.Module | None = None
+    categories: list[str] | None = field(default=None, repr=False)
+    layer: str = "pre_logits"
+
+
+def list_backbones() -> list[str]:
+    """Every registered backbone name, sorted.
+
+    Example:
+        >>> "efficientnet_lite0" in list_backbones() and "resnet18" in list_backbones()
+        True
+    """
+    return BACKBONES.names()
+
+
+def create_backbone(
+    name: str, weights: str | None = "default", layer: str = "pre_logits"
+) -> Backbone:
+    """Build a registered backbone.
+
+    Args:
+        name: a name from :func:`list_backbones`.
+        weights: ``default``, a named weights set, a local checkpoint path, or ``none``.
+        layer: where the embedding is taken (``pre_logits``).
+
+    Returns:
+        The backbone, in eval mode on the CPU.
+
+    Raises:
+        PluginError: for an unknown name, listing the known ones.
+        WeightsError: for weights that cannot be had or do not fit.
+
+    Example:
+        >>> create_backbone("resnet18", weights="none").embedding_dim
+        512
+    """
+    factory = BACKBONES.factory(name)
+    backbone = factory(weights=weights, layer=layer)
+    backbone.model.eval()
+    if backbone.classifier is not None:
+        backbone.classifier.eval()
+    return backbone
+
+
+def is_local_weights(weights: str | None) -> bool:
+    """Whether ``weights`` names a checkpoint file rather than a weights set."""
+    if weights in NO_WEIGHTS or not isinstance(weights, str):
+        return False
+    return "/" in weights or weights.endswith((".pth", ".pt", ".safetensors", ".bin", ".ckpt"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state dict without ever unpickling code.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``. A dict that wraps the weights under ``state_dict`` or
+    ``model`` is unwrapped, and a ``module.`` prefix (DistributedDataParallel) is removed.
+
+    Raises:
+        WeightsError: naming the file, when it is missing or not a plain state dict.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"checkpoint {str(path)!r} does not exist; set model.weights to an existing "
+            "file, a weights name, `default` or `none`"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(
+            f"cannot load checkpoint {str(path)!r} as plain tensors ({type(exc).__name__}: {exc}); "
+            "save it with torch.save(model.state_dict(), path) or as .safetensors"
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """``model.load_state_dict(state)``, with a clear message when they do not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).split("\n", 1)[-1].strip()
+        raise WeightsError(
+            f"checkpoint {source!r} does not fit {type(model).__name__}: {detail[:500]}"
+        ) from exc
+
+
+def split_classifier(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
+    """Remove a classifier's final linear layer, in place.
+
+    The model's last ``nn.Linear`` (in module order) is replaced by ``nn.Identity``, so the
+    model then outputs that layer's input: the pooled features before the classifier.
+
+    Returns:
+        ``(qualified name, the removed layer)``.
+
+    Raises:
+        WeightsError: when the model has no linear layer.
+    """
+    import torch
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise WeightsError(f"{type(model).__name__} has no final linear layer to remove")
+    name, layer = linears[-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, torch.nn.Identity())
+    return name, layer

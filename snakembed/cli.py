@@ -1,0 +1,167 @@
+"""The ``snakembed`` command: labels and vectors for single images, and a look at results.
+
+It runs the same functions as the workflow's rules, so ``snakembed embed`` on an image gives
+the vector the workflow stored for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snakembed", description="CNN embeddings and class predictions for images."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def images_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+        p.add_argument("--configfile", help="the workflow's config.yaml (model, preprocessing)")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.add_argument("--device", help="override the config's device (cpu, cuda, ...)")
+        return p
+
+    predict = images_command("predict", "Print the most likely labels of images.")
+    predict.add_argument("--topk", type=int, help="how many labels per image (default: config)")
+    images_command("embed", "Print the embedding vectors of images.")
+    info = sub.add_parser("info", help="Summarise a results folder.")
+    info.add_argument("results", metavar="RESULTS", help="the workflow's results folder")
+    sub.add_parser("list", help="List the installed backbones and heads.")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> dict:
+    from .config import load_config
+
+    overrides: dict = {}
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    if getattr(args, "topk", None):
+        overrides["classify"] = {"topk": args.topk}
+    return load_config(args.configfile, overrides)
+
+
+def _embed(args: argparse.Namespace, config: dict):
+    from .embed import embed_images, load_backbone
+
+    backbone = load_backbone(config)
+    result = embed_images(args.images, config, ids=args.images, backbone=backbone)
+    return backbone, result
+
+
+def _report_failures(result, as_json: bool) -> int:
+    """Failures are logged to stderr as they happen; with --json they are also lines."""
+    if as_json:
+        for image, reason in result.failed.items():
+            print(json.dumps({"image": image, "error": reason}))
+    return 1 if result.failed else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .classify import predict
+    from .heads import create_head
+    from .heads.pretrained import PretrainedHead
+
+    config = _config(args)
+    name = config["classify"]["head"]
+    if name == "none":
+        name = "pretrained"
+    backbone, result = _embed(args, config)
+    head = PretrainedHead(config, backbone) if name == "pretrained" else create_head(name, config)
+    predictions = predict(head, name, result.ids, result.vectors, config["classify"]["topk"])
+    for i, image in enumerate(predictions.ids):
+        topk = [
+            [str(lab), round(float(s), 6)]
+            for lab, s in zip(predictions.labels[i], predictions.scores[i], strict=True)
+        ]
+        if args.json:
+            print(
+                json.dumps({"image": image, "label": topk[0][0], "score": topk[0][1], "topk": topk})
+            )
+        else:
+            print(f"{image}\t{topk[0][0]}\t{topk[0][1]:.4f}")
+    return _report_failures(result, args.json)
+
+
+def _embed_command(args: argparse.Namespace) -> int:
+    _, result = _embed(args, _config(args))
+    for image, vector in zip(result.ids, result.vectors, strict=True):
+        if args.json:
+            print(json.dumps({"image": image, "embedding": vector.tolist()}))
+        else:
+            print(image + "\t" + " ".join(repr(float(v)) for v in vector))
+    return _report_failures(result, args.json)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    store = open_store(args.results)
+    total = failed = 0
+    lines = []
+    attrs: dict = {}
+    for key in store:
+        folder = store[key]
+        attrs = folder.attrs
+        total += attrs["num_images"]
+        failed += attrs["num_failed"]
+        lines.append(f"  {key}: {attrs['num_images']} images, {attrs['num_failed']} failed")
+    print(f"results: {store.results}")
+    if store.images_root is not None:
+        print(f"images: {store.images_root}")
+    print(f"folders: {len(store)}, images: {total}, failed: {failed}")
+    if attrs:
+        print(
+            f"model: {attrs['model']} ({attrs['weights']}), layer {attrs['layer']}, "
+            f"{attrs['embedding_dim']}-d; classify: {attrs['classify']}"
+        )
+    print("\n".join(lines))
+    for key in store:
+        for image_id, reason in store[key].failed.items():
+            print(f"failed: {key}/{image_id}: {reason}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+    from .heads import list_heads
+
+    print("backbones: " + ", ".join(list_backbones()))
+    print("heads: " + ", ".join(list_heads()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI.
+
+    Returns:
+        0 on success, 1 when an image could not be read, 2 for a usage or config error.
+
+    Example:
+        >>> main(["predict", "demo/images/animals/chelsea.jpg"])  # doctest: +SKIP
+        demo/images/animals/chelsea.jpg	tabby, tabby cat	0.4790
+        0
+    """
+    from .backbones import WeightsError
+    from .config import ConfigError
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="snakembed: %(message)s")
+    commands = {"predict": _predict, "embed": _embed_command, "info": _info, "list": _list}
+    try:
+        return commands[args.command](args)
+    except (ConfigError, WeightsError, LookupError, FileNotFoundError, ValueError) as exc:
+        print(f"snakembed: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The configuration: defaults, validation, and the fingerprint of what changes the numbers.
+
+The schema lives beside the workflow (``workflow/schemas/config.schema.yaml``) and is shipped
+inside the package, so the CLI and the workflow read the very same defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "validate_config",
+    "numbers_fingerprint",
+    "library_versions",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+def _schema() -> dict:
+    return yaml.safe_load(Path(__file__).with_name("config.schema.yaml").read_text())
+
+
+def _fill_defaults(schema: dict, instance: dict) -> None:
+    """Fill missing keys from the schema's defaults, recursing into nested objects."""
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if sub.get("type") == "object" and isinstance(instance.get(key), dict):
+            _fill_defaults(sub, instance[key])
+
+
+def validate_config(config: dict) -> dict:
+    """Validate ``config`` against the schema and fill in every default (in place).
+
+    Args:
+        config: a configuration dictionary, possibly partial.
+
+    Returns:
+        The same dictionary, complete.
+
+    Raises:
+        ConfigError: naming the key, the bad value and what is allowed.
+
+    Example:
+        >>> validate_config({"batch_size": 8})["model"]["name"]
+        'efficientnet_lite0'
+    """
+    schema = _schema()
+    _fill_defaults(schema, config)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+            lines.append(f"config key {key!r}: {err.message}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Read a YAML config file (optional), apply overrides, validate and fill defaults.
+
+    Args:
+        path: a YAML file, or None for the defaults alone.
+        overrides: nested keys that replace the file's values.
+
+    Returns:
+        The complete configuration.
+
+    Example:
+        >>> load_config(overrides={"classify": {"topk": 3}})["classify"]
+        {'topk': 3, 'head': 'pretrained'}
+    """
+    config: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        if not isinstance(config, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {config!r}")
+    _merge(config, overrides or {})
+    return validate_config(config)
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that change the numbers, read without importing them.
+
+    Returns:
+        ``{"snakembed": ..., "torch": ..., "torchvision": ..., "timm": ...}``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("snakembed", "torch", "torchvision", "timm"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def numbers_fingerprint(config: dict) -> dict[str, Any]:
+    """Everything in a config that changes the stored embeddings, plus library versions.
+
+    The workflow passes this as rule ``params`` so that Snakemake recomputes every folder when
+    the model, its weights, the preprocessing, the patches or a library version change.
+
+    Args:
+        config: a validated configuration.
+
+    Returns:
+        A JSON-serialisable dict with the relevant keys and a short ``hash`` of them.
+    """
+    relevant = {
+        "model": config["model"],
+        "preprocess": config["preprocess"],
+        "patches": config["patches"],
+        "precision": config["precision"],
+        "extensions": sorted(e.lower() for e in config["extensions"]),
+        "versions": library_versions(),
+    }
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return {**relevant, "hash": digest}

@@ -1,0 +1,388 @@
+"""Embedding images: decode in worker processes, run the backbone in batches on its device.
+
+The same functions serve the workflow's ``embed`` rule and the ``snakembed`` CLI, so an image
+gets the same vector either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import Backbone, create_backbone
+from .config import numbers_fingerprint
+from .images import ImageError, Preprocess, read_image
+from .patches import PatchGrid
+
+__all__ = [
+    "Embeddings",
+    "embed_folder",
+    "embed_images",
+    "load_backbone",
+    "resolve_device",
+    "save_embeddings",
+    "load_embeddings",
+]
+
+log = logging.getLogger("snakembed")
+
+
+@dataclass
+class Embeddings:
+    """The embeddings of a set of images, row ``i`` for ``ids[i]``.
+
+    Images that failed are not in ``ids``; they are in ``failed`` with their reasons.
+    """
+
+    ids: list[str]
+    sources: list[str]
+    sha256: list[str]
+    width: np.ndarray
+    height: np.ndarray
+    vectors: np.ndarray
+    failed: dict[str, str] = field(default_factory=dict)
+    patch_vectors: np.ndarray | None = None
+    patch_boxes: np.ndarray | None = None
+    patch_counts: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str = "auto"):
+    """The torch device for a config's ``device:`` value.
+
+    ``auto`` asks torch (never ``CUDA_VISIBLE_DEVICES``): the first GPU when one is usable,
+    else the CPU.
+
+    Raises:
+        ValueError: when the device is asked for but absent, naming the fix.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} asked for, but torch sees no GPU; set device: auto or cpu"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available; set device: auto")
+    return device
+
+
+def load_backbone(config: dict) -> Backbone:
+    """The backbone of a validated config, with the config's preprocessing overrides applied."""
+    model = config["model"]
+    backbone = create_backbone(model["name"], model["weights"], model["layer"])
+    backbone.preprocess = backbone.preprocess.override(config["preprocess"])
+    return backbone
+
+
+def _autocast(device, precision: str):
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Decoder:
+    """Reads one image into the network's pixels (and patches); runs in DataLoader workers."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, grid: PatchGrid | None):
+        self.paths = list(paths)
+        self.preprocess = preprocess
+        self.grid = grid
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        item: dict = {"index": index}
+        try:
+            min_side = self.preprocess.resize if self.preprocess.draft else None
+            if min_side and self.grid is not None:
+                min_side = max(min_side, self.grid.resize or 10**9)
+            decoded = read_image(path, min_side)
+            item.update(sha256=decoded.sha256, width=decoded.width, height=decoded.height)
+            item["pixels"] = self.preprocess.pixels(decoded.image)
+            if self.grid is not None:
+                item["patches"], item["boxes"] = self.grid.cut(
+                    decoded.image, decoded.width, decoded.height
+                )
+        except ImageError as exc:
+            item["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the folder
+            item["error"] = f"cannot preprocess image: {type(exc).__name__}: {exc}"
+        return item
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def _batches(decoder: _Decoder, batch_size: int, workers: int, pin: bool) -> Iterator[list[dict]]:
+    if workers == 0:
+        for start in range(0, len(decoder), batch_size):
+            yield [decoder[i] for i in range(start, min(start + batch_size, len(decoder)))]
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(
+        decoder,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_as_list,
+        pin_memory=pin,
+        prefetch_factor=4,
+    )
+
+
+class _Progress:
+    """Logs images done, images/s and the time left, every few seconds."""
+
+    def __init__(self, total: int, label: str, every: float = 5.0) -> None:
+        self.total, self.label, self.every = total, label, every
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            log.info(
+                "%s: %d/%d images, %.1f images/s, %.0f s left",
+                self.label,
+                self.done,
+                self.total,
+                rate,
+                eta,
+            )
+
+
+def embed_images(
+    paths: Sequence[str | Path],
+    config: dict,
+    *,
+    ids: Sequence[str] | None = None,
+    sources: Sequence[str] | None = None,
+    backbone: Backbone | None = None,
+    threads: int | None = None,
+    label: str = "embed",
+) -> Embeddings:
+    """Embed image files with the config's backbone, batch by batch.
+
+    Args:
+        paths: image files.
+        config: a validated configuration (model, preprocess, patches, batch_size, device,
+            precision).
+        ids: the id of each image (default: the file name).
+        sources: the path to record for each image (default: as given).
+        backbone: an already built backbone (default: built from ``config``).
+        threads: CPU threads for decoding workers and the network (default: ``config``).
+        label: what progress lines start with.
+
+    Returns:
+        The embeddings of the images that could be decoded, and the reasons of those that
+        could not.
+
+    Example:
+        >>> from snakembed.config import load_config
+        >>> e = embed_images(["demo/images/animals/chelsea.jpg"], load_config())  # doctest: +SKIP
+        >>> e.vectors.shape  # doctest: +SKIP
+        (1, 1280)
+    """
+    import torch
+
+    paths = [Path(p) for p in paths]
+    ids = list(ids) if ids is not None else [p.name for p in paths]
+    sources = list(sources) if sources is not None else [str(p) for p in paths]
+    threads = threads or config["threads"]
+    torch.set_num_threads(threads)
+    backbone = backbone or load_backbone(config)
+    device = resolve_device(config["device"])
+    model = backbone.model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    patches = config["patches"]
+    grid = None
+    if patches["enabled"]:
+        grid = PatchGrid(patches["size"], patches["stride"], patches["resize"], patches["border"])
+    batch_size = config["batch_size"]
+    decoder = _Decoder(paths, backbone.preprocess, grid)
+    workers = 0 if len(paths) <= batch_size or threads < 2 else min(threads, 16)
+
+    def forward(pixels: torch.Tensor) -> np.ndarray:
+        pixels = pixels.to(device, non_blocking=True)
+        if device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), _autocast(device, config["precision"]):
+            out = model(backbone.preprocess.normalize(pixels))
+        return out.float().cpu().numpy()
+
+    kept: list[dict] = []
+    vectors: list[np.ndarray] = []
+    patch_vectors: list[np.ndarray] = []
+    failed: dict[str, str] = {}
+    progress = _Progress(len(paths), label)
+    for batch in _batches(decoder, batch_size, workers, pin=device.type == "cuda"):
+        good = []
+        for item in batch:
+            if "error" in item:
+                failed[ids[item["index"]]] = item["error"]
+                log.warning("%s: %s", sources[item["index"]], item["error"])
+            else:
+                good.append(item)
+        if good:
+            vectors.append(forward(torch.stack([it["pixels"] for it in good])))
+            if grid is not None:
+                stacked = np.concatenate([it["patches"] for it in good])
+                for start in range(0, len(stacked), batch_size):
+                    chunk = torch.from_numpy(stacked[start : start + batch_size])
+                    patch_vectors.append(forward(chunk))
+            kept.extend(
+                {k: v for k, v in it.items() if k not in ("pixels", "patches")} for it in good
+            )
+        progress.update(len(batch))
+
+    dim = backbone.embedding_dim
+    result = Embeddings(
+        ids=[ids[it["index"]] for it in kept],
+        sources=[sources[it["index"]] for it in kept],
+        sha256=[it["sha256"] for it in kept],
+        width=np.array([it["width"] for it in kept], np.int64),
+        height=np.array([it["height"] for it in kept], np.int64),
+        vectors=np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+        failed=failed,
+        meta=_meta(backbone, config),
+    )
+    if grid is not None:
+        result.patch_counts = np.array([len(it["boxes"]) for it in kept], np.int64)
+        result.patch_boxes = (
+            np.concatenate([it["boxes"] for it in kept]) if kept else np.zeros((0, 4), np.int64)
+        )
+        result.patch_vectors = (
+            np.concatenate(patch_vectors) if patch_vectors else np.zeros((0, dim), np.float32)
+        )
+    return result
+
+
+def _meta(backbone: Backbone, config: dict) -> dict:
+    patches = config["patches"]
+    return {
+        "model": backbone.name,
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256 or "",
+        "layer": backbone.layer,
+        "embedding_dim": backbone.embedding_dim,
+        "preprocess": backbone.preprocess.to_dict(),
+        "patches": {k: v for k, v in patches.items() if k != "enabled"}
+        if patches["enabled"]
+        else None,
+        "precision": config["precision"],
+        "config_hash": numbers_fingerprint(config)["hash"],
+    }
+
+
+_ARRAYS = ("ids", "sources", "sha256", "width", "height", "vectors")
+_PATCH_ARRAYS = ("patch_vectors", "patch_boxes", "patch_counts")
+
+
+def save_embeddings(embeddings: Embeddings, path: str | Path) -> None:
+    """Write embeddings to an ``.npz`` file, atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {name: np.asarray(getattr(embeddings, name)) for name in _ARRAYS}
+    for name in _PATCH_ARRAYS:
+        if getattr(embeddings, name) is not None:
+            arrays[name] = getattr(embeddings, name)
+    arrays["failed"] = np.asarray(json.dumps(embeddings.failed))
+    arrays["meta"] = np.asarray(json.dumps(embeddings.meta))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def load_embeddings(path: str | Path) -> Embeddings:
+    """Read what :func:`save_embeddings` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        fields = {name: data[name] for name in _ARRAYS}
+        for name in ("ids", "sources", "sha256"):
+            fields[name] = [str(v) for v in fields[name]]
+        for name in _PATCH_ARRAYS:
+            fields[name] = data.get(name)
+        return Embeddings(
+            **fields,
+            failed=json.loads(str(data["failed"])),
+            meta=json.loads(str(data["meta"])),
+        )
+
+
+def embed_folder(
+    images_root: str | Path,
+    folder: str,
+    names: Sequence[str],
+    output: str | Path,
+    config: dict,
+    threads: int | None = None,
+) -> Embeddings:
+    """Embed one image folder and save the result for the classify and store steps.
+
+    Args:
+        images_root: the image root.
+        folder: the folder's key (its path relative to the root, ``.`` for the root itself).
+        names: the folder's image file names.
+        output: the ``.npz`` file to write.
+        config: a validated configuration.
+        threads: CPU threads for this job.
+
+    Returns:
+        The folder's embeddings.
+    """
+    _log_to_stderr()
+    directory = Path(images_root) / folder
+    sources = [name if folder == "." else f"{folder}/{name}" for name in names]
+    start = time.monotonic()
+    result = embed_images(
+        [directory / n for n in names],
+        config,
+        ids=list(names),
+        sources=sources,
+        threads=threads,
+        label=folder,
+    )
+    save_embeddings(result, output)
+    seconds = time.monotonic() - start
+    log.info(
+        "%s: %d images embedded, %d failed, in %.1f s (%.1f images/s)",
+        folder,
+        len(result.ids),
+        len(result.failed),
+        seconds,
+        len(names) / max(seconds, 1e-9),
+    )
+    return result
+
+
+def _log_to_stderr() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)

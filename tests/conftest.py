@@ -1,0 +1,147 @@
+"""Shared test helpers: small generated image trees, random-weight checkpoints, real snakemake."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
+
+#: A small, fast configuration: a random ResNet-18 on 64-pixel images.
+FAST_CONFIG = {
+    "model": {"name": "resnet18", "weights": "none"},
+    "preprocess": {"resize": 64, "crop": 56},
+    "classify": {"head": "pretrained", "topk": 3},
+    "batch_size": 4,
+    "threads": 1,
+}
+
+
+def make_image(path: Path, size=(64, 48), seed: int = 0, mode: str = "RGB", **save) -> Path:
+    """A random but structured image (gradients plus noise), saved by its extension."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 256], axis=-1)
+    noise = rng.integers(0, 80, size=(h, w, 3))
+    array = ((base + noise + seed * 37) % 256).astype(np.uint8)
+    image = Image.fromarray(array, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **save)
+    return path
+
+
+def make_tree(root: Path) -> dict[str, list[str]]:
+    """A tree with nested, spaced and non-ASCII folder names, and images in the root itself.
+
+    Returns:
+        ``{folder key: image names}`` as discovery should find them.
+    """
+    layout = {
+        ".": ["top.jpg"],
+        "alpha": ["a1.jpg", "a2.png", "a3.jpeg"],
+        "alpha/deep/b c": ["x 1.jpg", "y.png"],
+        "ünï cödé": ["é.jpg", "z.JPG"],
+    }
+    seed = 0
+    for folder, names in layout.items():
+        for name in names:
+            seed += 1
+            make_image(root / folder / name, size=(40 + 7 * seed, 30 + 5 * seed), seed=seed)
+    (root / "alpha" / "notes.txt").write_text("not an image")
+    (root / ".hidden").mkdir()
+    make_image(root / ".hidden" / "skip.jpg")
+    return {k: sorted(v) for k, v in layout.items()}
+
+
+def write_config(path: Path, **overrides) -> Path:
+    """A YAML config file from FAST_CONFIG with top-level overrides."""
+    config = {**FAST_CONFIG, **overrides}
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
+def run_snakemake(
+    workdir: Path, configfile: Path, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run the real workflow, with --configfile and --directory given explicitly."""
+    cmd = [
+        SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
+    """A generated image tree under tmp_path/images and its expected folders."""
+    root = tmp_path / "images"
+    return root, make_tree(root)
+
+
+@pytest.fixture(scope="session")
+def resnet18_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight ResNet-18 state dict, saved as a plain checkpoint."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(1234)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path_factory.mktemp("weights") / "resnet18_random.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory, resnet18_checkpoint):
+    """One real run, shared by the read-only tests: a tree with a few bad files and patches."""
+    base = tmp_path_factory.mktemp("run")
+    images = base / "images"
+    folders = make_tree(images)
+    bad = images / "alpha"
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not a jpeg")
+    good = (images / "alpha" / "a1.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    config = write_config(
+        base / "config.yaml",
+        images=str(images),
+        results=str(base / "results"),
+        model={"name": "resnet18", "weights": str(resnet18_checkpoint)},
+        patches={"enabled": True, "resize": 64, "size": 32, "stride": 32, "border": "shift"},
+    )
+    proc = run_snakemake(base, config)
+    return {
+        "base": base,
+        "images": images,
+        "results": base / "results",
+        "config": config,
+        "folders": folders,
+        "bad": {"empty.jpg", "text.jpg", "truncated.jpg"},
+        "proc": proc,
+    }

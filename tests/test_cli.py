@@ -1,0 +1,85 @@
+"""The snakembed CLI: predict, embed, info, list; it shares the workflow's code path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import yaml
+
+import snakembed
+from snakembed.cli import main
+
+
+def test_embed_gives_the_stored_vector(workflow_run, capsys):
+    image = workflow_run["images"] / "alpha" / "a2.png"
+    assert main(["embed", str(image), "--configfile", str(workflow_run["config"]), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["image"] == str(image)
+    stored = snakembed.open_store(workflow_run["results"]).lookup("alpha/a2.png").embedding
+    assert np.allclose(np.array(line["embedding"], np.float32), stored, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_json_lines_and_topk(workflow_run, capsys):
+    images = [workflow_run["images"] / "alpha" / n for n in ("a1.jpg", "a3.jpeg")]
+    code = main(
+        [
+            "predict",
+            *map(str, images),
+            "--configfile",
+            str(workflow_run["config"]),
+            "--topk",
+            "2",
+            "--json",
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["image"] for x in lines] == [str(p) for p in images]
+    store = snakembed.open_store(workflow_run["results"])
+    for line, path in zip(lines, images, strict=True):
+        assert set(line) == {"image", "label", "score", "topk"}
+        assert len(line["topk"]) == 2 and line["topk"][0] == [line["label"], line["score"]]
+        assert line["label"] == store["alpha"][path.name].label
+
+
+def test_predict_reports_unreadable_images(workflow_run, capsys, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no")
+    good = workflow_run["images"] / "alpha" / "a1.jpg"
+    code = main(
+        ["predict", str(good), str(bad), "--configfile", str(workflow_run["config"]), "--json"]
+    )
+    assert code == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert lines[0]["image"] == str(good)
+    assert lines[1] == {"image": str(bad), "error": lines[1]["error"]}
+    assert "not an image" in lines[1]["error"]
+
+
+def test_predict_plain_output(workflow_run, capsys):
+    image = workflow_run["images"] / "top.jpg"
+    assert main(["predict", str(image), "--configfile", str(workflow_run["config"])]) == 0
+    path, label, score = capsys.readouterr().out.strip().split("\t")
+    assert path == str(image) and label and 0 < float(score) <= 1
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"batch_size": -1}))
+    assert main(["embed", "x.jpg", "--configfile", str(config)]) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_info(workflow_run, capsys):
+    assert main(["info", str(workflow_run["results"])]) == 0
+    out = capsys.readouterr().out
+    n = sum(len(v) for v in workflow_run["folders"].values())
+    assert f"folders: {len(workflow_run['folders'])}, images: {n}, failed: 3" in out
+    assert "resnet18" in out and "failed: alpha/empty.jpg: empty file" in out
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnet_lite0" in out and "resnet50" in out and "pretrained" in out

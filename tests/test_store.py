@@ -1,0 +1,103 @@
+"""The Python API over the results: open_store, folders, records, matrix, lookup, dataframe."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+import snakembed
+from snakembed.store import folder_file
+
+
+@pytest.fixture(scope="module")
+def store(workflow_run):
+    return snakembed.open_store(workflow_run["results"])
+
+
+def test_folders_and_ids(store, workflow_run):
+    assert store.folders() == sorted(workflow_run["folders"])
+    assert len(store) == len(workflow_run["folders"])
+    assert "alpha" in store and "nope" not in store
+    for key, names in workflow_run["folders"].items():
+        assert store[key].ids() == sorted(names)
+
+
+def test_matrix_rows_follow_ids(store):
+    folder = store["alpha"]
+    matrix = folder.matrix()
+    assert matrix.dtype == np.float32 and matrix.shape == (3, 512)
+    for row, image_id in zip(matrix, folder.ids(), strict=True):
+        assert np.array_equal(row, folder[image_id].embedding)
+
+
+def test_image_record(store, workflow_run):
+    record = store["alpha/deep/b c"]["x 1.jpg"]
+    assert record.folder == "alpha/deep/b c" and record.image_id == "x 1.jpg"
+    assert record.source == "alpha/deep/b c/x 1.jpg"
+    assert record.embedding.shape == (512,)
+    assert record.label == record.topk[0][0] and record.score == pytest.approx(record.topk[0][1])
+    assert len(record.topk) == 3
+    assert record.patches is not None
+    assert record.patches.embeddings.shape == (len(record.patches.boxes), 512)
+    assert len(record.sha256) == 64
+
+
+def test_failed_images_and_their_reasons(store, workflow_run):
+    failed = store["alpha"].failed
+    assert set(failed) == workflow_run["bad"]
+    with pytest.raises(KeyError, match="it failed"):
+        store["alpha"]["empty.jpg"]
+    with pytest.raises(KeyError, match="no such image"):
+        store["alpha"]["missing.jpg"]
+    assert store["ünï cödé"].failed == {}
+
+
+def test_lookup_by_relative_and_absolute_path(store, workflow_run):
+    by_rel = store.lookup("ünï cödé/é.jpg")
+    by_abs = store.lookup(workflow_run["images"] / "ünï cödé" / "é.jpg")
+    assert np.array_equal(by_rel.embedding, by_abs.embedding)
+    assert store.lookup("top.jpg").folder == "."
+    with pytest.raises(KeyError):
+        store.lookup("nowhere/x.jpg")
+    with pytest.raises(KeyError, match="not under the image root"):
+        store.lookup("/somewhere/else.jpg")
+
+
+def test_to_dataframe(store, workflow_run):
+    frame = store.to_dataframe()
+    n = sum(len(v) for v in workflow_run["folders"].values())
+    assert len(frame) == n
+    assert {"folder", "image_id", "source", "label", "score", "embedding"} <= set(frame.columns)
+    row = frame[(frame.folder == "alpha") & (frame.image_id == "a2.png")].iloc[0]
+    assert np.array_equal(row.embedding, store["alpha"]["a2.png"].embedding)
+    assert row.label == store["alpha"]["a2.png"].label
+
+
+def test_provenance_attrs(store):
+    attrs = store["alpha"].attrs
+    assert attrs["model"] == "resnet18" and attrs["embedding_dim"] == 512
+    assert attrs["versions"]["torch"] and attrs["preprocess"]["resize"] == 64
+    assert attrs["num_failed"] == 3
+
+
+def test_store_without_index_scans_the_files(workflow_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "results"
+    shutil.copytree(workflow_run["results"] / "embeddings", copy / "embeddings")
+    store = snakembed.open_store(copy)
+    assert store.folders() == sorted(workflow_run["folders"])
+
+
+def test_open_store_on_a_folder_without_results(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the workflow first"):
+        snakembed.open_store(tmp_path)
+
+
+def test_files_are_never_left_half_written(workflow_run):
+    """Atomic writes: no temporary file remains next to the results."""
+    results = workflow_run["results"]
+    assert not [p for p in results.rglob("*.tmp")]
+    with h5py.File(folder_file(results, "alpha"), "r") as f:
+        assert f.attrs["format_version"] == 1

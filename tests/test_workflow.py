@@ -1,0 +1,280 @@
+"""End-to-end runs of the real workflow: the output contract, file by file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+from conftest import REPO, make_image, run_snakemake, write_config
+
+from snakembed.store import folder_file
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_every_folder_gets_a_file_with_the_contract(workflow_run):
+    results, images = workflow_run["results"], workflow_run["images"]
+    folders = workflow_run["folders"]
+    for key, names in folders.items():
+        path = folder_file(results, key)
+        assert path.is_file(), f"missing {path}"
+        with h5py.File(path, "r") as f:
+            attrs = f.attrs
+            assert attrs["format_version"] == 1
+            assert attrs["model"] == "resnet18"
+            assert attrs["layer"] == "pre_logits"
+            assert attrs["embedding_dim"] == 512
+            assert attrs["folder"] == key
+            assert len(attrs["weights_sha256"]) == 64
+            assert json.loads(attrs["preprocess"])["crop"] == 56
+            assert json.loads(attrs["patches"])["size"] == 32
+            for name in ("snakembed_version", "config_hash", "versions"):
+                assert attrs[name]
+            expected_good = [n for n in names]
+            ids = [v.decode() for v in f["_ids"][()]]
+            assert ids == sorted(expected_good)
+            assert f["_embeddings"].shape == (len(ids), 512)
+            for i, image_id in enumerate(ids):
+                group = f[image_id]
+                emb = group["embedding"][()]
+                assert emb.dtype == np.float32 and emb.shape == (512,)
+                assert np.array_equal(emb, f["_embeddings"][i])
+                source = images / group.attrs["source"]
+                assert source.name == image_id and source.is_file()
+                assert group.attrs["sha256"] == _sha(source)
+                from PIL import Image
+
+                with Image.open(source) as im:
+                    assert (group.attrs["width"], group.attrs["height"]) == im.size
+                assert isinstance(group.attrs["label"], str) and group.attrs["label"]
+                assert 0 < group.attrs["score"] <= 1
+                labels = [v.decode() for v in group["topk_labels"][()]]
+                scores = group["topk_scores"][()]
+                assert len(labels) == 3 and labels[0] == group.attrs["label"]
+                assert np.all(np.diff(scores) <= 0) and np.isclose(scores[0], group.attrs["score"])
+                boxes = group["patch_boxes"][()]
+                assert group["patch_embeddings"].shape == (len(boxes), 512)
+                assert len(boxes) >= 4
+                w, h = group.attrs["width"], group.attrs["height"]
+                assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all()
+                assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= h).all()
+                assert boxes[:, 2].max() == w and boxes[:, 3].max() == h  # shift covers the border
+
+
+def test_images_in_the_root_and_odd_names_are_folders(workflow_run):
+    results = workflow_run["results"]
+    assert (results / "embeddings" / "_root.h5").is_file()
+    assert (results / "embeddings" / "ünï cödé.h5").is_file()
+    assert (results / "embeddings" / "alpha" / "deep" / "b c.h5").is_file()
+    # hidden folders and non-image files are not discovered
+    assert not list(results.rglob("*hidden*"))
+    with h5py.File(folder_file(results, "alpha"), "r") as f:
+        assert "notes.txt" not in f
+
+
+def test_bad_files_are_recorded_and_the_rest_is_stored(workflow_run):
+    results = workflow_run["results"]
+    with h5py.File(folder_file(results, "alpha"), "r") as f:
+        failed = json.loads(f.attrs["failed"])
+        assert set(failed) == workflow_run["bad"]
+        assert "empty" in failed["empty.jpg"]
+        assert "not an image" in failed["text.jpg"]
+        assert "truncated" in failed["truncated.jpg"].lower()
+        for name in ("a1.jpg", "a2.png", "a3.jpeg"):
+            assert name in f
+        for name in workflow_run["bad"]:
+            assert name not in f
+    log = (results / "logs" / "embed" / "alpha.log").read_text()
+    assert "truncated.jpg" in log
+
+
+def test_intermediates_are_removed_and_logs_kept(workflow_run):
+    results = workflow_run["results"]
+    assert not list((results / ".work").rglob("*.npz"))
+    assert (results / "logs" / "embed" / "alpha" / "deep" / "b c.log").is_file()
+    assert (results / "benchmarks" / "store" / "ünï cödé.tsv").is_file()
+
+
+def test_index_mirrors_the_tree(workflow_run):
+    results = workflow_run["results"]
+    with h5py.File(results / "index.h5", "r") as index:
+        assert index["alpha/deep/b c/x 1.jpg/embedding"].shape == (512,)
+        # a folder that holds images and sub-folders: both reachable
+        assert "a1.jpg" in index["alpha"] and "deep" in index["alpha"]
+        # images in the root itself
+        assert index["top.jpg"].attrs["source"] == "top.jpg"
+        with h5py.File(folder_file(results, "ünï cödé"), "r") as f:
+            assert np.array_equal(index["ünï cödé/é.jpg/embedding"][()], f["é.jpg/embedding"][()])
+        assert json.loads(index.attrs["folders"]) == sorted(workflow_run["folders"])
+
+
+def test_index_links_survive_moving_the_results(workflow_run, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(workflow_run["results"], moved)
+    with h5py.File(moved / "index.h5", "r") as index:
+        assert index["alpha/a1.jpg/embedding"].shape == (512,)
+
+
+def _snapshot(results: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(p.relative_to(results / "embeddings")): (_sha(p), p.stat().st_mtime_ns)
+        for p in sorted((results / "embeddings").rglob("*.h5"))
+    }
+
+
+def test_only_changed_folders_are_recomputed(tmp_path):
+    images = tmp_path / "images"
+    for seed, folder in enumerate(("a", "b", "c/d")):
+        for i in range(2):
+            make_image(images / folder / f"{i}.jpg", seed=10 * seed + i)
+    config = write_config(tmp_path / "config.yaml", images=str(images), results="results")
+    results = tmp_path / "results"
+    run_snakemake(tmp_path, config)
+    before = _snapshot(results)
+    assert set(before) == {"a.h5", "b.h5", "c/d.h5"}
+
+    def changed_after(action) -> set[str]:
+        nonlocal before
+        action()
+        run_snakemake(tmp_path, config)
+        after = _snapshot(results)
+        diff = {k for k in after if before.get(k) != after[k]} | (set(before) - set(after))
+        before = after
+        return diff
+
+    # an image added (with an old mtime, so only the changed set of inputs can tell)
+    def add():
+        make_image(images / "a" / "new.jpg", seed=77)
+        import os
+
+        os.utime(images / "a" / "new.jpg", (1_000_000_000, 1_000_000_000))
+
+    assert changed_after(add) == {"a.h5"}
+    with h5py.File(results / "embeddings" / "a.h5", "r") as f:
+        assert "new.jpg" in f
+    assert changed_after(lambda: make_image(images / "b" / "0.jpg", seed=99)) == {"b.h5"}
+    assert changed_after(lambda: (images / "c" / "d" / "1.jpg").unlink()) == {"c/d.h5"}
+    with h5py.File(results / "embeddings" / "c" / "d.h5", "r") as f:
+        assert "1.jpg" not in f and "0.jpg" in f
+    assert changed_after(lambda: make_image(images / "e" / "0.png", seed=5)) == {"e.h5"}
+    with h5py.File(results / "index.h5", "r") as index:
+        assert index["e/0.png/embedding"].shape == (512,)
+
+    dry = run_snakemake(tmp_path, config, "--dry-run")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+    # anything that changes the numbers recomputes every folder
+    write_config(
+        tmp_path / "config.yaml",
+        images=str(images),
+        results="results",
+        preprocess={"resize": 72, "crop": 64},
+    )
+    assert changed_after(lambda: None) == set(before)
+    with h5py.File(results / "embeddings" / "a.h5", "r") as f:
+        assert json.loads(f.attrs["preprocess"])["crop"] == 64
+
+
+def test_resnet18_matches_torchvision(tmp_path, resnet18_checkpoint):
+    """The stored embedding equals torchvision's own model and transforms, computed apart."""
+    import torch
+    import torchvision
+    from PIL import Image
+    from torchvision.models import ResNet18_Weights
+
+    images = tmp_path / "images"
+    paths = [
+        make_image(images / "f" / "one.jpg", size=(300, 220), seed=3),
+        make_image(images / "f" / "two.png", size=(180, 260), seed=4),
+    ]
+    config = write_config(
+        tmp_path / "config.yaml",
+        images=str(images),
+        results="results",
+        model={"name": "resnet18", "weights": str(resnet18_checkpoint)},
+        preprocess={},
+        classify={"head": "none"},
+    )
+    run_snakemake(tmp_path, config)
+
+    model = torchvision.models.resnet18(weights=None)
+    model.load_state_dict(torch.load(resnet18_checkpoint, weights_only=True))
+    model.fc = torch.nn.Identity()
+    model.eval()
+    transform = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    with h5py.File(tmp_path / "results" / "embeddings" / "f.h5", "r") as f:
+        assert "label" not in f["one.jpg"].attrs  # classification is off
+        for path in paths:
+            with torch.no_grad():
+                expected = model(transform(Image.open(path).convert("RGB"))[None])[0].numpy()
+            stored = f[path.name]["embedding"][()]
+            cosine = stored @ expected / np.linalg.norm(stored) / np.linalg.norm(expected)
+            assert cosine >= 0.9999
+            assert np.allclose(stored, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_model_fails_before_any_job(tmp_path):
+    images = tmp_path / "images"
+    make_image(images / "a" / "x.jpg")
+    config = write_config(
+        tmp_path / "config.yaml", images=str(images), results="results", model={"name": "nope"}
+    )
+    proc = run_snakemake(tmp_path, config, check=False)
+    assert proc.returncode != 0
+    message = proc.stdout + proc.stderr
+    assert "unknown backbone 'nope'" in message
+    assert "efficientnet_lite0" in message and "resnet18" in message
+    assert not (tmp_path / "results").exists()
+
+
+def test_config_overrides_from_the_command_line(tmp_path):
+    """`--config model={name: resnet18, weights: none}` passes the string `none`."""
+    images = tmp_path / "images"
+    make_image(images / "a" / "x.jpg")
+    config = write_config(tmp_path / "config.yaml", images=str(images), results="results")
+    run_snakemake(
+        tmp_path,
+        config,
+        "--config",
+        "model={name: resnet18, weights: none}",
+        "classify={head: none}",
+    )
+    with h5py.File(tmp_path / "results" / "embeddings" / "a.h5", "r") as f:
+        assert f.attrs["weights"] == "none" and f.attrs["embedding_dim"] == 512
+
+
+def test_demo_labels_the_cat_a_cat(tmp_path):
+    """The bundled demo with the offline pretrained default (EfficientNet-Lite0)."""
+    run_snakemake(
+        tmp_path,
+        REPO / "config.yaml",
+        "--config",
+        f"images={REPO / 'demo' / 'images'}",
+        "results=results",
+    )
+    with h5py.File(tmp_path / "results" / "index.h5", "r") as index:
+        cat = index["animals/chelsea.jpg"]
+        assert "cat" in cat.attrs["label"]
+        assert cat["embedding"].shape == (1280,)
+        assert index["objects/coffee.jpg"].attrs["label"] == "espresso"
+
+
+def test_lint_is_clean():
+    import subprocess
+
+    from conftest import SNAKEMAKE
+
+    proc = subprocess.run(
+        [SNAKEMAKE, "--lint", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr

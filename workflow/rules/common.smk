@@ -1,0 +1,72 @@
+import json
+import os
+
+from snakemake.utils import validate
+
+from snakembed.plan import plan_run
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+# envs/snakembed.yaml installs the library from this checkout (for --sdm conda).
+os.environ.setdefault("SNAKEMBED_REPO", workflow.basedir)
+
+PLAN = plan_run(config)
+RESULTS = str(PLAN.results)
+# Intermediate files are removed once used, unless the user keeps them.
+KEEP = config["keep_intermediate"]
+
+
+wildcard_constraints:
+    folder=".+",
+
+
+def work(path):
+    """An intermediate file under {results}/.work, temp() unless keep_intermediate."""
+    path = f"{RESULTS}/.work/{path}"
+    return path if KEEP else temp(path)
+
+
+def get_final_outputs():
+    return [f"{RESULTS}/index.h5", *get_folder_files()]
+
+
+def get_folder_files():
+    return [f"{RESULTS}/embeddings/{stem}.h5" for stem in PLAN.stems]
+
+
+def get_folder_key(wildcards):
+    return PLAN.stems[wildcards.folder]
+
+
+def get_folder_images(wildcards):
+    key = get_folder_key(wildcards)
+    return [str(PLAN.images / key / name) for name in PLAN.folders[key]]
+
+
+def get_folder_names(wildcards):
+    return PLAN.folders[get_folder_key(wildcards)]
+
+
+def get_weights_file(wildcards):
+    return [PLAN.weights_file] if PLAN.weights_file else []
+
+
+def get_numbers(wildcards):
+    """Everything that changes the embeddings: a change reruns every folder."""
+    return json.dumps(PLAN.numbers, sort_keys=True)
+
+
+def get_classify_settings(wildcards):
+    return json.dumps(
+        {"classify": config["classify"], "model": config["model"]}, sort_keys=True
+    )
+
+
+def get_predictions(wildcards):
+    if config["classify"]["head"] == "none":
+        return []
+    return f"{RESULTS}/.work/classify/{wildcards.folder}.npz"
+
+
+def get_embed_gpus(wildcards):
+    return 1 if config["device"].startswith("cuda") else 0
