@@ -93,3 +93,12 @@ def test_plan_refuses_what_cannot_work(tmp_path, overrides, message):
 
 def test_plan_allows_no_classification(tmp_path):
     plan_run(_config(tmp_path, classify={"head": "none"}))
+
+
+def test_conda_environment_is_in_step_with_pyproject():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((REPO / "envs" / "snakembed.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert sorted(d for d in pip if not d.startswith("-")) == sorted(project["dependencies"])

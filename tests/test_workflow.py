@@ -71,7 +71,8 @@ def test_images_in_the_root_and_odd_names_are_folders(workflow_run):
     assert (results / "embeddings" / "_root.h5").is_file()
     assert (results / "embeddings" / "ünï cödé.h5").is_file()
     assert (results / "embeddings" / "alpha" / "deep" / "b c.h5").is_file()
-    # hidden folders and non-image files are not discovered
+    # a folder without images of its own gets no file; hidden folders and other files are skipped
+    assert not (results / "embeddings" / "alpha" / "deep.h5").exists()
     assert not list(results.rglob("*hidden*"))
     with h5py.File(folder_file(results, "alpha"), "r") as f:
         assert "notes.txt" not in f
@@ -129,7 +130,7 @@ def _snapshot(results: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-def test_only_changed_folders_are_recomputed(tmp_path):
+def test_only_changed_folders_are_recomputed(tmp_path, resnet18_checkpoint):
     images = tmp_path / "images"
     for seed, folder in enumerate(("a", "b", "c/d")):
         for i in range(2):
@@ -170,11 +171,22 @@ def test_only_changed_folders_are_recomputed(tmp_path):
     dry = run_snakemake(tmp_path, config, "--dry-run")
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
-    # anything that changes the numbers recomputes every folder
+    # a change of model (here its weights) recomputes every folder
     write_config(
         tmp_path / "config.yaml",
         images=str(images),
         results="results",
+        model={"name": "resnet18", "weights": str(resnet18_checkpoint)},
+    )
+    assert changed_after(lambda: None) == set(before)
+    with h5py.File(results / "embeddings" / "a.h5", "r") as f:
+        assert f.attrs["weights"] == str(resnet18_checkpoint)
+    # and so does a change of preprocessing
+    write_config(
+        tmp_path / "config.yaml",
+        images=str(images),
+        results="results",
+        model={"name": "resnet18", "weights": str(resnet18_checkpoint)},
         preprocess={"resize": 72, "crop": 64},
     )
     assert changed_after(lambda: None) == set(before)
