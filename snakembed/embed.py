@@ -104,6 +104,10 @@ class _Decoder:
         self.paths = list(paths)
         self.preprocess = preprocess
         self.grid = grid
+        # JPEG draft mode may shrink an image while it stays twice as large as what needs it.
+        self.min_side = preprocess.resize if preprocess.draft else None
+        if self.min_side and grid is not None:
+            self.min_side = max(self.min_side, grid.resize) if grid.resize else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -112,10 +116,7 @@ class _Decoder:
         path = self.paths[index]
         item: dict = {"index": index}
         try:
-            min_side = self.preprocess.resize if self.preprocess.draft else None
-            if min_side and self.grid is not None:
-                min_side = max(min_side, self.grid.resize or 10**9)
-            decoded = read_image(path, min_side)
+            decoded = read_image(path, self.min_side)
             item.update(sha256=decoded.sha256, width=decoded.width, height=decoded.height)
             item["pixels"] = self.preprocess.pixels(decoded.image)
             if self.grid is not None:

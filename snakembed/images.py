@@ -175,17 +175,13 @@ class DecodedImage:
     """An image read from disk: its RGB pixels (at reduced scale for large JPEGs) and facts.
 
     ``width`` and ``height`` are those of the original image once EXIF orientation is applied;
-    ``scale`` is how much smaller ``image`` is than that.
+    ``image`` may be smaller (JPEG draft mode).
     """
 
     image: Image.Image
     width: int
     height: int
     sha256: str
-
-    @property
-    def scale(self) -> float:
-        return self.image.width / self.width
 
 
 def read_image(path: str | Path, min_side: int | None = None) -> DecodedImage:

@@ -78,7 +78,6 @@ def write_folder(
     predictions: Predictions | None,
     output: str | Path,
     folder: str,
-    settings: dict | None = None,
 ) -> None:
     """Write one folder's final HDF5 file.
 
@@ -87,7 +86,6 @@ def write_folder(
         predictions: the head's predictions for the same ids, or None without classification.
         output: the ``.h5`` path.
         folder: the folder's key.
-        settings: more provenance to record as root attributes (JSON-encoded when not scalar).
     """
     n = len(embeddings.ids)
     if predictions is not None and list(predictions.ids) != list(embeddings.ids):
@@ -113,8 +111,6 @@ def write_folder(
             "num_failed": len(embeddings.failed),
             "failed": json.dumps(embeddings.failed, ensure_ascii=False),
         }
-        for key, value in (settings or {}).items():
-            attrs[key] = value if isinstance(value, str | int | float) else json.dumps(value)
         f.attrs.update(attrs)
 
         f.create_dataset("_ids", data=np.asarray(embeddings.ids, dtype=object), dtype=_STR)
@@ -444,7 +440,6 @@ def store_folder(
     predictions_path: str | Path | None,
     output: str | Path,
     folder: str,
-    settings: dict | None = None,
 ) -> None:
     """Write a folder's final file from the embed and classify steps' outputs (the ``store``
     rule).
@@ -454,10 +449,9 @@ def store_folder(
         predictions_path: the classify step's ``.npz``, or None without classification.
         output: the folder's ``.h5`` file.
         folder: the folder's key.
-        settings: more provenance for the root attributes.
     """
     from .classify import load_predictions
     from .embed import load_embeddings
 
     predictions = load_predictions(predictions_path) if predictions_path else None
-    write_folder(load_embeddings(embeddings_path), predictions, output, folder, settings)
+    write_folder(load_embeddings(embeddings_path), predictions, output, folder)

@@ -23,6 +23,7 @@ __all__ = [
     "Backbone",
     "WeightsError",
     "create_backbone",
+    "from_classifier",
     "list_backbones",
     "load_checkpoint",
     "split_classifier",
@@ -70,6 +71,53 @@ class Backbone:
     classifier: torch.nn.Module | None = None
     categories: list[str] | None = field(default=None, repr=False)
     layer: str = "pre_logits"
+
+
+def from_classifier(
+    name: str,
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    weights: str,
+    *,
+    weights_sha256: str | None = None,
+    categories: list[str] | None = None,
+    layer: str = "pre_logits",
+) -> Backbone:
+    """A backbone from a whole classifier network: its final linear layer becomes the head.
+
+    Args:
+        name: the registered name.
+        model: a classifier, changed in place (see :func:`split_classifier`).
+        preprocess: what its weights expect.
+        weights: what was loaded, for the provenance.
+        weights_sha256: the checkpoint file's sha256, if any.
+        categories: class names of the final layer; ``class_0``, ... when missing or of
+            another length (a checkpoint fine-tuned on other classes).
+        layer: where the embedding is taken.
+
+    Returns:
+        The backbone.
+
+    Example:
+        >>> import torchvision
+        >>> pre = Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3)
+        >>> from_classifier("r18", torchvision.models.resnet18(), pre, "none").embedding_dim
+        512
+    """
+    _, classifier = split_classifier(model)
+    if not categories or len(categories) != classifier.out_features:
+        categories = [f"class_{i}" for i in range(classifier.out_features)]
+    return Backbone(
+        name=name,
+        model=model,
+        preprocess=preprocess,
+        embedding_dim=classifier.in_features,
+        weights=weights,
+        weights_sha256=weights_sha256,
+        classifier=classifier,
+        categories=list(categories),
+        layer=layer,
+    )
 
 
 def list_backbones() -> list[str]:

@@ -12,10 +12,10 @@ from . import (
     Backbone,
     WeightsError,
     file_sha256,
+    from_classifier,
     is_local_weights,
     load_checkpoint,
     load_state,
-    split_classifier,
 )
 
 __all__ = ["efficientnet_lite0", "packaged_weights_path"]
@@ -60,7 +60,6 @@ def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits
         state = load_checkpoint(path)
         load_state(model, _rename_by_order(model, state), path)
         sha = file_sha256(path)
-    _, classifier = split_classifier(model)
     cfg = model.pretrained_cfg
     crop = cfg["input_size"][-1]
     preprocess = Preprocess(
@@ -71,15 +70,13 @@ def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits
         interpolation=cfg["interpolation"],
     )
     info = ImageNetInfo()
-    categories = [info.index_to_description(i) for i in range(classifier.out_features)]
-    return Backbone(
-        name="efficientnet_lite0",
-        model=model,
-        preprocess=preprocess,
-        embedding_dim=classifier.in_features,
-        weights=label,
+    categories = [info.index_to_description(i) for i in range(cfg["num_classes"])]
+    return from_classifier(
+        "efficientnet_lite0",
+        model,
+        preprocess,
+        label,
         weights_sha256=sha,
-        classifier=classifier,
         categories=categories,
         layer=layer,
     )

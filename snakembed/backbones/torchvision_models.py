@@ -8,10 +8,10 @@ from . import (
     Backbone,
     WeightsError,
     file_sha256,
+    from_classifier,
     is_local_weights,
     load_checkpoint,
     load_state,
-    split_classifier,
 )
 
 __all__ = ["FAMILY", "TorchvisionFamily"]
@@ -56,10 +56,6 @@ class TorchvisionFamily:
                     "cached in TORCH_HOME) or set model.weights to a local checkpoint file"
                 ) from exc
             label = str(meta_weights).split(".", 1)[1]
-        _, classifier = split_classifier(model)
-        categories = list(meta_weights.meta.get("categories") or [])
-        if len(categories) != classifier.out_features:
-            categories = [f"class_{i}" for i in range(classifier.out_features)]
         t = meta_weights.transforms()
         preprocess = Preprocess(
             resize=int(t.resize_size[0]),
@@ -68,16 +64,9 @@ class TorchvisionFamily:
             std=tuple(t.std),
             interpolation=t.interpolation.value,
         )
-        return Backbone(
-            name=name,
-            model=model,
-            preprocess=preprocess,
-            embedding_dim=classifier.in_features,
-            weights=label,
-            weights_sha256=sha,
-            classifier=classifier,
-            categories=categories,
-            layer=layer,
+        categories = meta_weights.meta.get("categories")
+        return from_classifier(
+            name, model, preprocess, label, weights_sha256=sha, categories=categories, layer=layer
         )
 
 
