@@ -10,9 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from .embed import load_embeddings
-from .heads import Head, create_head, top_k
+from .heads import Head, create_head, load_head, save_head, top_k
 
-__all__ = ["Predictions", "classify_folder", "predict", "save_predictions", "load_predictions"]
+__all__ = [
+    "Predictions",
+    "build_head",
+    "classify_folder",
+    "predict",
+    "save_predictions",
+    "load_predictions",
+]
 
 
 @dataclass
@@ -49,11 +56,30 @@ def predict(head: Head, head_name: str, ids: list[str], vectors: np.ndarray, k: 
     return Predictions(list(ids), labels, scores, head_name)
 
 
-def classify_folder(embeddings_path: str | Path, output: str | Path, config: dict) -> Predictions:
-    """Classify one folder's embeddings (the workflow's ``classify`` rule).
+def build_head(config: dict, output: str | Path) -> Head:
+    """Build the config's head once and save it for every folder's classify job (the ``head``
+    rule).
+
+    Args:
+        config: a validated configuration; ``classify.head`` names the head plugin.
+        output: the ``.npz`` file to write.
+
+    Returns:
+        The head.
+    """
+    head = create_head(config["classify"]["head"], config)
+    save_head(head, output)
+    return head
+
+
+def classify_folder(
+    embeddings_path: str | Path, head_path: str | Path, output: str | Path, config: dict
+) -> Predictions:
+    """Classify one folder's embeddings with a saved head (the ``classify`` rule).
 
     Args:
         embeddings_path: the ``.npz`` written by the embed step.
+        head_path: the head saved by :func:`build_head`.
         output: the ``.npz`` to write.
         config: a validated configuration; ``classify:`` names the head and ``topk``.
 
@@ -61,9 +87,9 @@ def classify_folder(embeddings_path: str | Path, output: str | Path, config: dic
         The predictions that were written.
     """
     embeddings = load_embeddings(embeddings_path)
-    name = config["classify"]["head"]
-    head = create_head(name, config)
-    result = predict(head, name, embeddings.ids, embeddings.vectors, config["classify"]["topk"])
+    settings = config["classify"]
+    head = load_head(head_path)
+    result = predict(head, settings["head"], embeddings.ids, embeddings.vectors, settings["topk"])
     save_predictions(result, output)
     return result
 

@@ -68,14 +68,14 @@ def _report_failures(result, as_json: bool) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .classify import predict
     from .heads import create_head
-    from .heads.pretrained import PretrainedHead
+    from .heads.pretrained import pretrained
 
     config = _config(args)
     name = config["classify"]["head"]
     if name == "none":
         name = "pretrained"
     backbone, result = _embed(args, config)
-    head = PretrainedHead(config, backbone) if name == "pretrained" else create_head(name, config)
+    head = pretrained(config, backbone) if name == "pretrained" else create_head(name, config)
     predictions = predict(head, name, result.ids, result.vectors, config["classify"]["topk"])
     for i, image in enumerate(predictions.ids):
         topk = [

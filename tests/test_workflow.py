@@ -66,6 +66,20 @@ def test_every_folder_gets_a_file_with_the_contract(workflow_run):
                 assert boxes[:, 2].max() == w and boxes[:, 3].max() == h  # shift covers the border
 
 
+def test_labels_come_from_the_saved_head(workflow_run):
+    """The head is built once, kept, and gives each stored image its stored labels."""
+    from snakembed.heads import load_head
+
+    results = workflow_run["results"]
+    head = load_head(results / "heads" / "pretrained.npz")
+    assert len(head.categories) == 1000 and head.categories[0] == "tench"
+    with h5py.File(folder_file(results, "alpha"), "r") as f:
+        probabilities = head.predict(f["_embeddings"][()])
+        labels = [head.categories[i] for i in probabilities.argmax(axis=1)]
+        assert labels == [v.decode() for v in f["_labels"][()]]
+        assert np.allclose(probabilities.max(axis=1), f["_scores"][()], atol=1e-6)
+
+
 def test_images_in_the_root_and_odd_names_are_folders(workflow_run):
     results = workflow_run["results"]
     assert (results / "embeddings" / "_root.h5").is_file()

@@ -1,18 +1,23 @@
 """Classifier heads: embeddings in, class probabilities out.
 
 A head plugin is a factory ``f(config) -> Head`` registered in the ``snakembed.heads``
-entry-point group; ``config`` is the whole validated workflow configuration.
+entry-point group; ``config`` is the whole validated workflow configuration. A head is built
+once per run and saved to a file (:func:`save_head`); every folder's classify job loads that
+file (:func:`load_head`), so classifying a folder needs neither torch nor the backbone.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .._registry import Registry
 
-__all__ = ["Head", "HEADS", "create_head", "list_heads", "top_k"]
+__all__ = ["Head", "HEADS", "create_head", "list_heads", "load_head", "save_head", "top_k"]
 
 #: The head registry (entry-point group ``snakembed.heads``).
 HEADS = Registry("snakembed.heads", "head")
@@ -26,6 +31,15 @@ class Head(Protocol):
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         """``float32 [N, D]`` embeddings to ``float32 [N, C]`` probabilities."""
+        ...
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything needed to rebuild the head, as plain arrays (no pickled objects)."""
+        ...
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Head:
+        """Rebuild the head from what :meth:`arrays` returned."""
         ...
 
 
@@ -46,6 +60,37 @@ def create_head(name: str, config: dict) -> Head:
         PluginError: for an unknown name, listing the known ones.
     """
     return HEADS.factory(name)(config)
+
+
+def save_head(head: Head, path: str | Path) -> None:
+    """Save a head's arrays, and the class that rebuilds it, to ``.npz`` (atomically).
+
+    Example:
+        >>> from snakembed.heads.linear import LinearHead
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "head.npz")
+        >>> save_head(LinearHead(np.eye(2), np.zeros(2), ["a", "b"]), path)
+        >>> load_head(path).categories
+        ['a', 'b']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cls = type(head)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, __class__=np.asarray(f"{cls.__module__}:{cls.__qualname__}"), **head.arrays())
+    os.replace(tmp, path)
+
+
+def load_head(path: str | Path) -> Head:
+    """Load a head saved by :func:`save_head`."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    module, _, name = str(arrays.pop("__class__")).partition(":")
+    cls = importlib.import_module(module)
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    return cls.from_arrays(arrays)
 
 
 def top_k(

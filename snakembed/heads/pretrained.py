@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backbones import Backbone, create_backbone
+from ..backbones import Backbone
+from .linear import LinearHead
 
-__all__ = ["PretrainedHead"]
+__all__ = ["pretrained"]
 
 
-class PretrainedHead:
-    """Applies the final layer that the backbone was trained with, then a softmax.
+def pretrained(config: dict, backbone: Backbone | None = None) -> LinearHead:
+    """The final layer that the backbone was trained with, as a :class:`LinearHead`.
 
     Args:
         config: the validated configuration; ``model:`` names the backbone.
@@ -18,23 +19,23 @@ class PretrainedHead:
 
     Raises:
         ValueError: when the backbone has no classifier of its own.
+
+    Example:
+        >>> from snakembed.config import load_config
+        >>> pretrained(load_config()).categories[281]
+        'tabby, tabby cat'
     """
+    if backbone is None:
+        from ..backbones import create_backbone
 
-    def __init__(self, config: dict, backbone: Backbone | None = None) -> None:
         model = config["model"]
-        if backbone is None:
-            backbone = create_backbone(model["name"], model["weights"], model["layer"])
-        if backbone.classifier is None or not backbone.categories:
-            raise ValueError(
-                f"model {model['name']!r} has no classifier of its own; "
-                "set classify.head to none or to a trained head"
-            )
-        self.classifier = backbone.classifier
-        self.categories = list(backbone.categories)
-
-    def predict(self, embeddings: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            logits = self.classifier(torch.from_numpy(np.asarray(embeddings, np.float32)))
-            return logits.float().softmax(dim=1).numpy()
+        backbone = create_backbone(model["name"], model["weights"], model["layer"])
+    if backbone.classifier is None or not backbone.categories:
+        raise ValueError(
+            f"model {backbone.name!r} has no classifier of its own; "
+            "set classify.head to none or to a trained head"
+        )
+    weight = backbone.classifier.weight.detach().float().numpy()
+    bias = backbone.classifier.bias
+    bias = bias.detach().float().numpy() if bias is not None else np.zeros(len(weight), np.float32)
+    return LinearHead(weight, bias, backbone.categories)

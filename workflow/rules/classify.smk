@@ -1,6 +1,24 @@
+rule head:
+    input:
+        weights=get_weights_file,
+    output:
+        get_head_file(),
+    log:
+        f"{RESULTS}/logs/head.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/head.tsv"
+    conda:
+        "../../envs/snakembed.yaml"
+    params:
+        settings=get_head_settings,
+    script:
+        "../../scripts/head.py"
+
+
 rule classify:
     input:
-        f"{RESULTS}/.work/embed/{{folder}}.npz",
+        embeddings=f"{RESULTS}/.work/embed/{{folder}}.npz",
+        head=get_head_file(),
     output:
         work("classify/{folder}.npz"),
     log:
@@ -10,6 +28,6 @@ rule classify:
     conda:
         "../../envs/snakembed.yaml"
     params:
-        settings=get_classify_settings,
+        topk=config["classify"]["topk"],
     script:
         "../../scripts/classify.py"

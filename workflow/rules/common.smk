@@ -56,10 +56,15 @@ def get_numbers(wildcards):
     return json.dumps(PLAN.numbers, sort_keys=True)
 
 
-def get_classify_settings(wildcards):
-    return json.dumps(
-        {"classify": config["classify"], "model": config["model"]}, sort_keys=True
-    )
+def get_head_file():
+    """The head, built once per run from the model and kept (it is small)."""
+    return f"{RESULTS}/heads/{config['classify']['head']}.npz"
+
+
+def get_head_settings(wildcards):
+    """What the head depends on: a change rebuilds it and reclassifies every folder."""
+    settings = {"head": config["classify"]["head"], "model": config["model"]}
+    return json.dumps(settings, sort_keys=True)
 
 
 def get_predictions(wildcards):

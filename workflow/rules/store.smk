@@ -12,7 +12,5 @@ rule store:
         "../../envs/snakembed.yaml"
     params:
         folder=get_folder_key,
-        numbers=get_numbers,
-        classify=get_classify_settings,
     script:
         "../../scripts/store.py"
