@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ._files import save_npz
 from .embed import load_embeddings
 from .heads import Head, create_head, load_head, save_head, top_k
 
@@ -96,18 +96,13 @@ def classify_folder(
 
 def save_predictions(predictions: Predictions, path: str | Path) -> None:
     """Write predictions to ``.npz`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(
-            fh,
-            ids=np.asarray(predictions.ids, dtype=str),
-            labels=np.asarray(predictions.labels, dtype=str),
-            scores=np.asarray(predictions.scores, dtype=np.float32),
-            head=np.asarray(json.dumps(predictions.head)),
-        )
-    os.replace(tmp, path)
+    save_npz(
+        path,
+        ids=np.asarray(predictions.ids, dtype=str),
+        labels=np.asarray(predictions.labels, dtype=str),
+        scores=np.asarray(predictions.scores, dtype=np.float32),
+        head=np.asarray(json.dumps(predictions.head)),
+    )
 
 
 def load_predictions(path: str | Path) -> Predictions:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import save_npz
 from .backbones import Backbone, create_backbone
 from .config import numbers_fingerprint
 from .images import ImageError, Preprocess, read_image
@@ -306,18 +306,13 @@ _PATCH_ARRAYS = ("patch_vectors", "patch_boxes", "patch_counts")
 
 def save_embeddings(embeddings: Embeddings, path: str | Path) -> None:
     """Write embeddings to an ``.npz`` file, atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {name: np.asarray(getattr(embeddings, name)) for name in _ARRAYS}
     for name in _PATCH_ARRAYS:
         if getattr(embeddings, name) is not None:
             arrays[name] = getattr(embeddings, name)
     arrays["failed"] = np.asarray(json.dumps(embeddings.failed))
     arrays["meta"] = np.asarray(json.dumps(embeddings.meta))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+    save_npz(path, **arrays)
 
 
 def load_embeddings(path: str | Path) -> Embeddings:

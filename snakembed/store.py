@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ._files import atomic_path
 from .classify import Predictions
 from .config import library_versions
 from .embed import Embeddings
@@ -62,15 +63,8 @@ def folder_file(results: str | Path, folder: str) -> Path:
 @contextlib.contextmanager
 def _atomic_h5(path: str | Path) -> Iterator[h5py.File]:
     """An HDF5 file written under a temporary name and renamed into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+        yield f
 
 
 def write_folder(

@@ -9,12 +9,12 @@ file (:func:`load_head`), so classifying a folder needs neither torch nor the ba
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from .._files import save_npz
 from .._registry import Registry
 
 __all__ = ["Head", "HEADS", "create_head", "list_heads", "load_head", "save_head", "top_k"]
@@ -73,13 +73,8 @@ def save_head(head: Head, path: str | Path) -> None:
         >>> load_head(path).categories
         ['a', 'b']
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cls = type(head)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, __class__=np.asarray(f"{cls.__module__}:{cls.__qualname__}"), **head.arrays())
-    os.replace(tmp, path)
+    save_npz(path, __class__=np.asarray(f"{cls.__module__}:{cls.__qualname__}"), **head.arrays())
 
 
 def load_head(path: str | Path) -> Head:
