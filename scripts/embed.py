@@ -11,4 +11,5 @@ embed_folder(
     snakemake.output[0],
     snakemake.config,
     threads=snakemake.threads,
+    refused=snakemake.params.refused,
 )

@@ -10,7 +10,7 @@ Reading results::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .store import open_store
+from .reader import open_store
 
 try:
     __version__ = version("snakembed")

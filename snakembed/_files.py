@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary name beside ``path``, renamed to ``path`` when the block succeeds.
 
     The parent folder is created; on failure the temporary file is removed and ``path`` is
-    left as it was.
+    left as it was. Temporary files of earlier writers of ``path`` that were killed are removed.
 
     Example:
         >>> import tempfile
@@ -29,6 +30,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed before its rename (SIGKILL, power loss) leaves its temporary file behind;
+    # one job writes each path, so any such file is stale.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp

@@ -102,7 +102,7 @@ def _embed_command(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .store import open_store
+    from .reader import open_store
 
     store = open_store(args.results)
     total = failed = 0

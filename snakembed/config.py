@@ -41,6 +41,44 @@ def _fill_defaults(schema: dict, instance: dict) -> None:
             _fill_defaults(sub, instance[key])
 
 
+_WORDS = {"true": True, "yes": True, "false": False, "no": False, "null": None, "none": None}
+
+
+def _coerce_words(schema: dict, instance: dict) -> None:
+    """``--config key=true`` arrives as the string 'true', and nested values as strings:
+    turn such strings into the boolean, null or number that the schema asks for."""
+    for key, sub in schema.get("properties", {}).items():
+        value = instance.get(key)
+        if isinstance(value, dict):
+            _coerce_words(sub, value)
+        elif isinstance(value, str):
+            instance[key] = _from_word(value, sub)
+        elif isinstance(value, list) and isinstance(sub.get("items"), dict):
+            instance[key] = [
+                _from_word(v, sub["items"]) if isinstance(v, str) else v for v in value
+            ]
+
+
+def _from_word(value: str, schema: dict):
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    word = value.strip().lower()
+    if word in _WORDS:
+        meaning = _WORDS[word]
+        if (meaning is None and "null" in types) or (
+            isinstance(meaning, bool) and "boolean" in types
+        ):
+            return meaning
+    try:
+        if "integer" in types:
+            return int(word)
+        if "number" in types:
+            return float(word)
+    except ValueError:
+        pass
+    return value
+
+
 def validate_config(config: dict) -> dict:
     """Validate ``config`` against the schema and fill in every default (in place).
 
@@ -58,6 +96,7 @@ def validate_config(config: dict) -> dict:
         'efficientnet_lite0'
     """
     schema = _schema()
+    _coerce_words(schema, config)
     _fill_defaults(schema, config)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -65,9 +104,19 @@ def validate_config(config: dict) -> dict:
         lines = []
         for err in errors:
             key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-            lines.append(f"config key {key!r}: {err.message}")
+            help_ = _description(schema, list(err.absolute_path))
+            lines.append(f"config key {key!r}: {err.message}" + (f" ({help_})" if help_ else ""))
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
+
+
+def _description(schema: dict, path: list) -> str:
+    """The description of the deepest schema property along ``path``: what is allowed."""
+    found = ""
+    for part in path:
+        schema = schema.get("properties", {}).get(part, {}) if isinstance(part, str) else {}
+        found = " ".join(schema.get("description", "").split()) or found
+    return found
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
@@ -140,6 +189,7 @@ def numbers_fingerprint(config: dict) -> dict[str, Any]:
         "patches": config["patches"],
         "precision": config["precision"],
         "extensions": sorted(e.lower() for e in config["extensions"]),
+        "max_pixels": config["max_pixels"],
         "versions": library_versions(),
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -100,10 +100,17 @@ def _autocast(device, precision: str):
 class _Decoder:
     """Reads one image into the network's pixels (and patches); runs in DataLoader workers."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, grid: PatchGrid | None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        preprocess: Preprocess,
+        grid: PatchGrid | None,
+        max_pixels: int | None,
+    ):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.grid = grid
+        self.max_pixels = max_pixels
         # JPEG draft mode may shrink an image while it stays twice as large as what needs it.
         self.min_side = preprocess.resize if preprocess.draft else None
         if self.min_side and grid is not None:
@@ -116,7 +123,7 @@ class _Decoder:
         path = self.paths[index]
         item: dict = {"index": index}
         try:
-            decoded = read_image(path, self.min_side)
+            decoded = read_image(path, self.min_side, self.max_pixels)
             item.update(sha256=decoded.sha256, width=decoded.width, height=decoded.height)
             item["pixels"] = self.preprocess.pixels(decoded.image)
             if self.grid is not None:
@@ -149,6 +156,71 @@ def _batches(decoder: _Decoder, batch_size: int, workers: int, pin: bool) -> Ite
         pin_memory=pin,
         prefetch_factor=4,
     )
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
+
+
+class _Forward:
+    """Runs the network on ``uint8`` batches of any length, in chunks of at most ``limit``.
+
+    When the GPU runs out of memory, the chunk is halved and retried, and the smaller limit is
+    kept for the rest of the run; only a single image that does not fit is an error.
+    """
+
+    def __init__(self, model, preprocess: Preprocess, device, precision: str, limit: int):
+        self.model, self.preprocess, self.device = model, preprocess, device
+        self.precision = precision
+        self.limit = limit
+
+    def __call__(self, pixels) -> np.ndarray:
+        outputs, start = [], 0
+        while start < len(pixels):
+            chunk = pixels[start : start + self.limit]
+            try:
+                outputs.append(self._run(chunk))
+            except Exception as exc:
+                if not _is_out_of_memory(exc):
+                    raise
+                self._shrink(len(chunk), exc)
+                continue
+            start += len(chunk)
+        return np.concatenate(outputs)
+
+    def _shrink(self, size: int, exc: BaseException) -> None:
+        import torch
+
+        if size <= 1:
+            raise RuntimeError(
+                f"{self.device} ran out of memory on a single image ({exc}); lower "
+                "preprocess.resize and preprocess.crop, use a smaller model, or set device: cpu"
+            ) from exc
+        self.limit = max(1, size // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning(
+            "%s out of memory with %d images per batch; retrying with %d (set batch_size: %d "
+            "to start there)",
+            self.device,
+            size,
+            self.limit,
+            self.limit,
+        )
+
+    def _run(self, pixels) -> np.ndarray:
+        import torch
+
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            out = self.model(self.preprocess.normalize(pixels))
+        return out.float().cpu().numpy()
 
 
 class _Progress:
@@ -225,17 +297,10 @@ def embed_images(
     if patches["enabled"]:
         grid = PatchGrid(patches["size"], patches["stride"], patches["resize"], patches["border"])
     batch_size = config["batch_size"]
-    decoder = _Decoder(paths, backbone.preprocess, grid)
+    decoder = _Decoder(paths, backbone.preprocess, grid, config["max_pixels"])
     workers = 0 if len(paths) <= batch_size or threads < 2 else min(threads, 16)
 
-    def forward(pixels: torch.Tensor) -> np.ndarray:
-        pixels = pixels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), _autocast(device, config["precision"]):
-            out = model(backbone.preprocess.normalize(pixels))
-        return out.float().cpu().numpy()
-
+    forward = _Forward(model, backbone.preprocess, device, config["precision"], batch_size)
     kept: list[dict] = []
     vectors: list[np.ndarray] = []
     patch_vectors: list[np.ndarray] = []
@@ -252,10 +317,8 @@ def embed_images(
         if good:
             vectors.append(forward(torch.stack([it["pixels"] for it in good])))
             if grid is not None:
-                stacked = np.concatenate([it["patches"] for it in good])
-                for start in range(0, len(stacked), batch_size):
-                    chunk = torch.from_numpy(stacked[start : start + batch_size])
-                    patch_vectors.append(forward(chunk))
+                patches_ = np.concatenate([it["patches"] for it in good])
+                patch_vectors.append(forward(torch.from_numpy(patches_)))
             kept.extend(
                 {k: v for k, v in it.items() if k not in ("pixels", "patches")} for it in good
             )
@@ -337,6 +400,7 @@ def embed_folder(
     output: str | Path,
     config: dict,
     threads: int | None = None,
+    refused: dict[str, str] | None = None,
 ) -> Embeddings:
     """Embed one image folder and save the result for the classify and store steps.
 
@@ -347,22 +411,28 @@ def embed_folder(
         output: the ``.npz`` file to write.
         config: a validated configuration.
         threads: CPU threads for this job.
+        refused: ``{name: reason}`` for images that discovery refused to read; they are
+            recorded as failed.
 
     Returns:
         The folder's embeddings.
     """
     _log_to_stderr()
+    refused = dict(refused or {})
+    readable = [name for name in names if name not in refused]
     directory = Path(images_root) / folder
-    sources = [name if folder == "." else f"{folder}/{name}" for name in names]
     start = time.monotonic()
     result = embed_images(
-        [directory / n for n in names],
+        [directory / n for n in readable],
         config,
-        ids=list(names),
-        sources=sources,
+        ids=readable,
+        sources=[name if folder == "." else f"{folder}/{name}" for name in readable],
         threads=threads,
         label=folder,
     )
+    for name, reason in refused.items():
+        log.warning("%s: %s", name if folder == "." else f"{folder}/{name}", reason)
+    result.failed = dict(sorted({**refused, **result.failed}.items()))
     save_embeddings(result, output)
     seconds = time.monotonic() - start
     log.info(

@@ -6,11 +6,13 @@ network, which normalises whole batches on its device.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "ROOT_FOLDER",
+    "DEFAULT_MAX_PIXELS",
+    "Discovery",
     "DiscoveryError",
     "ImageError",
     "Preprocess",
@@ -41,28 +45,60 @@ class ImageError(ValueError):
     """A file that is not a usable image; the message is the reason stored with it."""
 
 
+#: Pillow's own limit: images with more pixels are refused unless ``max_pixels`` is raised.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover_folders` found.
+
+    Attributes:
+        folders: ``{folder key: sorted image file names}``, refused files included, keys sorted.
+        refused: ``{folder key: {name: reason}}`` for image files that will not be read: broken
+            links, links out of the image root, files that are not regular files or cannot be
+            read. They are recorded as failed in their folder's file.
+        skipped: ``{relative path: reason}`` for folder links that were not followed.
+    """
+
+    folders: dict[str, list[str]]
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def readable(self, folder: str) -> list[str]:
+        """The folder's image names that will be read."""
+        refused = self.refused.get(folder, {})
+        return [name for name in self.folders[folder] if name not in refused]
+
+
 def discover_folders(
-    root: str | Path, extensions: list[str], exclude: str | Path | None = None
-) -> dict[str, list[str]]:
+    root: str | Path,
+    extensions: list[str],
+    exclude: str | Path | None = None,
+    follow_external_links: bool = False,
+) -> Discovery:
     """Find every folder under ``root`` that directly holds image files.
 
-    Hidden files and folders (names starting with ``.``) are skipped. The key of a folder is its
-    path relative to ``root`` with ``/`` separators; images directly in ``root`` have the key
-    ``"."``.
+    Hidden files and folders (names starting with ``.``) are skipped. Symbolic links are
+    followed while they stay inside ``root``; links that leave it are refused (files) or not
+    followed (folders) unless ``follow_external_links``. A link back to a folder above it (a
+    cycle) is never followed. The key of a folder is its path relative to ``root`` with ``/``
+    separators; images directly in ``root`` have the key ``"."``.
 
     Args:
         root: the image root.
         extensions: file endings that count as images, compared case-insensitively.
         exclude: a folder to refuse inside the tree (the results folder).
+        follow_external_links: read links whose targets lie outside ``root``.
 
     Returns:
-        ``{folder key: sorted image file names}``, keys sorted.
+        The folders, and what was refused or skipped, with reasons.
 
     Raises:
         DiscoveryError: when the root does not exist, holds no image, or contains ``exclude``.
 
     Example:
-        >>> discover_folders("demo/images", [".jpg", ".png"])["animals"]  # doctest: +SKIP
+        >>> discover_folders("demo/images", [".jpg", ".png"]).folders["animals"]  # doctest: +SKIP
         ['chelsea.jpg', 'horse.jpg']
     """
     root = Path(root)
@@ -72,29 +108,98 @@ def discover_folders(
             "set `images:` in the config (or --config images=/path/to/images)"
         )
     suffixes = tuple(e.lower() for e in extensions)
-    exclude_real = os.path.realpath(exclude) if exclude is not None else None
     root_real = os.path.realpath(root)
-    if exclude_real is not None and (exclude_real + os.sep).startswith(root_real + os.sep):
+    if exclude is not None and _inside(os.path.realpath(exclude), root_real):
         raise DiscoveryError(
             f"the results folder {str(exclude)!r} lies inside the image root {str(root)!r}; "
             "choose a `results:` folder outside the images"
         )
-    folders: dict[str, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        images = sorted(
-            f for f in filenames if not f.startswith(".") and f.lower().endswith(suffixes)
-        )
+    found = Discovery(folders={})
+    # (folder path, key, real paths of the folder and those above it: a link to one is a cycle)
+    stack = [(str(root), ROOT_FOLDER, (root_real,))]
+    while stack:
+        directory, key, above = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            found.skipped[key] = f"cannot list the folder: {exc.strerror or exc}"
+            continue
+        images, refused = [], {}
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            child = entry.name if key == ROOT_FOLDER else f"{key}/{entry.name}"
+            if _is_dir(entry):
+                real = os.path.realpath(entry.path)
+                reason = _link_problem(entry, real, root_real, follow_external_links)
+                if reason is None and real in above:
+                    reason = "link to a folder above it (a cycle); not followed"
+                if reason is not None:
+                    found.skipped[child] = reason
+                else:
+                    stack.append((entry.path, child, (*above, real)))
+            elif entry.name.lower().endswith(suffixes):
+                images.append(entry.name)
+                reason = _file_problem(entry, root_real, follow_external_links)
+                if reason is not None:
+                    refused[entry.name] = reason
         if images:
-            rel = Path(dirpath).relative_to(root).as_posix()
-            folders[rel] = images
-    if not folders:
+            found.folders[key] = images
+        if refused:
+            found.refused[key] = refused
+    if not found.folders:
         raise DiscoveryError(
             f"no image files ({', '.join(extensions)}) under {str(root)!r}; "
             "check `images:` and `extensions:` in the config"
         )
-    _check_names(folders)
-    return dict(sorted(folders.items()))
+    _check_names(found.folders)
+    found.folders = dict(sorted(found.folders.items()))
+    found.refused = dict(sorted(found.refused.items()))
+    return found
+
+
+def _inside(path: str, root: str) -> bool:
+    return (path + os.sep).startswith(root + os.sep)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _link_problem(
+    entry: os.DirEntry, real: str, root_real: str, follow_external: bool
+) -> str | None:
+    """Why a link may not be followed, or None."""
+    if not entry.is_symlink():
+        return None
+    if not os.path.exists(real):
+        return f"broken symbolic link: its target {os.readlink(entry.path)!r} does not exist"
+    if not follow_external and not _inside(real, root_real):
+        return (
+            f"symbolic link to {real!r}, outside the image root; set "
+            "`follow_external_links: true` in the config to read it"
+        )
+    return None
+
+
+def _file_problem(entry: os.DirEntry, root_real: str, follow_external: bool) -> str | None:
+    """Why an image file will not be read, or None."""
+    real = os.path.realpath(entry.path) if entry.is_symlink() else entry.path
+    reason = _link_problem(entry, real, root_real, follow_external)
+    if reason is not None:
+        return reason
+    try:
+        regular = entry.is_file()
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror or exc}"
+    if not regular:
+        return "not a regular file (a pipe, socket or device); move it out of the image tree"
+    if not os.access(entry.path, os.R_OK):
+        return "permission denied: the file cannot be read; fix its permissions"
+    return None
 
 
 def _check_names(folders: dict[str, list[str]]) -> None:
@@ -184,7 +289,9 @@ class DecodedImage:
     sha256: str
 
 
-def read_image(path: str | Path, min_side: int | None = None) -> DecodedImage:
+def read_image(
+    path: str | Path, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
     """Read and decode an image file; see :func:`decode_image`.
 
     Raises:
@@ -194,19 +301,23 @@ def read_image(path: str | Path, min_side: int | None = None) -> DecodedImage:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
-    return decode_image(data, min_side)
+    return decode_image(data, min_side, max_pixels)
 
 
-def decode_image(data: bytes, min_side: int | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
     """Decode image bytes to RGB with EXIF orientation applied.
 
-    Grayscale, palette, RGBA (composited on white), CMYK, 16-bit and float images all become
-    8-bit RGB. Only the first frame of an animation or a multi-page file is used.
+    Grayscale, palette, RGBA (composited on white), CMYK, YCCK, 16-bit and float images all
+    become 8-bit RGB. Only the first frame of an animation or a multi-page file is used.
 
     Args:
         data: the file's bytes.
         min_side: when set, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as its shorter
             side stays at least twice this long (Pillow's draft mode).
+        max_pixels: images with more pixels are refused before they are decoded (a
+            decompression bomb, or a photo too large for memory); None for no limit.
 
     Returns:
         The decoded image with its original size and the sha256 of ``data``.
@@ -222,9 +333,9 @@ def decode_image(data: bytes, min_side: int | None = None) -> DecodedImage:
     if not data:
         raise ImageError("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _quiet_pillow():
             image = Image.open(io.BytesIO(data))
+            _check_size(image.size, max_pixels)
             orientation = image.getexif().get(0x0112, 1)
             width, height = image.size
             if orientation in (5, 6, 7, 8):
@@ -234,17 +345,59 @@ def decode_image(data: bytes, min_side: int | None = None) -> DecodedImage:
                 factor = min(image.size) / (2 * min_side)
                 image.draft(image.mode, (int(image.width / factor), int(image.height / factor)))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+            image = _to_rgb(ImageOps.exif_transpose(image))
     except ImageError:
         raise
-    except Image.DecompressionBombWarning as exc:
-        raise ImageError(f"image too large: {exc}") from exc
     except Image.UnidentifiedImageError:
-        raise ImageError("not an image file (unknown or unsupported format)") from None
+        raise ImageError(_unidentified_reason(data)) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
         raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return DecodedImage(image=image, width=width, height=height, sha256=digest)
+
+
+@contextlib.contextmanager
+def _quiet_pillow() -> Iterator[None]:
+    """Lift Pillow's process-wide pixel limit (:func:`_check_size` applies ours instead), and
+    quiet its warnings about odd metadata in files that still decode."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Why Pillow could not open a file: the error of the format its first bytes announce."""
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            verdict = accept(data[:16]) if accept is not None else False
+        except Exception:  # noqa: BLE001 - a short file trips some signature checks
+            verdict = False
+        if isinstance(verdict, str):
+            return f"unsupported {fmt} file: {verdict}"
+        if verdict:
+            try:
+                with _quiet_pillow():
+                    factory(io.BytesIO(data), "")
+            except Exception as exc:  # noqa: BLE001 - the decoder's own words are the reason
+                return f"corrupt {fmt} file: {exc}"
+    return "not an image file (unknown or unsupported format)"
+
+
+def _check_size(size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            f"image too large: {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}; raise `max_pixels` in the config to read it"
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

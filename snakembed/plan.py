@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .backbones import BACKBONES, WeightsError, is_local_weights
 from .config import ConfigError, numbers_fingerprint, validate_config
 from .heads import HEADS
-from .images import ROOT_FOLDER, DiscoveryError, discover_folders
+from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
 from .store import folder_stem
 
 # The errors are re-exported so that callers can catch every planning error from here.
@@ -22,7 +23,7 @@ class Plan:
     Attributes:
         images: the image root.
         results: the results folder.
-        folders: ``{folder key: sorted image file names}``.
+        discovery: every image folder, with the files refused and the folder links skipped.
         stems: ``{file stem: folder key}`` (the ``{folder}`` wildcard's values).
         weights_file: the local checkpoint, when ``model.weights`` is one.
         numbers: everything that changes the embeddings (see ``numbers_fingerprint``).
@@ -30,10 +31,55 @@ class Plan:
 
     images: Path
     results: Path
-    folders: dict[str, list[str]]
+    discovery: Discovery
     stems: dict[str, str]
     weights_file: str | None
     numbers: dict
+
+    @property
+    def folders(self) -> dict[str, list[str]]:
+        """``{folder key: sorted image file names}``."""
+        return self.discovery.folders
+
+    def inputs(self, folder: str) -> list[str]:
+        """The folder's image files that Snakemake tracks as inputs.
+
+        Snakemake reads ``{name}`` in a path as a wildcard, so files whose path holds a brace
+        are tracked by :meth:`untracked` instead; refused files are not read at all.
+        """
+        paths = (self._path(folder, name) for name in self.discovery.readable(folder))
+        return [p for p in paths if not _has_brace(p)]
+
+    def untracked(self, folder: str) -> dict[str, list[int]]:
+        """``{name: [size, mtime in ns]}`` of the readable files that :meth:`inputs` leaves out.
+
+        Passed as a rule parameter, so that a change to one of them still reruns its folder.
+        """
+        out = {}
+        for name in self.discovery.readable(folder):
+            path = self._path(folder, name)
+            if _has_brace(path):
+                stat = os.stat(path)
+                out[name] = [stat.st_size, stat.st_mtime_ns]
+        return out
+
+    def refused(self, folder: str) -> dict[str, str]:
+        """``{name: reason}`` of the folder's files that will not be read."""
+        return self.discovery.refused.get(folder, {})
+
+    def warnings(self) -> list[str]:
+        """One line per folder link that was not followed, and per folder with refused files."""
+        lines = [f"not followed: {path}: {why}" for path, why in self.discovery.skipped.items()]
+        for folder, refused in self.discovery.refused.items():
+            lines.append(f"{folder}: {len(refused)} file(s) will be recorded as failed, not read")
+        return lines
+
+    def _path(self, folder: str, name: str) -> str:
+        return str(self.images / folder / name)
+
+
+def _has_brace(path: str) -> bool:
+    return "{" in path or "}" in path
 
 
 def plan_run(config: dict) -> Plan:
@@ -50,9 +96,48 @@ def plan_run(config: dict) -> Plan:
         DiscoveryError: for an image tree that cannot be used.
     """
     validate_config(config)
+    _check_plugins(config)
+    _check_sizes(config)
+    if _has_brace(config["results"]):
+        raise ConfigError(
+            f"config key 'results': {config['results']!r} holds a brace, which Snakemake reads "
+            "as a wildcard; choose a results folder without { or }"
+        )
+    weights_file = None
     model = config["model"]
+    if is_local_weights(model["weights"]):
+        weights_file = model["weights"]
+        if not Path(weights_file).is_file():
+            raise ConfigError(
+                f"config key 'model.weights': checkpoint {weights_file!r} does not exist; give an "
+                "existing file, a weights name, `default` or `none`"
+            )
+    discovery = discover_folders(
+        config["images"],
+        config["extensions"],
+        exclude=config["results"],
+        follow_external_links=config["follow_external_links"],
+    )
+    stems = {folder_stem(key): key for key in discovery.folders}
+    if len(stems) != len(discovery.folders):
+        raise DiscoveryError(
+            f"two folders under {config['images']!r} would share a results file (images directly "
+            f"in the root are stored as {folder_stem(ROOT_FOLDER)!r}, and braces as %7B and %7D); "
+            "rename one of them"
+        )
+    return Plan(
+        images=Path(config["images"]),
+        results=Path(config["results"]),
+        discovery=discovery,
+        stems=stems,
+        weights_file=weights_file,
+        numbers=numbers_fingerprint(config),
+    )
+
+
+def _check_plugins(config: dict) -> None:
     for registry, name, key in (
-        (BACKBONES, model["name"], "model.name"),
+        (BACKBONES, config["model"]["name"], "model.name"),
         (HEADS, config["classify"]["head"], "classify.head"),
     ):
         if key == "classify.head" and name == "none":
@@ -61,26 +146,25 @@ def plan_run(config: dict) -> Plan:
             registry.factory(name)
         except LookupError as exc:
             raise ConfigError(f"config key {key!r}: {exc}") from None
-    weights_file = None
-    if is_local_weights(model["weights"]):
-        weights_file = model["weights"]
-        if not Path(weights_file).is_file():
-            raise ConfigError(
-                f"config key 'model.weights': checkpoint {weights_file!r} does not exist; give an "
-                "existing file, a weights name, `default` or `none`"
-            )
-    folders = discover_folders(config["images"], config["extensions"], exclude=config["results"])
-    stems = {folder_stem(key): key for key in folders}
-    if len(stems) != len(folders):
-        raise DiscoveryError(
-            f"images lie directly in {config['images']!r} and in a top-level folder named "
-            f"{folder_stem(ROOT_FOLDER)!r}; move one of them"
+
+
+def _check_sizes(config: dict) -> None:
+    """Sizes that pass the schema one by one but cannot work together."""
+    pre, patches = config["preprocess"], config["patches"]
+    if pre["resize"] is not None and pre["crop"] is not None and pre["crop"] > pre["resize"]:
+        raise ConfigError(
+            f"config key 'preprocess.crop': {pre['crop']} is larger than preprocess.resize "
+            f"({pre['resize']}), so every image would be padded with black; lower crop or raise "
+            "resize"
         )
-    return Plan(
-        images=Path(config["images"]),
-        results=Path(config["results"]),
-        folders=folders,
-        stems=stems,
-        weights_file=weights_file,
-        numbers=numbers_fingerprint(config),
-    )
+    if (
+        patches["enabled"]
+        and patches["border"] == "drop"
+        and patches["resize"] is not None
+        and patches["size"] > patches["resize"]
+    ):
+        raise ConfigError(
+            f"config key 'patches.size': {patches['size']} is larger than patches.resize "
+            f"({patches['resize']}) with border: drop, so no image would have a patch; lower "
+            "patches.size, raise patches.resize, or set patches.border to pad or shift"
+        )

@@ -1,11 +1,11 @@
-"""The HDF5 results: one file per image folder, an index of external links, and a reader.
+"""Writing the HDF5 results: one file per image folder and an index of external links.
 
 A folder file holds a group per embedded image (``f[image_id]["embedding"]``, attributes
 ``label``, ``score``, ``source``, ``width``, ``height``, ``sha256``), provenance in root
 attributes, and bulk datasets whose names start with ``_`` (``_embeddings`` ``[N, D]`` in
 ``_ids`` order) for fast reading. Image ids always end in an image extension, so they never
 clash with those names. Every file is written under a temporary name and renamed, so readers
-never see a half-written file.
+never see a half-written file. :mod:`snakembed.reader` reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -28,13 +27,8 @@ from .images import ROOT_FOLDER
 
 __all__ = [
     "FORMAT_VERSION",
-    "Folder",
-    "ImageRecord",
-    "Patches",
-    "Store",
     "folder_file",
     "folder_stem",
-    "open_store",
     "store_folder",
     "write_folder",
     "write_index",
@@ -48,11 +42,15 @@ _STR = h5py.string_dtype()
 def folder_stem(folder: str) -> str:
     """The file stem of a folder key: the key itself, or ``_root`` for the image root.
 
+    Braces become ``%7B`` and ``%7D``: Snakemake would read ``{name}`` in a path as a wildcard.
+
     Example:
-        >>> folder_stem("a/b"), folder_stem(".")
-        ('a/b', '_root')
+        >>> folder_stem("a/b"), folder_stem("."), folder_stem("x{1}")
+        ('a/b', '_root', 'x%7B1%7D')
     """
-    return _ROOT_STEM if folder == ROOT_FOLDER else folder
+    if folder == ROOT_FOLDER:
+        return _ROOT_STEM
+    return folder.replace("{", "%7B").replace("}", "%7D")
 
 
 def folder_file(results: str | Path, folder: str) -> Path:
@@ -187,246 +185,6 @@ def write_index(folders: list[str], images_root: str | Path, output: str | Path)
                 ids = [v.decode() if isinstance(v, bytes) else v for v in source["_ids"][()]]
             for image_id in ids:
                 group[image_id] = h5py.ExternalLink(target, "/" + image_id)
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass
-class Patches:
-    """An image's patch embeddings ``[P, D]`` and boxes ``[P, 4]`` (x0, y0, x1, y1)."""
-
-    embeddings: np.ndarray
-    boxes: np.ndarray
-
-
-@dataclass
-class ImageRecord:
-    """Everything stored for one image."""
-
-    folder: str
-    image_id: str
-    source: str
-    embedding: np.ndarray
-    width: int
-    height: int
-    sha256: str
-    label: str | None = None
-    score: float | None = None
-    topk: list[tuple[str, float]] | None = None
-    patches: Patches | None = None
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class Folder:
-    """One folder's file: ``ids()``, ``matrix()``, ``failed``, ``folder[image_id]``."""
-
-    def __init__(self, path: str | Path, key: str) -> None:
-        self.path = Path(path)
-        self.key = key
-
-    def _open(self) -> h5py.File:
-        return h5py.File(self.path, "r")
-
-    @property
-    def attrs(self) -> dict:
-        """The root attributes (provenance), JSON values decoded."""
-        with self._open() as f:
-            out = {}
-            for key, value in f.attrs.items():
-                value = _text(value) if isinstance(value, bytes | str) else value
-                if key in ("preprocess", "patches", "versions", "classify", "failed"):
-                    value = json.loads(value)
-                out[key] = value.item() if isinstance(value, np.generic) else value
-            return out
-
-    @property
-    def failed(self) -> dict[str, str]:
-        """``{image_id: reason}`` for the images that could not be embedded."""
-        with self._open() as f:
-            return json.loads(_text(f.attrs["failed"]))
-
-    def ids(self) -> list[str]:
-        """The embedded images' ids, in the order of :meth:`matrix`'s rows."""
-        with self._open() as f:
-            return [_text(v) for v in f["_ids"][()]]
-
-    def matrix(self) -> np.ndarray:
-        """All embeddings as one float32 ``[N, D]`` array, rows in :meth:`ids` order."""
-        with self._open() as f:
-            return f["_embeddings"][()]
-
-    def table(self) -> dict[str, np.ndarray | list]:
-        """The bulk columns: ids, sources, sha256, width, height, labels, scores, embeddings."""
-        with self._open() as f:
-            n = len(f["_ids"])
-            return {
-                "image_id": [_text(v) for v in f["_ids"][()]],
-                "source": [_text(v) for v in f["_sources"][()]],
-                "sha256": [_text(v) for v in f["_sha256"][()]],
-                "width": f["_width"][()],
-                "height": f["_height"][()],
-                "label": [_text(v) for v in f["_labels"][()]] if "_labels" in f else [None] * n,
-                "score": f["_scores"][()] if "_scores" in f else np.full(n, np.nan),
-                "embedding": f["_embeddings"][()],
-            }
-
-    def __len__(self) -> int:
-        with self._open() as f:
-            return len(f["_ids"])
-
-    def __contains__(self, image_id: str) -> bool:
-        with self._open() as f:
-            return not image_id.startswith("_") and image_id in f
-
-    def __iter__(self) -> Iterator[ImageRecord]:
-        for image_id in self.ids():
-            yield self[image_id]
-
-    def __getitem__(self, image_id: str) -> ImageRecord:
-        with self._open() as f:
-            if image_id.startswith("_") or image_id not in f:
-                reason = json.loads(_text(f.attrs["failed"])).get(image_id)
-                why = f"it failed: {reason}" if reason else "no such image in this folder"
-                raise KeyError(f"image {image_id!r} is not stored in {self.path} ({why})")
-            group = f[image_id]
-            attrs = group.attrs
-            record = ImageRecord(
-                folder=self.key,
-                image_id=image_id,
-                source=_text(attrs["source"]),
-                embedding=group["embedding"][()],
-                width=int(attrs["width"]),
-                height=int(attrs["height"]),
-                sha256=_text(attrs["sha256"]),
-            )
-            if "label" in attrs:
-                record.label = _text(attrs["label"])
-                record.score = float(attrs["score"])
-                record.topk = [
-                    (_text(lab), float(s))
-                    for lab, s in zip(
-                        group["topk_labels"][()], group["topk_scores"][()], strict=True
-                    )
-                ]
-            if "patch_embeddings" in group:
-                record.patches = Patches(group["patch_embeddings"][()], group["patch_boxes"][()])
-            return record
-
-    def __repr__(self) -> str:
-        return f"Folder({self.key!r}, {str(self.path)!r})"
-
-
-class Store:
-    """A results folder, read through its index: ``store[folder][image_id]``.
-
-    Args:
-        results: the workflow's ``results`` folder.
-    """
-
-    def __init__(self, results: str | Path) -> None:
-        self.results = Path(results)
-        index = self.results / "index.h5"
-        if index.is_file():
-            with h5py.File(index, "r") as f:
-                self._folders = json.loads(_text(f.attrs["folders"]))
-                self.images_root = Path(_text(f.attrs["images_root"]))
-        else:
-            root = self.results / "embeddings"
-            if not root.is_dir():
-                raise FileNotFoundError(
-                    f"{self.results} holds no snakembed results (no index.h5, no embeddings/); "
-                    "run the workflow first"
-                )
-            folders = []
-            for path in root.rglob("*.h5"):
-                with h5py.File(path, "r") as f:
-                    folders.append(_text(f.attrs["folder"]))
-            self._folders = sorted(folders)
-            self.images_root = None
-
-    def folders(self) -> list[str]:
-        """Every folder key, sorted."""
-        return list(self._folders)
-
-    def __len__(self) -> int:
-        return len(self._folders)
-
-    def __contains__(self, folder: str) -> bool:
-        return folder in self._folders
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._folders)
-
-    def __getitem__(self, folder: str) -> Folder:
-        if folder not in self._folders:
-            raise KeyError(f"no folder {folder!r} in {self.results}; folders: {self._folders[:20]}")
-        return Folder(folder_file(self.results, folder), folder)
-
-    def lookup(self, path: str | Path) -> ImageRecord:
-        """An image's record by its path: relative to the image root, or absolute.
-
-        Raises:
-            KeyError: naming the path, when it is not stored (and why, if it failed).
-        """
-        path = Path(path)
-        if path.is_absolute():
-            if self.images_root is None:
-                raise KeyError(f"{path}: an absolute path needs the index (run the workflow)")
-            try:
-                path = Path(os.path.relpath(path, self.images_root))
-            except ValueError:
-                raise KeyError(f"{path} is not under the image root {self.images_root}") from None
-            if path.parts and path.parts[0] == "..":
-                raise KeyError(f"{path} is not under the image root {self.images_root}")
-        folder = path.parent.as_posix()
-        if folder not in self._folders:
-            raise KeyError(f"no folder {folder!r} for image {path.as_posix()!r} in {self.results}")
-        return self[folder][path.name]
-
-    def to_dataframe(self):
-        """One row per stored image: folder, image_id, source, label, score, width, height,
-        sha256, embedding (a float32 array per row).
-
-        Returns:
-            A ``pandas.DataFrame``.
-        """
-        import pandas as pd
-
-        frames = []
-        for key in self._folders:
-            table = self[key].table()
-            table["embedding"] = list(table["embedding"])
-            frame = pd.DataFrame(table)
-            frame.insert(0, "folder", key)
-            frames.append(frame)
-        columns = ["folder", "image_id", "source", "sha256", "width", "height", "label", "score"]
-        if not frames:
-            return pd.DataFrame(columns=[*columns, "embedding"])
-        return pd.concat(frames, ignore_index=True)
-
-    def __repr__(self) -> str:
-        return f"Store({str(self.results)!r}, {len(self)} folders)"
-
-
-def open_store(results: str | Path) -> Store:
-    """Open a results folder for reading.
-
-    Args:
-        results: the workflow's ``results`` folder.
-
-    Returns:
-        A :class:`Store`.
-
-    Example:
-        >>> store = open_store("results")  # doctest: +SKIP
-        >>> store["animals"]["chelsea.jpg"].label  # doctest: +SKIP
-        'tabby, tabby cat'
-    """
-    return Store(results)
 
 
 def store_folder(

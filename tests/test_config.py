@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,18 +41,46 @@ def test_the_shipped_config_is_the_defaults():
 
 
 @pytest.mark.parametrize(
-    "override,key",
+    "override,key,value,allowed",
     [
-        ({"batch_size": -1}, "batch_size"),
-        ({"device": "tpu"}, "device"),
-        ({"patches": {"border": "wrap"}}, "patches.border"),
-        ({"model": {"nmae": "resnet18"}}, "model"),
-        ({"preprocess": {"mean": [0.5]}}, "preprocess.mean"),
+        ({"batch_size": -1}, "batch_size", "-1", "minimum of 1"),
+        ({"device": "tpu"}, "device", "'tpu'", "`cpu`, `cuda`, `cuda:N` or `mps`"),
+        ({"patches": {"border": "wrap"}}, "patches.border", "'wrap'", "'drop', 'pad', 'shift'"),
+        ({"model": {"nmae": "resnet18"}}, "model", "'nmae'", "not allowed"),
+        ({"preprocess": {"mean": [0.5]}}, "preprocess.mean", r"\[0.5\]", "too short"),
+        ({"max_pixels": 0}, "max_pixels", "0", "minimum of 1"),
     ],
 )
-def test_bad_values_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=f"'{key}'"):
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, key, value, allowed):
+    with pytest.raises(ConfigError) as error:
         validate_config(override)
+    line = next(x for x in str(error.value).splitlines() if f"'{key}'" in x)
+    assert re.search(value, line) and allowed in line
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        validate_config({"batch_size": 0, "device": "gpu", "threads": -2})
+    assert all(f"'{k}'" in str(error.value) for k in ("batch_size", "device", "threads"))
+
+
+def test_command_line_words_become_the_types_the_schema_asks_for():
+    """`--config` gives 'true', 'null' and nested numbers as strings."""
+    config = validate_config(
+        {
+            "follow_external_links": "true",
+            "max_pixels": "null",
+            "patches": {"enabled": "True", "size": "32"},
+            "preprocess": {"mean": ["0.1", "0.2", "0.3"]},
+            "classify": {"head": "none"},
+        }
+    )
+    assert config["follow_external_links"] is True and config["max_pixels"] is None
+    assert config["patches"]["enabled"] is True and config["patches"]["size"] == 32
+    assert config["preprocess"]["mean"] == [0.1, 0.2, 0.3]
+    assert config["classify"]["head"] == "none"  # a string key keeps the word
+    with pytest.raises(ConfigError, match="'batch_size': 'many'"):
+        validate_config({"batch_size": "many"})
 
 
 def test_fingerprint_changes_with_what_changes_the_numbers():
@@ -76,19 +105,63 @@ def _config(tmp_path: Path, **overrides) -> dict:
 def test_plan_finds_folders(tmp_path):
     plan = plan_run(_config(tmp_path))
     assert plan.folders == {"a": ["x.jpg"]} and plan.stems == {"a": "a"}
+    assert plan.inputs("a") == [str(tmp_path / "images" / "a" / "x.jpg")]
+    assert plan.untracked("a") == {} and plan.refused("a") == {}
+
+
+def test_plan_tracks_brace_names_by_size_and_mtime(tmp_path):
+    path = make_image(tmp_path / "images" / "b{x}" / "{y}.jpg")
+    plan = plan_run(_config(tmp_path))
+    assert plan.stems["b%7Bx%7D"] == "b{x}"
+    assert plan.inputs("b{x}") == []
+    stat = path.stat()
+    assert plan.untracked("b{x}") == {"{y}.jpg": [stat.st_size, stat.st_mtime_ns]}
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"model": {"name": "nope"}}, "model.name"),
-        ({"classify": {"head": "nope"}}, "classify.head"),
-        ({"model": {"name": "resnet18", "weights": "/no/such.pth"}}, "does not exist"),
+        ({"model": {"name": "nope"}}, "'model.name': unknown backbone 'nope'.*resnet18"),
+        ({"classify": {"head": "nope"}}, "'classify.head': unknown head 'nope'.*pretrained"),
+        (
+            {"model": {"name": "resnet18", "weights": "/no/such.pth"}},
+            "'model.weights'.*'/no/such.pth' does not exist",
+        ),
+        (
+            {"patches": {"enabled": True, "resize": 100, "size": 224, "border": "drop"}},
+            "'patches.size': 224 is larger than patches.resize .100. with border: drop",
+        ),
+        ({"preprocess": {"resize": 100, "crop": 224}}, "'preprocess.crop': 224 is larger"),
+        ({"results": "out/{run}"}, "'results'.*brace"),
     ],
 )
 def test_plan_refuses_what_cannot_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         plan_run(_config(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize(
+    "images,message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "no image files"),
+        ("with_results", "lies inside the image root"),
+    ],
+)
+def test_plan_refuses_an_unusable_tree(tmp_path, images, message):
+    from snakembed.plan import DiscoveryError
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    make_image(tmp_path / "with_results" / "a" / "x.jpg")
+    results = tmp_path / "with_results" / "results" if images == "with_results" else "results"
+    with pytest.raises(DiscoveryError, match=message):
+        plan_run({"images": str(tmp_path / images), "results": str(results)})
+
+
+def test_plan_allows_patches_that_pad_or_shift(tmp_path):
+    for border in ("pad", "shift"):
+        patches = {"enabled": True, "resize": 100, "size": 224, "border": border}
+        plan_run(_config(tmp_path, patches=patches))
 
 
 def test_plan_allows_no_classification(tmp_path):

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
+import samples
 from conftest import make_image, make_tree
 from PIL import Image
 
-from snakembed.images import DiscoveryError, ImageError, Preprocess, decode_image, discover_folders
+from snakembed.images import (
+    DEFAULT_MAX_PIXELS,
+    DiscoveryError,
+    ImageError,
+    Preprocess,
+    decode_image,
+    discover_folders,
+)
 
 
 def _bytes(image: Image.Image, fmt: str, **save) -> bytes:
@@ -61,40 +70,11 @@ def test_float_tiff_in_unit_range():
     assert pixels.min() == 0 and pixels.max() == 255
 
 
-@pytest.mark.parametrize("orientation,rotated", [(1, False), (3, False), (6, True), (8, True)])
-def test_exif_orientation_is_applied(orientation, rotated):
-    image = _rgb(size=(60, 20))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    decoded = decode_image(_bytes(image, "JPEG", exif=exif))
-    expected = (20, 60) if rotated else (60, 20)
-    assert (decoded.width, decoded.height) == expected
-    assert decoded.image.size == expected
-
-
 def test_sha256_of_the_file_bytes():
     import hashlib
 
     data = _bytes(_rgb(), "PNG")
     assert decode_image(data).sha256 == hashlib.sha256(data).hexdigest()
-
-
-@pytest.mark.parametrize(
-    "data,reason",
-    [
-        (b"", "empty file"),
-        (b"hello, I am text", "not an image"),
-    ],
-)
-def test_bad_bytes_raise_with_a_reason(data, reason):
-    with pytest.raises(ImageError, match=reason):
-        decode_image(data)
-
-
-def test_truncated_jpeg_is_refused():
-    data = _bytes(_rgb(size=(200, 200)), "JPEG")
-    with pytest.raises(ImageError, match="truncated"):
-        decode_image(data[: len(data) // 2])
 
 
 def test_draft_mode_keeps_twice_the_target():
@@ -116,7 +96,9 @@ def test_draft_mode_changes_embeddings_very_little(tmp_path):
 
 def test_discover_folders(tmp_path):
     expected = make_tree(tmp_path)
-    assert discover_folders(tmp_path, [".jpg", ".jpeg", ".png"]) == expected
+    found = discover_folders(tmp_path, [".jpg", ".jpeg", ".png"])
+    assert found.folders == expected
+    assert found.refused == {} and found.skipped == {}
 
 
 def test_discover_refuses_a_missing_root(tmp_path):
@@ -145,3 +127,122 @@ def test_preprocess_override_keeps_unset_values():
         (0.1, 0.2, 0.3),
         "bicubic",
     )
+
+
+# --------------------------------------------------------------------------- awkward files
+
+
+@pytest.mark.parametrize("name", sorted(samples.BAD))
+def test_bad_files_are_refused_with_their_reason(name):
+    make, reason = samples.BAD[name]
+    with pytest.raises(ImageError, match=reason):
+        decode_image(make())
+
+
+@pytest.mark.parametrize("name", sorted(samples.GOOD))
+def test_awkward_files_decode_to_rgb(name):
+    decoded = decode_image(samples.GOOD[name]())
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.size == (decoded.width, decoded.height)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation(orientation):
+    decoded = decode_image(samples.exif_jpeg(orientation))
+    expected = samples.exif_expected(orientation)
+    assert (decoded.height, decoded.width) == expected.shape[:2]
+    assert np.abs(np.asarray(decoded.image, float) - expected).mean() < 8
+
+
+def test_first_frame_of_an_animation_and_first_page_of_a_tiff():
+    assert np.asarray(decode_image(samples.animated_gif()).image)[5, 5].tolist() == [255, 0, 0]
+    page = decode_image(samples.multipage_tiff())
+    assert page.image.size == (30, 20)
+    assert np.asarray(page.image)[5, 5].tolist() == [90, 90, 90]
+
+
+def test_16_bit_tiff_uses_the_full_range():
+    pixels = np.asarray(decode_image(samples.tiff_16bit()).image)[..., 0]
+    assert pixels.min() == 0 and pixels.max() == 255
+    assert np.all(np.diff(pixels[0].astype(int)) >= 0)
+
+
+@pytest.mark.parametrize("make", [samples.cmyk_jpeg, samples.ycck_jpeg], ids=["cmyk", "ycck"])
+def test_cmyk_and_ycck_jpegs_keep_their_colour(make):
+    with Image.open(io.BytesIO(make())) as raw:
+        assert raw.mode == "CMYK"
+    rgb = np.asarray(decode_image(make()).image, int)[16, 16]
+    assert np.abs(rgb - [255, 0, 0]).max() <= 6
+
+
+def test_ycck_sample_is_really_ycck():
+    with Image.open(io.BytesIO(samples.ycck_jpeg())) as image:
+        assert image.info["adobe_transform"] == 2
+
+
+def test_one_pixel_image_is_kept_and_preprocessed():
+    decoded = decode_image(samples.one_pixel())
+    pre = Preprocess(64, 56, (0.5,) * 3, (0.5,) * 3)
+    pixels = pre.pixels(decoded.image)
+    assert pixels.shape == (3, 56, 56)
+    assert pixels[:, 0, 0].tolist() == [200, 100, 50]
+
+
+def test_the_pixel_limit_refuses_before_decoding_and_can_be_raised():
+    data = samples.huge_png()
+    with pytest.raises(ImageError, match="9500x9500 = 90,250,000 pixels"):
+        decode_image(data)
+    decoded = decode_image(data, max_pixels=100_000_000)
+    assert decoded.image.size == samples.HUGE
+    small = samples.encode(samples.photo((40, 40)), "PNG")
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        decode_image(small, max_pixels=1000)
+    assert decode_image(small, max_pixels=None).width == 40
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS  # Pillow's own limit is left alone
+
+
+# --------------------------------------------------------------------------- links and odd files
+
+
+def test_links_inside_the_root_are_followed(tmp_path):
+    make_image(tmp_path / "real" / "x.jpg")
+    (tmp_path / "real" / "link.jpg").symlink_to("x.jpg")
+    (tmp_path / "alias").symlink_to("real", target_is_directory=True)
+    found = discover_folders(tmp_path, [".jpg"])
+    assert found.folders == {"alias": ["link.jpg", "x.jpg"], "real": ["link.jpg", "x.jpg"]}
+    assert found.refused == {} and found.skipped == {}
+
+
+def test_links_out_of_the_root_are_refused_unless_allowed(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    make_image(root / "a" / "own.jpg")
+    make_image(outside / "far.jpg")
+    (root / "a" / "far.jpg").symlink_to(outside / "far.jpg")
+    (root / "b").symlink_to(outside, target_is_directory=True)
+    found = discover_folders(root, [".jpg"])
+    assert found.folders == {"a": ["far.jpg", "own.jpg"]}
+    assert "outside the image root" in found.refused["a"]["far.jpg"]
+    assert "follow_external_links" in found.skipped["b"]
+    assert found.readable("a") == ["own.jpg"]
+    allowed = discover_folders(root, [".jpg"], follow_external_links=True)
+    assert allowed.folders == {"a": ["far.jpg", "own.jpg"], "b": ["far.jpg"]}
+    assert allowed.refused == {} and allowed.skipped == {}
+
+
+def test_broken_links_pipes_and_cycles(tmp_path):
+    make_image(tmp_path / "a" / "ok.jpg")
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(tmp_path / "a" / "pipe.jpg")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    found = discover_folders(tmp_path, [".jpg"])
+    assert found.folders == {"a": ["gone.jpg", "ok.jpg", "pipe.jpg"]}
+    assert "broken symbolic link" in found.refused["a"]["gone.jpg"]
+    assert "not a regular file" in found.refused["a"]["pipe.jpg"]
+    assert "cycle" in found.skipped["a/loop"]
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    make_image(tmp_path / "a" / "x.jpg")
+    make_image(tmp_path / "a" / ".x.jpg")
+    make_image(tmp_path / ".cache" / "y.jpg")
+    assert discover_folders(tmp_path, [".jpg"]).folders == {"a": ["x.jpg"]}

@@ -157,14 +157,19 @@ def test_checkpoint_that_does_not_fit(tmp_path):
 
 
 def test_checkpoint_with_code_is_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(marker), "w"))  # creates the marker file if ever unpickled
 
     path = tmp_path / "evil.pth"
     torch.save({"x": Evil()}, path)
     with pytest.raises(WeightsError, match="plain tensors"):
         load_checkpoint(path)
+    with pytest.raises(WeightsError):
+        create_backbone("resnet18", weights=str(path))
+    assert not marker.exists()
 
 
 def test_missing_checkpoint_names_the_file(tmp_path):

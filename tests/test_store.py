@@ -74,10 +74,25 @@ def test_to_dataframe(store, workflow_run):
     assert row.label == store["alpha"]["a2.png"].label
 
 
-def test_provenance_attrs(store):
+def test_provenance_attrs(store, workflow_run, resnet18_checkpoint):
+    import hashlib
+    from importlib.metadata import version
+
+    from snakembed.config import load_config, numbers_fingerprint
+
     attrs = store["alpha"].attrs
     assert attrs["model"] == "resnet18" and attrs["embedding_dim"] == 512
-    assert attrs["versions"]["torch"] and attrs["preprocess"]["resize"] == 64
+    assert attrs["layer"] == "pre_logits"
+    assert attrs["weights"] == str(resnet18_checkpoint)
+    assert attrs["weights_sha256"] == hashlib.sha256(resnet18_checkpoint.read_bytes()).hexdigest()
+    assert attrs["versions"] == {
+        name: version(name) for name in ("snakembed", "torch", "torchvision", "timm")
+    }
+    assert attrs["snakembed_version"] == version("snakembed")
+    assert attrs["preprocess"]["resize"] == 64 and attrs["preprocess"]["crop"] == 56
+    assert attrs["patches"] == {"resize": 64, "size": 32, "stride": 32, "border": "shift"}
+    config = load_config(workflow_run["config"])
+    assert attrs["config_hash"] == numbers_fingerprint(config)["hash"]
     assert attrs["num_failed"] == 3
 
 
@@ -101,3 +116,40 @@ def test_files_are_never_left_half_written(workflow_run):
     assert not [p for p in results.rglob("*.tmp")]
     with h5py.File(folder_file(results, "alpha"), "r") as f:
         assert f.attrs["format_version"] == 1
+
+
+def test_a_damaged_file_names_itself_and_the_fix(workflow_run, tmp_path):
+    from snakembed.reader import Folder, StoreError
+
+    source = folder_file(workflow_run["results"], "alpha")
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(source.read_bytes()[:2000])
+    with pytest.raises(StoreError, match=r"truncated.h5 is not a readable snakembed file.*delete"):
+        Folder(truncated, "alpha")
+    with pytest.raises(StoreError, match=r"gone.h5 does not exist; run the workflow"):
+        Folder(tmp_path / "gone.h5", "alpha")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.arange(3)
+    with pytest.raises(StoreError, match="not a snakembed folder file"):
+        Folder(foreign, "alpha")
+    newer = tmp_path / "newer.h5"
+    newer.write_bytes(source.read_bytes())
+    with h5py.File(newer, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(StoreError, match="upgrade snakembed"):
+        Folder(newer, "alpha")
+
+
+def test_a_missing_folder_file_is_reported_through_the_store(workflow_run, tmp_path):
+    import shutil
+
+    from snakembed.reader import StoreError
+
+    copy = tmp_path / "results"
+    shutil.copytree(workflow_run["results"], copy)
+    folder_file(copy, "alpha").unlink()
+    store = snakembed.open_store(copy)
+    assert "alpha" in store
+    with pytest.raises(StoreError, match="alpha.h5 does not exist"):
+        store["alpha"]

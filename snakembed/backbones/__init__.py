@@ -33,6 +33,7 @@ __all__ = [
     "PluginError",
     "file_sha256",
     "load_state",
+    "load_weights",
 ]
 
 #: The backbone registry (entry-point group ``snakembed.backbones``).
@@ -213,6 +214,25 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, adapt=None) -> str:
+    """Load a checkpoint file into ``model`` (see :func:`load_checkpoint`).
+
+    Args:
+        model: the network, changed in place.
+        path: the checkpoint.
+        adapt: optional ``f(model, state) -> state``, run before loading (to rename tensors or
+            resize the final layer).
+
+    Returns:
+        The file's sha256, for the provenance.
+    """
+    state = load_checkpoint(path)
+    if adapt is not None:
+        state = adapt(model, state)
+    load_state(model, state, str(path))
+    return file_sha256(path)
 
 
 def load_state(model: torch.nn.Module, state: dict, source: str) -> None:

@@ -7,16 +7,7 @@ are timm's ``efficientnet_lite0`` tensors under other names: it works offline.
 from __future__ import annotations
 
 from ..images import Preprocess
-from . import (
-    NO_WEIGHTS,
-    Backbone,
-    WeightsError,
-    file_sha256,
-    from_classifier,
-    is_local_weights,
-    load_checkpoint,
-    load_state,
-)
+from . import NO_WEIGHTS, Backbone, WeightsError, from_classifier, is_local_weights, load_weights
 
 __all__ = ["efficientnet_lite0", "packaged_weights_path"]
 
@@ -57,9 +48,7 @@ def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits
                 f"unknown weights {weights!r} for efficientnet_lite0; use default, none or a "
                 "checkpoint path"
             )
-        state = load_checkpoint(path)
-        load_state(model, _rename_by_order(model, state), path)
-        sha = file_sha256(path)
+        sha = load_weights(model, path, adapt=_rename_by_order)
     cfg = model.pretrained_cfg
     crop = cfg["input_size"][-1]
     preprocess = Preprocess(

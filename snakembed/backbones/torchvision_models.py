@@ -10,8 +10,7 @@ from . import (
     file_sha256,
     from_classifier,
     is_local_weights,
-    load_checkpoint,
-    load_state,
+    load_weights,
 )
 
 __all__ = ["FAMILY", "TorchvisionFamily"]
@@ -39,12 +38,9 @@ class TorchvisionFamily:
             torch.manual_seed(0)  # the same random network in every process
             model, label = builder(weights=None), "none"
         elif is_local_weights(weights):
-            state = load_checkpoint(weights)
             torch.manual_seed(0)
             model = builder(weights=None)
-            _fit_classes(model, state)
-            load_state(model, state, weights)
-            label, sha = str(weights), file_sha256(weights)
+            label, sha = str(weights), load_weights(model, weights, adapt=_fit_classes)
         else:
             meta_weights = _named_weights(name, enum, weights)
             try:
@@ -56,6 +52,7 @@ class TorchvisionFamily:
                     "cached in TORCH_HOME) or set model.weights to a local checkpoint file"
                 ) from exc
             label = str(meta_weights).split(".", 1)[1]
+            sha = _cached_sha256(meta_weights.url)
         t = meta_weights.transforms()
         preprocess = Preprocess(
             resize=int(t.resize_size[0]),
@@ -70,6 +67,16 @@ class TorchvisionFamily:
         )
 
 
+def _cached_sha256(url: str) -> str | None:
+    """The sha256 of torch hub's cached copy of a weights file, for the provenance."""
+    import os
+
+    import torch
+
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return file_sha256(path) if os.path.isfile(path) else None
+
+
 def _named_weights(name, enum, weights):
     if weights == "default":
         return enum.DEFAULT
@@ -82,7 +89,7 @@ def _named_weights(name, enum, weights):
         ) from None
 
 
-def _fit_classes(model, state) -> None:
+def _fit_classes(model, state: dict) -> dict:
     """Give the final layer as many outputs as the checkpoint's (a fine-tuned classifier)."""
     import torch
 
@@ -92,6 +99,7 @@ def _fit_classes(model, state) -> None:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, torch.nn.Linear(layer.in_features, weight.shape[0]))
+    return state
 
 
 FAMILY = TorchvisionFamily()

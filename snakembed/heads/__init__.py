@@ -9,6 +9,7 @@ file (:func:`load_head`), so classifying a folder needs neither torch nor the ba
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 
@@ -78,13 +79,35 @@ def save_head(head: Head, path: str | Path) -> None:
 
 
 def load_head(path: str | Path) -> Head:
-    """Load a head saved by :func:`save_head`."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    module, _, name = str(arrays.pop("__class__")).partition(":")
+    """Load a head saved by :func:`save_head`.
+
+    The class named in the file is imported only from snakembed or from a distribution that
+    registers ``snakembed.heads`` plugins, and nothing is unpickled.
+
+    Raises:
+        ValueError: naming the file, when it is not a head file or names another class.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        class_path = str(arrays.pop("__class__"))
+    except Exception as exc:  # noqa: BLE001 - a missing, corrupt or foreign file
+        raise ValueError(
+            f"{path} is not a snakembed head file ({type(exc).__name__}: {exc}); delete it and "
+            "run the workflow again to rebuild it"
+        ) from exc
+    module, _, name = class_path.partition(":")
+    allowed = {"snakembed"} | {ep.module.split(".")[0] for ep in entry_points(group=HEADS.group)}
+    if module.split(".")[0] not in allowed:
+        raise ValueError(
+            f"{path} names the class {class_path!r}, which is not from snakembed or a package "
+            f"that registers heads ({', '.join(sorted(allowed))}); refusing to import it"
+        )
     cls = importlib.import_module(module)
     for part in name.split("."):
         cls = getattr(cls, part)
+    if not isinstance(cls, type) or not hasattr(cls, "from_arrays"):
+        raise ValueError(f"{path} names {class_path!r}, which is not a head class")
     return cls.from_arrays(arrays)
 
 

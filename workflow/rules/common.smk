@@ -1,16 +1,20 @@
 import json
 import os
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from snakembed.plan import plan_run
 
-validate(config, schema="../schemas/config.schema.yaml")
-
 # envs/snakembed.yaml installs the library from this checkout (for --sdm conda).
 os.environ.setdefault("SNAKEMBED_REPO", workflow.basedir)
 
+# Checks the config (naming every bad key, its value and what is allowed), the plugins and the
+# image tree before any job runs; Snakemake's own validation then fills the defaults.
 PLAN = plan_run(config)
+validate(config, schema="../schemas/config.schema.yaml")
+for line in PLAN.warnings():
+    logger.warning(line)
 RESULTS = str(PLAN.results)
 # Intermediate files are removed once used, unless the user keeps them.
 KEEP = config["keep_intermediate"]
@@ -34,13 +38,29 @@ def get_folder_files():
     return [f"{RESULTS}/embeddings/{stem}.h5" for stem in PLAN.stems]
 
 
+def get_images_root(wildcards):
+    return str(PLAN.images)
+
+
+def get_folder_keys(wildcards):
+    return list(PLAN.folders)
+
+
 def get_folder_key(wildcards):
     return PLAN.stems[wildcards.folder]
 
 
 def get_folder_images(wildcards):
-    key = get_folder_key(wildcards)
-    return [str(PLAN.images / key / name) for name in PLAN.folders[key]]
+    return PLAN.inputs(get_folder_key(wildcards))
+
+
+def get_untracked_images(wildcards):
+    """Images that cannot be inputs (a brace in the path): their size and mtime rerun the job."""
+    return PLAN.untracked(get_folder_key(wildcards))
+
+
+def get_refused_images(wildcards):
+    return PLAN.refused(get_folder_key(wildcards))
 
 
 def get_folder_names(wildcards):

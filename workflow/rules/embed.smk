@@ -14,9 +14,11 @@ rule embed:
     resources:
         gpu=get_embed_gpus,
     params:
-        images=str(PLAN.images),
+        images=get_images_root,
         folder=get_folder_key,
         names=get_folder_names,
+        refused=get_refused_images,
+        untracked=get_untracked_images,
         numbers=get_numbers,
     script:
         "../../scripts/embed.py"

@@ -2,7 +2,7 @@ rule index:
     input:
         get_folder_files(),
     output:
-        f"{RESULTS}/index.h5",
+        update(f"{RESULTS}/index.h5"),
     log:
         f"{RESULTS}/logs/index.log",
     benchmark:
@@ -11,7 +11,7 @@ rule index:
     conda:
         "../../envs/snakembed.yaml"
     params:
-        images=str(PLAN.images),
-        folders=list(PLAN.folders),
+        images=get_images_root,
+        folders=get_folder_keys,
     script:
         "../../scripts/index.py"

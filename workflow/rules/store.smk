@@ -3,7 +3,8 @@ rule store:
         embed=f"{RESULTS}/.work/embed/{{folder}}.npz",
         classify=get_predictions,
     output:
-        f"{RESULTS}/embeddings/{{folder}}.h5",
+        # update(): the previous file stays readable until the new one is renamed over it.
+        update(f"{RESULTS}/embeddings/{{folder}}.h5"),
     log:
         f"{RESULTS}/logs/store/{{folder}}.log",
     benchmark:

@@ -1,0 +1,342 @@
+"""Reading results: ``open_store(results)[folder][image_id]``.
+
+A :class:`Folder` opens its file once and reads everything from that open file: the workflow
+replaces folder files by renaming a finished file over the old one, so a reader holds one
+consistent version even while the workflow writes the next. A file that cannot be read as a
+snakembed folder file raises :class:`StoreError`, naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .store import FORMAT_VERSION, folder_file
+
+__all__ = ["Folder", "ImageRecord", "Patches", "Store", "StoreError", "open_store"]
+
+_JSON_ATTRS = ("preprocess", "patches", "versions", "classify", "failed")
+_REQUIRED = ("_ids", "_sources", "_sha256", "_width", "_height", "_embeddings")
+
+
+class StoreError(OSError):
+    """A results file that cannot be read; the message names the file and the fix."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn any failure to read ``path`` into a :class:`StoreError` that names it."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except FileNotFoundError:
+        raise StoreError(
+            f"{path} does not exist; run the workflow to write it (or open the right results "
+            "folder)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - h5py and JSON raise many kinds for a bad file
+        raise StoreError(
+            f"{path} is not a readable snakembed file ({type(exc).__name__}: {exc}); delete it "
+            "and run the workflow again to rebuild it"
+        ) from exc
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _texts(dataset) -> list[str]:
+    return [_text(v) for v in dataset[()]]
+
+
+@dataclass
+class Patches:
+    """An image's patch embeddings ``[P, D]`` and boxes ``[P, 4]`` (x0, y0, x1, y1)."""
+
+    embeddings: np.ndarray
+    boxes: np.ndarray
+
+
+@dataclass
+class ImageRecord:
+    """Everything stored for one image."""
+
+    folder: str
+    image_id: str
+    source: str
+    embedding: np.ndarray
+    width: int
+    height: int
+    sha256: str
+    label: str | None = None
+    score: float | None = None
+    topk: list[tuple[str, float]] | None = None
+    patches: Patches | None = None
+
+
+class Folder:
+    """One folder's file, opened once: ``ids()``, ``matrix()``, ``failed``, ``folder[image_id]``.
+
+    Use it in a ``with`` block (or call :meth:`close`) to release the file early.
+
+    Args:
+        path: the folder's ``.h5`` file.
+        key: the folder's key.
+
+    Raises:
+        StoreError: when the file is missing, corrupt, or not a snakembed folder file.
+    """
+
+    def __init__(self, path: str | Path, key: str) -> None:
+        self.path = Path(path)
+        self.key = key
+        with _reading(self.path):
+            self._file = h5py.File(self.path, "r")
+            try:
+                self._check()
+            except BaseException:
+                self._file.close()
+                raise
+
+    def _check(self) -> None:
+        f = self._file
+        version = f.attrs.get("format_version")
+        if version is None or any(name not in f for name in _REQUIRED):
+            raise StoreError(
+                f"{self.path} is not a snakembed folder file; delete it and run the workflow again"
+            )
+        if int(version) > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} has format version {int(version)}, newer than this snakembed "
+                f"reads ({FORMAT_VERSION}); upgrade snakembed"
+            )
+        n = len(f["_ids"])
+        if f["_embeddings"].ndim != 2 or any(len(f[name]) != n for name in _REQUIRED):
+            raise StoreError(f"{self.path} has bulk datasets of different lengths; rebuild it")
+
+    def close(self) -> None:
+        """Release the file."""
+        self._file.close()
+
+    def __enter__(self) -> Folder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def attrs(self) -> dict:
+        """The root attributes (provenance), JSON values decoded."""
+        with _reading(self.path):
+            out = {}
+            for key, value in self._file.attrs.items():
+                value = _text(value) if isinstance(value, bytes | str) else value
+                if key in _JSON_ATTRS:
+                    value = json.loads(value)
+                out[key] = value.item() if isinstance(value, np.generic) else value
+            return out
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """``{image_id: reason}`` for the images that could not be embedded."""
+        with _reading(self.path):
+            failed = json.loads(_text(self._file.attrs["failed"]))
+            if not isinstance(failed, dict):
+                raise ValueError("the `failed` attribute is not a mapping")
+            return {str(k): str(v) for k, v in failed.items()}
+
+    def ids(self) -> list[str]:
+        """The embedded images' ids, in the order of :meth:`matrix`'s rows."""
+        with _reading(self.path):
+            return _texts(self._file["_ids"])
+
+    def matrix(self) -> np.ndarray:
+        """All embeddings as one float32 ``[N, D]`` array, rows in :meth:`ids` order."""
+        with _reading(self.path):
+            return np.asarray(self._file["_embeddings"][()], np.float32)
+
+    def table(self) -> dict[str, np.ndarray | list]:
+        """The bulk columns: ids, sources, sha256, width, height, labels, scores, embeddings."""
+        f = self._file
+        with _reading(self.path):
+            n = len(f["_ids"])
+            return {
+                "image_id": _texts(f["_ids"]),
+                "source": _texts(f["_sources"]),
+                "sha256": _texts(f["_sha256"]),
+                "width": f["_width"][()],
+                "height": f["_height"][()],
+                "label": _texts(f["_labels"]) if "_labels" in f else [None] * n,
+                "score": f["_scores"][()] if "_scores" in f else np.full(n, np.nan),
+                "embedding": self.matrix(),
+            }
+
+    def __len__(self) -> int:
+        with _reading(self.path):
+            return len(self._file["_ids"])
+
+    def __contains__(self, image_id: str) -> bool:
+        with _reading(self.path):
+            return not image_id.startswith("_") and image_id in self._file
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        for image_id in self.ids():
+            yield self[image_id]
+
+    def __getitem__(self, image_id: str) -> ImageRecord:
+        if image_id not in self:
+            reason = self.failed.get(image_id)
+            why = f"it failed: {reason}" if reason else "no such image in this folder"
+            raise KeyError(f"image {image_id!r} is not stored in {self.path} ({why})")
+        with _reading(self.path):
+            group = self._file[image_id]
+            attrs = group.attrs
+            record = ImageRecord(
+                folder=self.key,
+                image_id=image_id,
+                source=_text(attrs["source"]),
+                embedding=group["embedding"][()],
+                width=int(attrs["width"]),
+                height=int(attrs["height"]),
+                sha256=_text(attrs["sha256"]),
+            )
+            if "label" in attrs:
+                record.label = _text(attrs["label"])
+                record.score = float(attrs["score"])
+                record.topk = [
+                    (_text(label), float(score))
+                    for label, score in zip(
+                        group["topk_labels"][()], group["topk_scores"][()], strict=True
+                    )
+                ]
+            if "patch_embeddings" in group:
+                record.patches = Patches(group["patch_embeddings"][()], group["patch_boxes"][()])
+            return record
+
+    def __repr__(self) -> str:
+        return f"Folder({self.key!r}, {str(self.path)!r})"
+
+
+class Store:
+    """A results folder, read through its index: ``store[folder][image_id]``.
+
+    Without an index (a first run still going), the folder files present are listed.
+
+    Args:
+        results: the workflow's ``results`` folder.
+
+    Raises:
+        FileNotFoundError: when ``results`` holds no results at all.
+        StoreError: when the index or a folder file cannot be read.
+    """
+
+    def __init__(self, results: str | Path) -> None:
+        self.results = Path(results)
+        index = self.results / "index.h5"
+        self.images_root: Path | None = None
+        if index.is_file():
+            with _reading(index), h5py.File(index, "r") as f:
+                self._folders = [str(k) for k in json.loads(_text(f.attrs["folders"]))]
+                self.images_root = Path(_text(f.attrs["images_root"]))
+            return
+        root = self.results / "embeddings"
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"{self.results} holds no snakembed results (no index.h5, no embeddings/); "
+                "run the workflow first"
+            )
+        folders = []
+        for path in root.rglob("*.h5"):
+            with _reading(path), h5py.File(path, "r") as f:
+                folders.append(_text(f.attrs["folder"]))
+        self._folders = sorted(folders)
+
+    def folders(self) -> list[str]:
+        """Every folder key, sorted."""
+        return list(self._folders)
+
+    def __len__(self) -> int:
+        return len(self._folders)
+
+    def __contains__(self, folder: str) -> bool:
+        return folder in self._folders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._folders)
+
+    def __getitem__(self, folder: str) -> Folder:
+        if folder not in self._folders:
+            raise KeyError(f"no folder {folder!r} in {self.results}; folders: {self._folders[:20]}")
+        return Folder(folder_file(self.results, folder), folder)
+
+    def lookup(self, path: str | Path) -> ImageRecord:
+        """An image's record by its path: relative to the image root, or absolute.
+
+        Raises:
+            KeyError: naming the path, when it is not stored (and why, if it failed).
+        """
+        path = Path(path)
+        if path.is_absolute():
+            if self.images_root is None:
+                raise KeyError(f"{path}: an absolute path needs the index (run the workflow)")
+            try:
+                path = Path(os.path.relpath(path, self.images_root))
+            except ValueError:
+                raise KeyError(f"{path} is not under the image root {self.images_root}") from None
+            if path.parts and path.parts[0] == "..":
+                raise KeyError(f"{path} is not under the image root {self.images_root}")
+        folder = path.parent.as_posix()
+        if folder not in self._folders:
+            raise KeyError(f"no folder {folder!r} for image {path.as_posix()!r} in {self.results}")
+        with self[folder] as record_folder:
+            return record_folder[path.name]
+
+    def to_dataframe(self):
+        """One row per stored image: folder, image_id, source, label, score, width, height,
+        sha256, embedding (a float32 array per row).
+
+        Returns:
+            A ``pandas.DataFrame``.
+        """
+        import pandas as pd
+
+        frames = []
+        for key in self._folders:
+            with self[key] as folder:
+                table = folder.table()
+            table["embedding"] = list(table["embedding"])
+            frame = pd.DataFrame(table)
+            frame.insert(0, "folder", key)
+            frames.append(frame)
+        columns = ["folder", "image_id", "source", "sha256", "width", "height", "label", "score"]
+        if not frames:
+            return pd.DataFrame(columns=[*columns, "embedding"])
+        return pd.concat(frames, ignore_index=True)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.results)!r}, {len(self)} folders)"
+
+
+def open_store(results: str | Path) -> Store:
+    """Open a results folder for reading.
+
+    Args:
+        results: the workflow's ``results`` folder.
+
+    Returns:
+        A :class:`Store`.
+
+    Example:
+        >>> store = open_store("results")  # doctest: +SKIP
+        >>> store["animals"]["chelsea.jpg"].label  # doctest: +SKIP
+        'tabby, tabby cat'
+    """
+    return Store(results)

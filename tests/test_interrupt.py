@@ -1,0 +1,181 @@
+"""Interrupted and concurrent runs: SIGKILL at random points, reading while the workflow writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import REPO, SNAKEMAKE, make_image, run_snakemake, write_config
+
+import snakembed
+from snakembed.reader import Folder
+
+pytestmark = pytest.mark.slow
+
+
+def _tree(root: Path, folders: int = 6, per_folder: int = 4) -> list[str]:
+    keys = [f"f{i}" if i % 2 else f"nest/f{i}" for i in range(folders)]
+    for i, key in enumerate(keys):
+        for j in range(per_folder):
+            make_image(root / key / f"{j}.jpg", size=(60 + j, 50), seed=10 * i + j)
+    return keys
+
+
+def _start(workdir: Path, configfile: Path) -> subprocess.Popen:
+    """The workflow in its own process group, so that one signal reaches all its jobs."""
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    cmd += ["--configfile", str(configfile), "--cores", "2"]
+    log = open(workdir / "run.log", "a")  # noqa: SIM115 - the child holds it
+    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+
+
+def _output(workdir: Path) -> str:
+    return (workdir / "run.log").read_text()[-5000:]
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the workflow may have just finished
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)  # let the orphaned jobs' signals land before files are inspected
+
+
+def _check_nothing_partial(results: Path) -> int:
+    """Every finished-looking file under ``results`` reads completely; returns how many."""
+    checked = 0
+    for path in results.rglob("*"):
+        if path.name.endswith(".tmp"):
+            continue  # a killed writer's temporary file: never read, removed on the next write
+        if path == results / "index.h5":
+            with h5py.File(path, "r") as index:
+                assert index.attrs["folders"]
+            checked += 1
+        elif path.suffix == ".h5":
+            with Folder(path, "x") as folder:
+                assert len(folder.ids()) == len(folder.matrix()) == folder.attrs["num_images"]
+            checked += 1
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                for name in data.files:
+                    data[name]
+            checked += 1
+    return checked
+
+
+def _matrices(results: Path) -> dict[str, bytes]:
+    store = snakembed.open_store(results)
+    out = {}
+    for key in store:
+        with store[key] as folder:
+            out[key] = folder.matrix().tobytes() + "\n".join(folder.ids()).encode()
+    return out
+
+
+def test_killed_runs_resume_to_the_same_results(tmp_path):
+    images = tmp_path / "images"
+    keys = _tree(images)
+    reference_dir, work_dir = tmp_path / "reference", tmp_path / "work"
+    for directory in (reference_dir, work_dir):
+        directory.mkdir()
+        write_config(directory / "config.yaml", images=str(images), results="results")
+    start = time.monotonic()
+    run_snakemake(reference_dir, reference_dir / "config.yaml")
+    duration = time.monotonic() - start
+    reference = _matrices(reference_dir / "results")
+    assert sorted(reference) == sorted(keys)
+
+    rng = random.Random(20261123)
+    results = work_dir / "results"
+    for _ in range(3):
+        proc = _start(work_dir, work_dir / "config.yaml")
+        time.sleep(rng.uniform(1.0, 0.8 * duration))
+        finished = proc.poll() is not None
+        assert proc.returncode in (None, 0), _output(work_dir)
+        _kill(proc)
+        _check_nothing_partial(results)
+        if finished:
+            break
+        # Snakemake keeps its lock after a SIGKILL; --unlock is the documented way on
+        run_snakemake(work_dir, work_dir / "config.yaml", "--unlock")
+
+    run_snakemake(work_dir, work_dir / "config.yaml")
+    assert _check_nothing_partial(results) >= len(keys)
+    assert not list(results.rglob("*.tmp"))
+    # bit-identical to the run that was never interrupted
+    assert _matrices(results) == reference
+
+
+def test_reading_while_the_workflow_writes(tmp_path):
+    images = tmp_path / "images"
+    keys = _tree(images, folders=6, per_folder=3)
+    config = write_config(tmp_path / "config.yaml", images=str(images), results="results")
+    results = tmp_path / "results"
+    reads = 0
+
+    def read_until(proc: subprocess.Popen) -> None:
+        nonlocal reads
+        while proc.poll() is None:
+            time.sleep(0.05)  # leave the two cores to the workflow, mostly
+            try:
+                store = snakembed.open_store(results)
+            except FileNotFoundError:
+                assert not (results / "embeddings").is_dir()
+                continue
+            for key in store:
+                with store[key] as folder:
+                    ids, matrix, table = folder.ids(), folder.matrix(), folder.table()
+                    assert len(ids) == len(matrix) == folder.attrs["num_images"]
+                    assert table["image_id"] == ids
+                    assert np.array_equal(table["embedding"], matrix)
+                    for row, image_id in enumerate(ids):
+                        assert np.array_equal(folder[image_id].embedding, matrix[row])
+                reads += 1
+
+    proc = _start(tmp_path, config)
+    read_until(proc)
+    assert proc.returncode == 0, _output(tmp_path)
+    first = _matrices(results)
+    assert sorted(first) == sorted(keys)
+    # a second run rewrites every file (new preprocessing) while the old ones are being read
+    write_config(config, images=str(images), results="results", preprocess={"resize": 72})
+    proc = _start(tmp_path, config)
+    read_until(proc)
+    assert proc.returncode == 0, _output(tmp_path)
+    assert reads > len(keys)
+    second = _matrices(results)
+    assert all(second[k] != first[k] for k in keys)
+    with h5py.File(results / "embeddings" / "f1.h5", "r") as f:
+        assert '"resize": 72' in f.attrs["preprocess"]
+
+
+def test_a_reader_keeps_its_version_while_the_file_is_replaced(workflow_run, tmp_path):
+    """A folder opened before a rewrite reads the old version whole, then the new one."""
+    import shutil
+
+    from snakembed.store import folder_file
+
+    source = folder_file(workflow_run["results"], "alpha")
+    path = tmp_path / "alpha.h5"
+    shutil.copy(source, path)
+    with Folder(path, "alpha") as old:
+        before = old.matrix()
+        replacement = tmp_path / ".alpha.h5.new"
+        with h5py.File(source, "r") as src, h5py.File(replacement, "w", libver="latest") as dst:
+            for name, value in src.attrs.items():
+                dst.attrs[name] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+            dst["_embeddings"][...] = 0
+        os.replace(replacement, path)
+        assert np.array_equal(old.matrix(), before) and before.any()
+        assert old.ids() == [v.decode() for v in h5py.File(source, "r")["_ids"][()]]
+    with Folder(path, "alpha") as new:
+        assert not new.matrix().any()

@@ -1,0 +1,214 @@
+"""A real run over a hostile tree: broken files, odd names, links. Nothing crashes or is lost."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import pytest
+import samples
+from conftest import make_image, run_snakemake, write_config
+
+import snakembed
+from snakembed.store import folder_file
+
+#: Folder names that trip shells, globs, Snakemake's wildcards and case-insensitive eyes.
+ODD_FOLDERS = [
+    "sp ace",
+    "qu'ote",
+    'dq"uote',
+    "br[ack]et",
+    "br{ace}",
+    "{folder}",
+    "st*r",
+    "qu?stion",
+    "ünï cödé",
+    "-dash",
+    "Case",
+    "case",
+    "$(touch PWNED)",
+]
+#: File names in one folder, for the same reasons.
+ODD_FILES = [
+    "{x}.jpg",
+    "-x.jpg",
+    "A.jpg",
+    "a.jpg",
+    "it's.jpg",
+    "?.png",
+    "*.png",
+    "`touch PWNED`.jpg",
+]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hostile")
+    images = base / "images"
+    mixed = images / "mixed"
+    mixed.mkdir(parents=True)
+    for name, make in samples.GOOD.items():
+        (mixed / name).write_bytes(make())
+    for name, (make, _) in samples.BAD.items():
+        (mixed / name).write_bytes(make())
+    for name in ("empty.jpg", "text.jpg", "truncated.jpg"):
+        (images / "all bad" / name).parent.mkdir(exist_ok=True)
+        (images / "all bad" / name).write_bytes(samples.BAD[name][0]())
+    for i, folder in enumerate(ODD_FOLDERS):
+        make_image(images / folder / f"{folder}.jpg", seed=i)
+    for i, name in enumerate(ODD_FILES):
+        make_image(images / "files" / name, seed=50 + i)
+    outside = base / "outside"
+    make_image(outside / "far.jpg", seed=99)
+    links = images / "links"
+    links.mkdir()
+    (links / "inside.jpg").symlink_to("../mixed/exif1.jpg")
+    (links / "outside.jpg").symlink_to(outside / "far.jpg")
+    (links / "broken.jpg").symlink_to(base / "nowhere.jpg")
+    (images / "external").symlink_to(outside, target_is_directory=True)
+    make_image(images / ".git" / "hidden.jpg")
+    config = write_config(base / "config.yaml", images=str(images), results=str(base / "results"))
+    proc = run_snakemake(base, config)
+    return {"base": base, "images": images, "results": base / "results", "proc": proc}
+
+
+def test_the_run_succeeds_and_stores_every_good_image(hostile):
+    assert hostile["proc"].returncode == 0
+    with snakembed.open_store(hostile["results"])["mixed"] as folder:
+        assert set(folder.ids()) == set(samples.GOOD)
+        for record in folder:
+            assert record.embedding.shape == (512,) and record.label
+        assert set(folder.failed) == set(samples.BAD)
+
+
+@pytest.mark.parametrize("name", sorted(samples.BAD))
+def test_each_bad_file_is_recorded_with_its_reason(hostile, name):
+    with snakembed.open_store(hostile["results"])["mixed"] as folder:
+        assert re.search(samples.BAD[name][1], folder.failed[name])
+        assert name not in folder
+    log = (hostile["results"] / "logs" / "embed" / "mixed.log").read_text()
+    assert name in log
+
+
+def test_the_stored_pixels_follow_exif_orientation(hostile):
+    with snakembed.open_store(hostile["results"])["mixed"] as folder:
+        for k in range(1, 9):
+            expected = samples.exif_expected(k)
+            record = folder[f"exif{k}.jpg"]
+            assert (record.height, record.width) == expected.shape[:2]
+
+
+def test_a_folder_where_everything_failed_still_gets_a_file(hostile):
+    results = hostile["results"]
+    with snakembed.open_store(results)["all bad"] as folder:
+        assert folder.ids() == [] and folder.matrix().shape == (0, 512)
+        assert set(folder.failed) == {"empty.jpg", "text.jpg", "truncated.jpg"}
+    with h5py.File(results / "index.h5", "r") as index:
+        assert "all bad" in index
+
+
+def test_odd_names_are_stored_under_their_own_names(hostile):
+    store = snakembed.open_store(hostile["results"])
+    for folder in ODD_FOLDERS:
+        assert store.lookup(f"{folder}/{folder}.jpg").source == f"{folder}/{folder}.jpg"
+    with store["files"] as folder:
+        assert sorted(folder.ids()) == sorted(ODD_FILES)
+        assert folder["A.jpg"].sha256 != folder["a.jpg"].sha256
+    # braces cannot be in a Snakemake path: they are escaped in the file name only
+    assert folder_file(hostile["results"], "br{ace}").name == "br%7Bace%7D.h5"
+    assert (hostile["results"] / "embeddings" / "%7Bfolder%7D.h5").is_file()
+    with h5py.File(hostile["results"] / "index.h5", "r") as index:
+        assert index["br{ace}/br{ace}.jpg/embedding"].shape == (512,)
+
+
+def test_names_never_reach_a_shell(hostile):
+    assert not list(hostile["base"].rglob("PWNED"))
+    assert not list(Path.cwd().glob("PWNED"))
+
+
+def test_links_inside_are_followed_and_links_out_are_refused(hostile):
+    store = snakembed.open_store(hostile["results"])
+    with store["links"] as folder:
+        assert folder.ids() == ["inside.jpg"]
+        assert folder["inside.jpg"].sha256 == store["mixed"]["exif1.jpg"].sha256
+        assert "follow_external_links" in folder.failed["outside.jpg"]
+        assert "broken symbolic link" in folder.failed["broken.jpg"]
+    assert "external" not in store.folders()
+    output = hostile["proc"].stdout + hostile["proc"].stderr
+    assert "not followed: external" in output
+
+
+def test_hidden_folders_are_skipped(hostile):
+    assert ".git" not in snakembed.open_store(hostile["results"]).folders()
+
+
+def test_a_changed_brace_named_image_reruns_its_folder(hostile):
+    """Images Snakemake cannot take as inputs are still tracked, by size and mtime."""
+    path = hostile["images"] / "files" / "{x}.jpg"
+    before = folder_file(hostile["results"], "files").stat().st_mtime_ns
+    make_image(path, seed=1234)
+    dry = run_snakemake(hostile["base"], hostile["base"] / "config.yaml", "--dry-run")
+    assert re.search(r"embed\s+1\b", dry.stdout), dry.stdout
+    run_snakemake(hostile["base"], hostile["base"] / "config.yaml")
+    assert folder_file(hostile["results"], "files").stat().st_mtime_ns > before
+
+
+def test_raising_the_limits_reads_what_was_refused(hostile):
+    """Runs last: `max_pixels` and `follow_external_links` from the command line."""
+    run_snakemake(
+        hostile["base"],
+        hostile["base"] / "config.yaml",
+        "--config",
+        "max_pixels=100000000",
+        "follow_external_links=true",
+    )
+    store = snakembed.open_store(hostile["results"])
+    with store["mixed"] as folder:
+        assert folder["huge.png"].width == samples.HUGE[0]
+        assert "huge.png" not in folder.failed
+        assert set(folder.failed) == set(samples.BAD) - {"huge.png"}
+    with store["links"] as folder:
+        assert folder.ids() == ["inside.jpg", "outside.jpg"]
+    assert store.lookup("external/far.jpg").sha256 == store["links"]["outside.jpg"].sha256
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("negative batch", r"config key 'batch_size': -1 is less than the minimum of 1"),
+        ("unknown head", r"config key 'classify.head': unknown head 'nope'.*pretrained"),
+        ("missing weights", r"config key 'model.weights': checkpoint .*no.pth' does not exist"),
+        ("unknown device", r"config key 'device': 'gpu' does not match"),
+        ("patch too large", r"'patches.size': 96 is larger than patches.resize \(64\)"),
+        ("no images", r"no image files .* under"),
+        ("missing root", r"image root .*nowhere' does not exist"),
+        ("results inside", r"the results folder .* lies inside the image root"),
+    ],
+)
+def test_bad_setups_stop_before_any_job(tmp_path, case, message):
+    images = tmp_path / "images"
+    make_image(images / "a" / "x.jpg")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    settings = {"images": str(images), "results": str(tmp_path / "results")}
+    settings.update(
+        {
+            "negative batch": {"batch_size": -1},
+            "unknown head": {"classify": {"head": "nope"}},
+            "missing weights": {"model": {"name": "resnet18", "weights": str(tmp_path / "no.pth")}},
+            "unknown device": {"device": "gpu"},
+            "patch too large": {
+                "patches": {"enabled": True, "resize": 64, "size": 96, "border": "drop"}
+            },
+            "no images": {"images": str(tmp_path / "empty")},
+            "missing root": {"images": str(tmp_path / "nowhere")},
+            "results inside": {"results": str(images / "results")},
+        }[case]
+    )
+    config = write_config(tmp_path / "config.yaml", **settings)
+    proc = run_snakemake(tmp_path, config, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(message, output), output[-3000:]
+    assert "Traceback" not in output
+    assert not (tmp_path / "results").exists() and not (images / "results").exists()
