@@ -11,9 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Fuzz tests: 10,000 cases each, the same ones on every run ("explore" draws new ones).
+settings.register_profile(
+    "ci",
+    max_examples=10_000,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("explore", parent=settings.get_profile("ci"), derandomize=False)
+settings.load_profile("ci")
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
 
 #: A small, fast configuration: a random ResNet-18 on 64-pixel images.

@@ -1,8 +1,8 @@
 """Fuzzing: random and mutated bytes into the image loader and the store reader.
 
 Each reader must either succeed or raise its documented error (``ImageError``; ``StoreError``
-or ``KeyError``), never crash or hang, for 10,000 cases each. The cases are derived from a
-fixed seed (``derandomize``), so CI always checks the same ones; run with
+or ``KeyError``), never crash or hang, for 10,000 cases each. The cases come from a fixed
+seed (the ``ci`` profile in ``conftest.py``), so CI always checks the same ones; run with
 ``--hypothesis-profile explore`` to try new ones.
 """
 
@@ -14,7 +14,7 @@ import signal
 import numpy as np
 import pytest
 import samples
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from snakembed.classify import Predictions
@@ -24,17 +24,6 @@ from snakembed.reader import Folder, StoreError
 from snakembed.store import write_folder
 
 pytestmark = pytest.mark.slow
-
-settings.register_profile(
-    "ci",
-    max_examples=10_000,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile("explore", parent=settings.get_profile("ci"), derandomize=False)
-settings.load_profile("ci")
 
 #: No single case may take longer than this.
 HANG_SECONDS = 10
