@@ -317,8 +317,8 @@ def embed_images(
         if good:
             vectors.append(forward(torch.stack([it["pixels"] for it in good])))
             if grid is not None:
-                patches_ = np.concatenate([it["patches"] for it in good])
-                patch_vectors.append(forward(torch.from_numpy(patches_)))
+                cut = np.concatenate([it["patches"] for it in good])
+                patch_vectors.append(forward(torch.from_numpy(cut)))
             kept.extend(
                 {k: v for k, v in it.items() if k not in ("pixels", "patches")} for it in good
             )

@@ -130,7 +130,11 @@ def discover_folders(
                 continue
             child = entry.name if key == ROOT_FOLDER else f"{key}/{entry.name}"
             if _is_dir(entry):
-                real = os.path.realpath(entry.path)
+                real = (
+                    os.path.realpath(entry.path)
+                    if entry.is_symlink()
+                    else os.path.join(above[-1], entry.name)
+                )
                 reason = _link_problem(entry, real, root_real, follow_external_links)
                 if reason is None and real in above:
                     reason = "link to a folder above it (a cycle); not followed"

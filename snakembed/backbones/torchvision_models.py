@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..images import Preprocess
 from . import (
     NO_WEIGHTS,
@@ -69,8 +71,6 @@ class TorchvisionFamily:
 
 def _cached_sha256(url: str) -> str | None:
     """The sha256 of torch hub's cached copy of a weights file, for the provenance."""
-    import os
-
     import torch
 
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
