@@ -8,6 +8,7 @@ plugins, in ``pyproject.toml``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -93,10 +94,28 @@ class Registry:
         """
         table = self._table(want=name)
         if name not in table:
-            raise PluginError(
-                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(sorted(table))}"
-            )
+            raise PluginError(f"unknown {self.kind} {name!r}; {_choices(name, self.kind, table)}")
         return table[name][1]
+
+
+def _choices(name: str, kind: str, table: dict[str, tuple[str, Any]], limit: int = 40) -> str:
+    """What exists: every name when few, else the closest names and each provider's count."""
+    known = sorted(table)
+    if len(known) <= limit:
+        return f"known {kind}s: {', '.join(known)}"
+    close = difflib.get_close_matches(name, known, n=6, cutoff=0.6)
+    by_provider: dict[str, list[str]] = {}
+    for known_name, (provider, _) in table.items():
+        by_provider.setdefault(provider, []).append(known_name)
+    parts = []
+    for provider, names in sorted(by_provider.items()):
+        names.sort()
+        if names == [provider]:
+            parts.append(provider)
+        else:
+            parts.append(f"{provider} ({len(names):,} names, {names[0]} … {names[-1]})")
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"{hint}known: {'; '.join(parts)}; `snakembed list` shows every name"
 
 
 def _is_family(obj: Any) -> bool:

@@ -134,8 +134,9 @@ def _list(args: argparse.Namespace) -> int:
     from .backbones import list_backbones
     from .heads import list_heads
 
-    print("backbones: " + ", ".join(list_backbones()))
-    print("heads: " + ", ".join(list_heads()))
+    for kind, names in (("backbones", list_backbones()), ("heads", list_heads())):
+        print(f"{kind} ({len(names)}):")
+        print("\n".join(f"  {name}" for name in names))
     return 0
 
 

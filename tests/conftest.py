@@ -86,7 +86,7 @@ def write_config(path: Path, **overrides) -> Path:
 
 
 def run_snakemake(
-    workdir: Path, configfile: Path, *extra: str, check: bool = True
+    workdir: Path, configfile: Path, *extra: str, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run the real workflow, with --configfile and --directory given explicitly."""
     cmd = [
@@ -101,7 +101,7 @@ def run_snakemake(
         "2",
         *extra,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -82,4 +82,6 @@ def test_info(workflow_run, capsys):
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "efficientnet_lite0" in out and "resnet50" in out and "pretrained" in out
+    lines = out.splitlines()
+    for name in ("efficientnet_lite0", "resnet50", "timm/convnext_tiny", "pretrained"):
+        assert f"  {name}" in lines

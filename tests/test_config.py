@@ -121,7 +121,7 @@ def test_plan_tracks_brace_names_by_size_and_mtime(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"model": {"name": "nope"}}, "'model.name': unknown backbone 'nope'.*resnet18"),
+        ({"model": {"name": "nope"}}, "'model.name': unknown backbone 'nope'.*torchvision"),
         ({"classify": {"head": "nope"}}, "'classify.head': unknown head 'nope'.*pretrained"),
         (
             {"model": {"name": "resnet18", "weights": "/no/such.pth"}},

@@ -256,7 +256,8 @@ def test_unknown_model_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
     assert "unknown backbone 'nope'" in message
-    assert "efficientnet_lite0" in message and "resnet18" in message
+    assert "efficientnet_lite0" in message and "torchvision (80 names" in message
+    assert "timm (" in message and "snakembed list" in message
     assert not (tmp_path / "results").exists()
 
 
