@@ -49,7 +49,9 @@ def _coerce_words(schema: dict, instance: dict) -> None:
     turn such strings into the boolean, null or number that the schema asks for."""
     for key, sub in schema.get("properties", {}).items():
         value = instance.get(key)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "properties" not in sub:
+            instance[key] = {k: _scalar(v) for k, v in value.items()}  # free-form (kwargs)
+        elif isinstance(value, dict):
             _coerce_words(sub, value)
         elif isinstance(value, str):
             instance[key] = _from_word(value, sub)
@@ -57,6 +59,17 @@ def _coerce_words(schema: dict, instance: dict) -> None:
             instance[key] = [
                 _from_word(v, sub["items"]) if isinstance(v, str) else v for v in value
             ]
+
+
+def _scalar(value):
+    """A string that YAML reads as a number, boolean or null becomes one; anything else stays."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, int | float | bool) or parsed is None else value
 
 
 def _from_word(value: str, schema: dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import save_npz
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, backbone_from_config
 from .config import numbers_fingerprint
 from .images import ImageError, Preprocess, read_image
 from .patches import PatchGrid
@@ -80,8 +80,7 @@ def resolve_device(name: str = "auto"):
 
 def load_backbone(config: dict) -> Backbone:
     """The backbone of a validated config, with the config's preprocessing overrides applied."""
-    model = config["model"]
-    backbone = create_backbone(model["name"], model["weights"], model["layer"])
+    backbone = backbone_from_config(config["model"])
     backbone.preprocess = backbone.preprocess.override(config["preprocess"])
     return backbone
 

@@ -136,6 +136,9 @@ def plan_run(config: dict) -> Plan:
 
 
 def _check_plugins(config: dict) -> None:
+    model = config["model"]
+    if model["name"] == "custom" or model["module"]:
+        _check_custom(model)
     for registry, name, key in (
         (BACKBONES, config["model"]["name"], "model.name"),
         (HEADS, config["classify"]["head"], "classify.head"),
@@ -146,6 +149,25 @@ def _check_plugins(config: dict) -> None:
             registry.factory(name)
         except LookupError as exc:
             raise ConfigError(f"config key {key!r}: {exc}") from None
+
+
+def _check_custom(model: dict) -> None:
+    from .backbones.custom import import_object
+
+    if model["name"] != "custom":
+        raise ConfigError(
+            f"config key 'model.module': {model['module']!r} is only used with name: custom; "
+            f"remove it, or set model.name to custom"
+        )
+    if not model["module"]:
+        raise ConfigError(
+            "config key 'model.module': name: custom needs your network's class or factory, "
+            "as `package.module:Name`"
+        )
+    try:
+        import_object(model["module"])
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.module': {exc}") from None
 
 
 def _check_sizes(config: dict) -> None:

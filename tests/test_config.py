@@ -30,6 +30,8 @@ def test_defaults_fill_an_empty_config():
     assert config["model"] == {
         "name": "efficientnet_lite0",
         "weights": "default",
+        "module": None,
+        "kwargs": {},
         "layer": "pre_logits",
     }
     assert config["images"] == "demo/images" and config["classify"]["head"] == "pretrained"
@@ -73,8 +75,10 @@ def test_command_line_words_become_the_types_the_schema_asks_for():
             "patches": {"enabled": "True", "size": "32"},
             "preprocess": {"mean": ["0.1", "0.2", "0.3"]},
             "classify": {"head": "none"},
+            "model": {"kwargs": {"width": "64", "bias": "false", "act": "relu", "p": "0.5"}},
         }
     )
+    assert config["model"]["kwargs"] == {"width": 64, "bias": False, "act": "relu", "p": 0.5}
     assert config["follow_external_links"] is True and config["max_pixels"] is None
     assert config["patches"]["enabled"] is True and config["patches"]["size"] == 32
     assert config["preprocess"]["mean"] == [0.1, 0.2, 0.3]

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Backbone",
     "WeightsError",
+    "backbone_from_config",
     "create_backbone",
     "from_classifier",
     "list_backbones",
@@ -132,7 +133,7 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(
-    name: str, weights: str | None = "default", layer: str = "pre_logits"
+    name: str, weights: str | None = "default", layer: str = "pre_logits", **options
 ) -> Backbone:
     """Build a registered backbone.
 
@@ -140,6 +141,7 @@ def create_backbone(
         name: a name from :func:`list_backbones`.
         weights: ``default``, a named weights set, a local checkpoint path, or ``none``.
         layer: where the embedding is taken (``pre_logits``).
+        options: what a plugin takes beyond these (``custom``: ``module``, ``kwargs``).
 
     Returns:
         The backbone, in eval mode on the CPU.
@@ -153,11 +155,19 @@ def create_backbone(
         512
     """
     factory = BACKBONES.factory(name)
-    backbone = factory(weights=weights, layer=layer)
+    backbone = factory(weights=weights, layer=layer, **options)
     backbone.model.eval()
     if backbone.classifier is not None:
         backbone.classifier.eval()
     return backbone
+
+
+def backbone_from_config(model: dict) -> Backbone:
+    """The backbone of a config's ``model:`` block (``module`` and ``kwargs`` for ``custom``)."""
+    options = {}
+    if model.get("module"):
+        options = {"module": model["module"], "kwargs": model.get("kwargs") or {}}
+    return create_backbone(model["name"], model["weights"], model["layer"], **options)
 
 
 def is_local_weights(weights: str | None) -> bool:

@@ -26,10 +26,9 @@ def pretrained(config: dict, backbone: Backbone | None = None) -> LinearHead:
         'tabby, tabby cat'
     """
     if backbone is None:
-        from ..backbones import create_backbone
+        from ..backbones import backbone_from_config
 
-        model = config["model"]
-        backbone = create_backbone(model["name"], model["weights"], model["layer"])
+        backbone = backbone_from_config(config["model"])
     if backbone.classifier is None or not backbone.categories:
         raise ValueError(
             f"model {backbone.name!r} has no classifier of its own; "

@@ -1,0 +1,83 @@
+"""A user's own network: ``model: {name: custom, module: "mypkg.nets:MyCNN", kwargs: {...}}``."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..images import Preprocess
+from . import NO_WEIGHTS, Backbone, from_classifier, load_weights
+
+__all__ = ["custom", "import_object"]
+
+#: ImageNet's statistics and the usual 256/224 resize and crop: override them in ``preprocess:``.
+DEFAULT_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def import_object(path: str):
+    """The class or function at ``package.module:Name``.
+
+    Raises:
+        ValueError: naming the problem and the fix (a bad form, a module that cannot be
+            imported, a name the module does not have, listing the classes and functions it has).
+
+    Example:
+        >>> import_object("torch.nn:Linear").__name__
+        'Linear'
+    """
+    module_name, sep, attr = str(path).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{path!r} is not of the form `package.module:Name`")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way
+        raise ValueError(
+            f"cannot import {module_name!r} ({type(exc).__name__}: {exc}); install the package "
+            "that holds it or put its folder on PYTHONPATH"
+        ) from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and n[0] != "_")
+            raise ValueError(
+                f"{module_name!r} has no {attr!r}; its classes and functions: {', '.join(names)}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{path!r} is not a class or function")
+    return obj
+
+
+def custom(
+    weights: str | None = "default",
+    layer: str = "pre_logits",
+    module: str | None = None,
+    kwargs: dict | None = None,
+) -> Backbone:
+    """A network built by ``module`` (a class or factory) with ``kwargs``.
+
+    Args:
+        weights: ``default`` (whatever the class or factory sets up itself), a checkpoint path,
+            or ``none`` (the same as ``default``, with a fixed seed).
+        layer: ``pre_logits``: the input of the network's final linear layer.
+        module: ``package.module:Name``.
+        kwargs: keyword arguments for it.
+
+    Example:
+        >>> custom(module="torchvision.models:resnet18", kwargs={"num_classes": 3}).embedding_dim
+        512
+    """
+    import torch
+
+    if not module:
+        raise ValueError("name: custom needs model.module, as `package.module:Name`")
+    factory = import_object(module)
+    torch.manual_seed(0)  # the same initialisation in every process
+    model = factory(**(kwargs or {}))
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{module!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    sha, label = None, "none" if weights in NO_WEIGHTS else "default"
+    if weights not in (*NO_WEIGHTS, "default"):
+        sha, label = load_weights(model, weights), str(weights)
+    return from_classifier(
+        f"custom:{module}", model, DEFAULT_PREPROCESS, label, weights_sha256=sha, layer=layer
+    )
