@@ -9,11 +9,12 @@ plugins, in ``pyproject.toml``.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["Registry", "PluginError"]
+__all__ = ["Registry", "PluginError", "import_object"]
 
 
 class PluginError(LookupError):
@@ -127,3 +128,37 @@ def _bind(create: Callable[..., Any], name: str) -> Callable[..., Any]:
         return create(name, **kwargs)
 
     return factory
+
+
+def import_object(path: str):
+    """The class or function at ``package.module:Name``.
+
+    Raises:
+        ValueError: naming the problem and the fix (a bad form, a module that cannot be
+            imported, a name the module does not have, listing the classes and functions it has).
+
+    Example:
+        >>> import_object("torch.nn:Linear").__name__
+        'Linear'
+    """
+    module_name, sep, attr = str(path).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{path!r} is not of the form `package.module:Name`")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way
+        raise ValueError(
+            f"cannot import {module_name!r} ({type(exc).__name__}: {exc}); install the package "
+            "that holds it or put its folder on PYTHONPATH"
+        ) from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and n[0] != "_")
+            raise ValueError(
+                f"{module_name!r} has no {attr!r}; its classes and functions: {', '.join(names)}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{path!r} is not a class or function")
+    return obj

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._registry import import_object
 from .backbones import BACKBONES, WeightsError, is_local_weights
 from .config import ConfigError, numbers_fingerprint, validate_config
 from .heads import HEADS
@@ -152,8 +153,6 @@ def _check_plugins(config: dict) -> None:
 
 
 def _check_custom(model: dict) -> None:
-    from .backbones.custom import import_object
-
     if model["name"] != "custom":
         raise ConfigError(
             f"config key 'model.module': {model['module']!r} is only used with name: custom; "

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-
+from .._registry import import_object
 from ..images import Preprocess
 from . import NO_WEIGHTS, Backbone, from_classifier, load_weights
 
-__all__ = ["custom", "import_object"]
+__all__ = ["custom"]
 
 #: ImageNet's statistics and the usual 256/224 resize and crop: override them in ``preprocess:``.
 DEFAULT_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def import_object(path: str):
-    """The class or function at ``package.module:Name``.
-
-    Raises:
-        ValueError: naming the problem and the fix (a bad form, a module that cannot be
-            imported, a name the module does not have, listing the classes and functions it has).
-
-    Example:
-        >>> import_object("torch.nn:Linear").__name__
-        'Linear'
-    """
-    module_name, sep, attr = str(path).partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{path!r} is not of the form `package.module:Name`")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - the user's module may fail in any way
-        raise ValueError(
-            f"cannot import {module_name!r} ({type(exc).__name__}: {exc}); install the package "
-            "that holds it or put its folder on PYTHONPATH"
-        ) from exc
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            names = sorted(n for n, v in vars(module).items() if callable(v) and n[0] != "_")
-            raise ValueError(
-                f"{module_name!r} has no {attr!r}; its classes and functions: {', '.join(names)}"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{path!r} is not a class or function")
-    return obj
 
 
 def custom(

@@ -6,8 +6,8 @@ are timm's ``efficientnet_lite0`` tensors under other names: it works offline.
 
 from __future__ import annotations
 
-from ..images import Preprocess
-from . import NO_WEIGHTS, Backbone, WeightsError, from_classifier, is_local_weights, load_weights
+from . import NO_WEIGHTS, Backbone, WeightsError, is_local_weights, load_weights
+from .timm_models import from_timm
 
 __all__ = ["efficientnet_lite0", "packaged_weights_path"]
 
@@ -33,7 +33,6 @@ def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits
     """
     import timm
     import torch
-    from timm.data import ImageNetInfo
 
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_lite0", pretrained=False)
@@ -49,26 +48,7 @@ def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits
                 "checkpoint path"
             )
         sha = load_weights(model, path, adapt=_rename_by_order)
-    cfg = model.pretrained_cfg
-    crop = cfg["input_size"][-1]
-    preprocess = Preprocess(
-        resize=int(crop / cfg["crop_pct"]),
-        crop=crop,
-        mean=cfg["mean"],
-        std=cfg["std"],
-        interpolation=cfg["interpolation"],
-    )
-    info = ImageNetInfo()
-    categories = [info.index_to_description(i) for i in range(cfg["num_classes"])]
-    return from_classifier(
-        "efficientnet_lite0",
-        model,
-        preprocess,
-        label,
-        weights_sha256=sha,
-        categories=categories,
-        layer=layer,
-    )
+    return from_timm("efficientnet_lite0", model, label, sha, layer)
 
 
 def _rename_by_order(model, state: dict) -> dict:

@@ -15,7 +15,7 @@ from . import (
     load_weights,
 )
 
-__all__ = ["FAMILY", "PREFIX", "TimmFamily"]
+__all__ = ["FAMILY", "PREFIX", "TimmFamily", "from_timm", "timm_categories", "timm_preprocess"]
 
 #: What every timm backbone name starts with.
 PREFIX = "timm/"
@@ -63,29 +63,41 @@ class TimmFamily:
                     "cached in HF_HOME) or set model.weights to a local checkpoint file"
                 ) from exc
             label = model.pretrained_cfg.get("tag") or weights
-        config = timm.data.resolve_data_config(model=model)
-        crop = int(config["input_size"][-1])
-        preprocess = Preprocess(
-            resize=int(crop / config["crop_pct"]),
-            crop=crop,
-            mean=config["mean"],
-            std=config["std"],
-            interpolation=config["interpolation"]
-            if config["interpolation"] in ("nearest", "bilinear", "bicubic", "lanczos")
-            else "bicubic",
-        )
-        return from_classifier(
-            name,
-            model,
-            preprocess,
-            label,
-            weights_sha256=sha,
-            categories=_categories(model),
-            layer=layer,
-        )
+        return from_timm(name, model, label, sha, layer)
 
 
-def _categories(model) -> list[str] | None:
+def from_timm(name: str, model, weights: str, sha: str | None, layer: str) -> Backbone:
+    """A backbone from a timm classifier, with timm's preprocessing and class names."""
+    return from_classifier(
+        name,
+        model,
+        timm_preprocess(model),
+        weights,
+        weights_sha256=sha,
+        categories=timm_categories(model),
+        layer=layer,
+    )
+
+
+def timm_preprocess(model) -> Preprocess:
+    """What a timm model's pretrained config asks for: resize, crop, mean, std, filter."""
+    import timm
+
+    config = timm.data.resolve_data_config(model=model)
+    crop = int(config["input_size"][-1])
+    interpolation = config["interpolation"]
+    return Preprocess(
+        resize=int(crop / config["crop_pct"]),
+        crop=crop,
+        mean=config["mean"],
+        std=config["std"],
+        interpolation=interpolation
+        if interpolation in ("nearest", "bilinear", "bicubic", "lanczos")
+        else "bicubic",
+    )
+
+
+def timm_categories(model) -> list[str] | None:
     """ImageNet class names when the model's classes are an ImageNet subset timm knows."""
     from timm.data import ImageNetInfo, infer_imagenet_subset
 

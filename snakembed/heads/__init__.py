@@ -8,7 +8,6 @@ file (:func:`load_head`), so classifying a folder needs neither torch nor the ba
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
@@ -16,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .._files import save_npz
-from .._registry import Registry
+from .._registry import Registry, import_object
 
 __all__ = ["Head", "HEADS", "create_head", "list_heads", "load_head", "save_head", "top_k"]
 
@@ -96,16 +95,14 @@ def load_head(path: str | Path) -> Head:
             f"{path} is not a snakembed head file ({type(exc).__name__}: {exc}); delete it and "
             "run the workflow again to rebuild it"
         ) from exc
-    module, _, name = class_path.partition(":")
+    module = class_path.partition(":")[0]
     allowed = {"snakembed"} | {ep.module.split(".")[0] for ep in entry_points(group=HEADS.group)}
     if module.split(".")[0] not in allowed:
         raise ValueError(
             f"{path} names the class {class_path!r}, which is not from snakembed or a package "
             f"that registers heads ({', '.join(sorted(allowed))}); refusing to import it"
         )
-    cls = importlib.import_module(module)
-    for part in name.split("."):
-        cls = getattr(cls, part)
+    cls = import_object(class_path)
     if not isinstance(cls, type) or not hasattr(cls, "from_arrays"):
         raise ValueError(f"{path} names {class_path!r}, which is not a head class")
     return cls.from_arrays(arrays)
