@@ -7,7 +7,9 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/weights.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/classify.smk"
 include: "workflow/rules/store.smk"
 include: "workflow/rules/index.smk"

@@ -30,7 +30,7 @@ class Registry:
 
     Example:
         >>> Registry("snakembed.heads", "head").names()
-        ['pretrained']
+        ['knn', 'linear', 'pretrained']
     """
 
     def __init__(self, group: str, kind: str) -> None:

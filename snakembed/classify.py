@@ -10,7 +10,7 @@ import numpy as np
 
 from ._files import save_npz
 from .embed import load_embeddings
-from .heads import Head, create_head, load_head, save_head, top_k
+from .heads import Head, as_vectors, create_head, load_head, save_head, top_k
 
 __all__ = [
     "Predictions",
@@ -45,6 +45,9 @@ class Predictions:
 def predict(head: Head, head_name: str, ids: list[str], vectors: np.ndarray, k: int) -> Predictions:
     """Apply ``head`` to embeddings and keep the ``k`` best labels of each.
 
+    Embeddings stored as maps (``pool: none``, ``[N, H*W, D]``) are classified by their mean
+    vector.
+
     Example:
         >>> # p = predict(create_head("pretrained", cfg), "pretrained", ids, vectors, 5)
     """
@@ -52,7 +55,7 @@ def predict(head: Head, head_name: str, ids: list[str], vectors: np.ndarray, k: 
     if len(ids) == 0:
         empty = np.zeros((0, k))
         return Predictions(list(ids), empty.astype(str), empty.astype(np.float32), head_name)
-    labels, scores = top_k(head.predict(vectors), head.categories, k)
+    labels, scores = top_k(head.predict(as_vectors(vectors)), head.categories, k)
     return Predictions(list(ids), labels, scores, head_name)
 
 

@@ -31,10 +31,20 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = images_command("predict", "Print the most likely labels of images.")
     predict.add_argument("--topk", type=int, help="how many labels per image (default: config)")
+    predict.add_argument(
+        "--head",
+        metavar="FILE",
+        help="a head file the workflow saved (results/heads/linear/head.npz); default: the "
+        "model's own classifier",
+    )
     images_command("embed", "Print the embedding vectors of images.")
     info = sub.add_parser("info", help="Summarise a results folder.")
     info.add_argument("results", metavar="RESULTS", help="the workflow's results folder")
     sub.add_parser("list", help="List the installed backbones and heads.")
+    layers = sub.add_parser(
+        "layers", help="List the layers of a backbone, as `model.layer` names them."
+    )
+    layers.add_argument("name", metavar="NAME", help="a backbone name (`snakembed list`)")
     return parser
 
 
@@ -67,15 +77,25 @@ def _report_failures(result, as_json: bool) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from .classify import predict
-    from .heads import create_head
+    from .heads import create_head, load_head, needs_labels
     from .heads.pretrained import pretrained
 
     config = _config(args)
     name = config["classify"]["head"]
     if name == "none":
         name = "pretrained"
+    if args.head:
+        name = str(args.head)
+    elif needs_labels(name):
+        raise ValueError(
+            f"head {name!r} is trained by the workflow; pass its file, for example "
+            f"--head {config['results']}/heads/{name}/head.npz"
+        )
     backbone, result = _embed(args, config)
-    head = pretrained(config, backbone) if name == "pretrained" else create_head(name, config)
+    if args.head:
+        head = load_head(args.head)
+    else:
+        head = pretrained(config, backbone) if name == "pretrained" else create_head(name, config)
     predictions = predict(head, name, result.ids, result.vectors, config["classify"]["topk"])
     for i, image in enumerate(predictions.ids):
         topk = [
@@ -97,7 +117,7 @@ def _embed_command(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"image": image, "embedding": vector.tolist()}))
         else:
-            print(image + "\t" + " ".join(repr(float(v)) for v in vector))
+            print(image + "\t" + " ".join(repr(float(v)) for v in vector.reshape(-1)))
     return _report_failures(result, args.json)
 
 
@@ -120,8 +140,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"folders: {len(store)}, images: {total}, failed: {failed}")
     if attrs:
         print(
-            f"model: {attrs['model']} ({attrs['weights']}), layer {attrs['layer']}, "
-            f"{attrs['embedding_dim']}-d; classify: {attrs['classify']}"
+            f"model: {attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
+            f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d; "
+            f"classify: {attrs['classify']}"
         )
     print("\n".join(lines))
     for key in store:
@@ -137,6 +158,16 @@ def _list(args: argparse.Namespace) -> int:
     for kind, names in (("backbones", list_backbones()), ("heads", list_heads())):
         print(f"{kind} ({len(names)}):")
         print("\n".join(f"  {name}" for name in names))
+    return 0
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from .backbones import create_backbone
+    from .backbones.layers import layer_names
+
+    backbone = create_backbone(args.name, weights="none")
+    print("pre_logits")
+    print("\n".join(layer_names(backbone.model)))
     return 0
 
 
@@ -156,7 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="snakembed: %(message)s")
-    commands = {"predict": _predict, "embed": _embed_command, "info": _info, "list": _list}
+    commands = {
+        "predict": _predict,
+        "embed": _embed_command,
+        "info": _info,
+        "list": _list,
+        "layers": _layers,
+    }
     try:
         return commands[args.command](args)
     except (ConfigError, WeightsError, LookupError, FileNotFoundError, ValueError) as exc:

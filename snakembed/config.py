@@ -143,8 +143,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         The complete configuration.
 
     Example:
-        >>> load_config(overrides={"classify": {"topk": 3}})["classify"]
-        {'topk': 3, 'head': 'pretrained'}
+        >>> load_config(overrides={"classify": {"topk": 3}})["classify"]["topk"]
+        3
     """
     config: dict = {}
     if path is not None:

@@ -24,6 +24,8 @@ from .patches import PatchGrid
 
 __all__ = [
     "Embeddings",
+    "autocast",
+    "log_to_stderr",
     "embed_folder",
     "embed_images",
     "load_backbone",
@@ -85,7 +87,8 @@ def load_backbone(config: dict) -> Backbone:
     return backbone
 
 
-def _autocast(device, precision: str):
+def autocast(device, precision: str):
+    """The autocast context of a config's ``precision`` (``auto``: bf16 on a GPU, else fp32)."""
     import torch
 
     if precision == "auto":
@@ -217,7 +220,7 @@ class _Forward:
         pixels = pixels.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), _autocast(self.device, self.precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             out = self.model(self.preprocess.normalize(pixels))
         return out.float().cpu().numpy()
 
@@ -323,14 +326,14 @@ def embed_images(
             )
         progress.update(len(batch))
 
-    dim = backbone.embedding_dim
+    empty = np.zeros((0, *_row_shape(backbone)), np.float32)
     result = Embeddings(
         ids=[ids[it["index"]] for it in kept],
         sources=[sources[it["index"]] for it in kept],
         sha256=[it["sha256"] for it in kept],
         width=np.array([it["width"] for it in kept], np.int64),
         height=np.array([it["height"] for it in kept], np.int64),
-        vectors=np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+        vectors=np.concatenate(vectors) if vectors else empty,
         failed=failed,
         meta=_meta(backbone, config),
     )
@@ -339,10 +342,14 @@ def embed_images(
         result.patch_boxes = (
             np.concatenate([it["boxes"] for it in kept]) if kept else np.zeros((0, 4), np.int64)
         )
-        result.patch_vectors = (
-            np.concatenate(patch_vectors) if patch_vectors else np.zeros((0, dim), np.float32)
-        )
+        result.patch_vectors = np.concatenate(patch_vectors) if patch_vectors else empty
     return result
+
+
+def _row_shape(backbone: Backbone) -> tuple[int, ...]:
+    """The shape of one image's embedding: ``[D]``, or ``[positions, D]`` with ``pool: none``
+    (positions unknown without an image: 0)."""
+    return (0, backbone.embedding_dim) if backbone.pool == "none" else (backbone.embedding_dim,)
 
 
 def _meta(backbone: Backbone, config: dict) -> dict:
@@ -352,6 +359,7 @@ def _meta(backbone: Backbone, config: dict) -> dict:
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256 or "",
         "layer": backbone.layer,
+        "pool": backbone.pool,
         "embedding_dim": backbone.embedding_dim,
         "preprocess": backbone.preprocess.to_dict(),
         "patches": {k: v for k, v in patches.items() if k != "enabled"}
@@ -416,7 +424,7 @@ def embed_folder(
     Returns:
         The folder's embeddings.
     """
-    _log_to_stderr()
+    log_to_stderr()
     refused = dict(refused or {})
     readable = [name for name in names if name not in refused]
     directory = Path(images_root) / folder
@@ -445,7 +453,8 @@ def embed_folder(
     return result
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
+    """Send snakembed's progress lines to stderr (a rule's log file)."""
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -7,14 +7,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._registry import import_object
-from .backbones import BACKBONES, WeightsError, is_local_weights
+from .backbones import (
+    BACKBONES,
+    PRE_LOGITS,
+    LayerError,
+    WeightsError,
+    backbone_from_config,
+    is_local_weights,
+)
 from .config import ConfigError, numbers_fingerprint, validate_config
-from .heads import HEADS
+from .heads import HEADS, needs_labels
 from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
+from .labels import LabelError, Labelled, labels_from_config
 from .store import folder_stem
 
+#: Where the finetune rule writes its checkpoint, under the results folder.
+FINETUNE_CHECKPOINT = "finetune/checkpoint.safetensors"
+
 # The errors are re-exported so that callers can catch every planning error from here.
-__all__ = ["ConfigError", "DiscoveryError", "Plan", "WeightsError", "plan_run"]
+__all__ = [
+    "FINETUNE_CHECKPOINT",
+    "ConfigError",
+    "DiscoveryError",
+    "Plan",
+    "WeightsError",
+    "plan_run",
+]
 
 
 @dataclass
@@ -28,6 +46,7 @@ class Plan:
         stems: ``{file stem: folder key}`` (the ``{folder}`` wildcard's values).
         weights_file: the local checkpoint, when ``model.weights`` is one.
         numbers: everything that changes the embeddings (see ``numbers_fingerprint``).
+        labelled: the labelled images of ``classify.labels``, when set.
     """
 
     images: Path
@@ -36,6 +55,7 @@ class Plan:
     stems: dict[str, str]
     weights_file: str | None
     numbers: dict
+    labelled: Labelled | None = None
 
     @property
     def folders(self) -> dict[str, list[str]]:
@@ -48,21 +68,24 @@ class Plan:
         Snakemake reads ``{name}`` in a path as a wildcard, so files whose path holds a brace
         are tracked by :meth:`untracked` instead; refused files are not read at all.
         """
-        paths = (self._path(folder, name) for name in self.discovery.readable(folder))
-        return [p for p in paths if not _has_brace(p)]
+        return _trackable(self._path(folder, n) for n in self.discovery.readable(folder))
 
     def untracked(self, folder: str) -> dict[str, list[int]]:
         """``{name: [size, mtime in ns]}`` of the readable files that :meth:`inputs` leaves out.
 
         Passed as a rule parameter, so that a change to one of them still reruns its folder.
         """
-        out = {}
-        for name in self.discovery.readable(folder):
-            path = self._path(folder, name)
-            if _has_brace(path):
-                stat = os.stat(path)
-                out[name] = [stat.st_size, stat.st_mtime_ns]
-        return out
+        names = self.discovery.readable(folder)
+        return _untrackable({name: self._path(folder, name) for name in names})
+
+    def labelled_inputs(self) -> list[str]:
+        """The labelled images that Snakemake tracks as inputs (see :meth:`inputs`)."""
+        return _trackable(str(p) for p in self.labelled.paths) if self.labelled else []
+
+    def labelled_untracked(self) -> dict[str, list[int]]:
+        """``{path: [size, mtime in ns]}`` of labelled images with a brace in their path."""
+        paths = self.labelled.paths if self.labelled else []
+        return _untrackable({str(p): str(p) for p in paths})
 
     def refused(self, folder: str) -> dict[str, str]:
         """``{name: reason}`` of the folder's files that will not be read."""
@@ -83,6 +106,19 @@ def _has_brace(path: str) -> bool:
     return "{" in path or "}" in path
 
 
+def _trackable(paths) -> list[str]:
+    return [p for p in paths if not _has_brace(p)]
+
+
+def _untrackable(paths: dict[str, str]) -> dict[str, list[int]]:
+    out = {}
+    for key, path in paths.items():
+        if _has_brace(path):
+            stat = os.stat(path)
+            out[key] = [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
 def plan_run(config: dict) -> Plan:
     """Validate ``config``, discover the image folders and check the named plugins.
 
@@ -98,21 +134,16 @@ def plan_run(config: dict) -> Plan:
     """
     validate_config(config)
     _check_plugins(config)
+    _check_model(config)
     _check_sizes(config)
     if _has_brace(config["results"]):
         raise ConfigError(
             f"config key 'results': {config['results']!r} holds a brace, which Snakemake reads "
             "as a wildcard; choose a results folder without { or }"
         )
-    weights_file = None
-    model = config["model"]
-    if is_local_weights(model["weights"]):
-        weights_file = model["weights"]
-        if not Path(weights_file).is_file():
-            raise ConfigError(
-                f"config key 'model.weights': checkpoint {weights_file!r} does not exist; give an "
-                "existing file, a weights name, `default` or `none`"
-            )
+    weights_file = (
+        config["model"]["weights"] if is_local_weights(config["model"]["weights"]) else None
+    )
     discovery = discover_folders(
         config["images"],
         config["extensions"],
@@ -133,7 +164,24 @@ def plan_run(config: dict) -> Plan:
         stems=stems,
         weights_file=weights_file,
         numbers=numbers_fingerprint(config),
+        labelled=_labelled(config),
     )
+
+
+def _labelled(config: dict) -> Labelled | None:
+    settings = config["classify"]
+    if settings["labels"] is None:
+        if needs_labels(settings["head"]):
+            raise ConfigError(
+                f"config key 'classify.labels': head {settings['head']!r} is trained on labelled "
+                "images; set classify.labels to a CSV of path,label rows or to a folder with "
+                "train/ and val/ class folders"
+            )
+        return None
+    try:
+        return labels_from_config(config)
+    except LabelError as exc:
+        raise ConfigError(f"config key 'classify.labels': {exc}") from None
 
 
 def _check_plugins(config: dict) -> None:
@@ -150,6 +198,45 @@ def _check_plugins(config: dict) -> None:
             registry.factory(name)
         except LookupError as exc:
             raise ConfigError(f"config key {key!r}: {exc}") from None
+
+
+def _check_model(config: dict) -> None:
+    """Build the network on the CPU when a job could otherwise fail on it: a local checkpoint
+    (does it fit?), a layer other than pre_logits (does it exist?), or another pooling."""
+    model = config["model"]
+    head = config["classify"]["head"]
+    if model["layer"] != PRE_LOGITS and head == "pretrained":
+        raise ConfigError(
+            f"config key 'classify.head': the pretrained head classifies pre_logits features, "
+            f"not layer {model['layer']!r}; set classify.head to linear, knn or none"
+        )
+    local = is_local_weights(model["weights"])
+    if (
+        local
+        and _is_finetune_output(model["weights"], config)
+        and not Path(model["weights"]).is_file()
+    ):
+        return  # the finetune rule writes it first
+    if local and not Path(model["weights"]).is_file():
+        raise ConfigError(
+            f"config key 'model.weights': checkpoint {model['weights']!r} does not exist; give an "
+            "existing file, a weights name, `default` or `none`"
+        )
+    if not local and model["layer"] == PRE_LOGITS and model["pool"] == "avg":
+        return  # nothing a job could trip on that is not checked already; stay fast
+    try:
+        backbone_from_config({**model, "weights": model["weights"] if local else "none"})
+    except LayerError as exc:
+        key = "model.pool" if model["layer"] == PRE_LOGITS else "model.layer"
+        raise ConfigError(f"config key {key!r}: {exc}") from None
+    except WeightsError as exc:
+        raise ConfigError(f"config key 'model.weights': {exc}") from None
+
+
+def _is_finetune_output(weights: str, config: dict) -> bool:
+    """Whether ``weights`` is the checkpoint that the finetune rule writes."""
+    output = Path(config["results"]) / FINETUNE_CHECKPOINT
+    return os.path.normpath(weights) == os.path.normpath(output)
 
 
 def _check_custom(model: dict) -> None:

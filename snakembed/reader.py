@@ -119,7 +119,7 @@ class Folder:
                 f"reads ({FORMAT_VERSION}); upgrade snakembed"
             )
         n = len(f["_ids"])
-        if f["_embeddings"].ndim != 2 or any(len(f[name]) != n for name in _REQUIRED):
+        if f["_embeddings"].ndim not in (2, 3) or any(len(f[name]) != n for name in _REQUIRED):
             raise StoreError(f"{self.path} has bulk datasets of different lengths; rebuild it")
 
     def close(self) -> None:
@@ -159,7 +159,8 @@ class Folder:
             return _texts(self._file["_ids"])
 
     def matrix(self) -> np.ndarray:
-        """All embeddings as one float32 ``[N, D]`` array, rows in :meth:`ids` order."""
+        """All embeddings as one float32 array, rows in :meth:`ids` order: ``[N, D]``, or
+        ``[N, H*W, D]`` for a layer stored with ``pool: none``."""
         with _reading(self.path):
             return np.asarray(self._file["_embeddings"][()], np.float32)
 

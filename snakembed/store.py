@@ -1,11 +1,12 @@
 """Writing the HDF5 results: one file per image folder and an index of external links.
 
-A folder file holds a group per embedded image (``f[image_id]["embedding"]``, attributes
+A folder file holds a group per embedded image (``f[image_id]["embedding"]``: ``[D]``, or
+``[H*W, D]`` with ``pool: none``; attributes
 ``label``, ``score``, ``source``, ``width``, ``height``, ``sha256``), provenance in root
-attributes, and bulk datasets whose names start with ``_`` (``_embeddings`` ``[N, D]`` in
-``_ids`` order) for fast reading. Image ids always end in an image extension, so they never
-clash with those names. Every file is written under a temporary name and renamed, so readers
-never see a half-written file. :mod:`snakembed.reader` reads them.
+attributes, and bulk datasets whose names start with ``_`` (``_embeddings`` ``[N, D]`` or
+``[N, H*W, D]`` in ``_ids`` order) for fast reading. Image ids always end in an image
+extension, so they never clash with those names. Every file is written under a temporary name
+and renamed, so readers never see a half-written file. :mod:`snakembed.reader` reads them.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def write_folder(
             "weights": meta["weights"],
             "weights_sha256": meta["weights_sha256"],
             "layer": meta["layer"],
+            "pool": meta["pool"],
             "embedding_dim": int(meta["embedding_dim"]),
             "preprocess": json.dumps(meta["preprocess"]),
             "patches": json.dumps(meta["patches"]),

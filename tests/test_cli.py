@@ -85,3 +85,13 @@ def test_list(capsys):
     lines = out.splitlines()
     for name in ("efficientnet_lite0", "resnet50", "timm/convnext_tiny", "pretrained"):
         assert f"  {name}" in lines
+
+
+def test_layers_lists_what_model_layer_accepts(capsys):
+    from snakembed.backbones import create_backbone
+
+    assert main(["layers", "mobilenet_v3_small"]) == 0
+    names = capsys.readouterr().out.splitlines()
+    assert names[0] == "pre_logits" and "features.5" in names and "x" not in names
+    for name in (names[1], names[len(names) // 2], "features.5"):  # every one is usable
+        assert create_backbone("mobilenet_v3_small", "none", name).embedding_dim > 0

@@ -33,6 +33,7 @@ def test_defaults_fill_an_empty_config():
         "module": None,
         "kwargs": {},
         "layer": "pre_logits",
+        "pool": "avg",
     }
     assert config["images"] == "demo/images" and config["classify"]["head"] == "pretrained"
 

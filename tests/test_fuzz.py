@@ -113,6 +113,7 @@ def _folder_file_bytes(tmp_path_factory) -> bytes:
             "weights": "none",
             "weights_sha256": "",
             "layer": "pre_logits",
+            "pool": "avg",
             "embedding_dim": 8,
             "preprocess": {"resize": 8},
             "patches": {"size": 4},

@@ -26,7 +26,7 @@ from snakembed.images import Preprocess
 def _fake_plugin_module(monkeypatch, name="fake_snakembed_plugin"):
     module = types.ModuleType(name)
 
-    def tiny(weights="default", layer="pre_logits"):
+    def tiny(weights="default"):
         model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         return Backbone(
             name="tiny",
@@ -54,7 +54,7 @@ def _with_entry_points(monkeypatch, extra: list[md.EntryPoint]):
 def test_builtins_are_registered_through_entry_points():
     names = list_backbones()
     assert "efficientnet_lite0" in names and "resnet18" in names and "mobilenet_v3_small" in names
-    assert list_heads() == ["pretrained"]
+    assert list_heads() == ["knn", "linear", "pretrained"]
     groups = {ep.name for ep in md.entry_points(group="snakembed.backbones")}
     assert {"efficientnet_lite0", "torchvision"} <= groups
 
@@ -89,7 +89,7 @@ def test_an_unknown_name_lists_the_known_ones():
     with pytest.raises(PluginError) as err:
         create_backbone("resnet9000")
     assert "unknown backbone 'resnet9000'" in str(err.value) and "resnet18" in str(err.value)
-    with pytest.raises(PluginError, match="known heads: pretrained"):
+    with pytest.raises(PluginError, match="known heads: knn, linear, pretrained"):
         create_head("forest", load_config())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import pytest
 import samples
+import torch
 from conftest import make_image, run_snakemake, write_config
 
 import snakembed
@@ -184,12 +185,22 @@ def test_raising_the_limits_reads_what_was_refused(hostile):
         ("no images", r"no image files .* under"),
         ("missing root", r"image root .*nowhere' does not exist"),
         ("results inside", r"the results folder .* lies inside the image root"),
+        ("unknown layer", r"'model.layer': resnet18 has no layer 'layer9' \(did you mean layer4"),
+        ("checkpoint misfit", r"'model.weights': checkpoint .*tiny.pth' does not fit ResNet"),
+        ("pretrained on a layer", r"'classify.head': the pretrained head classifies pre_logits"),
+        ("map of pre_logits", r"'model.pool': pre_logits is already pooled by resnet18"),
+        ("linear without labels", r"'classify.labels': head 'linear' is trained on labelled"),
+        ("labels of one class", r"'classify.labels': .*labels.csv has 1 class\(es\) among"),
     ],
 )
 def test_bad_setups_stop_before_any_job(tmp_path, case, message):
     images = tmp_path / "images"
     make_image(images / "a" / "x.jpg")
     (tmp_path / "empty" / "sub").mkdir(parents=True)
+    tiny = tmp_path / "tiny.pth"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), tiny)
+    one_class = tmp_path / "labels.csv"
+    one_class.write_text("a/x.jpg,cat,train\na/x.jpg,cat,val\n")
     settings = {"images": str(images), "results": str(tmp_path / "results")}
     settings.update(
         {
@@ -203,6 +214,15 @@ def test_bad_setups_stop_before_any_job(tmp_path, case, message):
             "no images": {"images": str(tmp_path / "empty")},
             "missing root": {"images": str(tmp_path / "nowhere")},
             "results inside": {"results": str(images / "results")},
+            "unknown layer": {
+                "model": {"name": "resnet18", "weights": "none", "layer": "layer9"},
+                "classify": {"head": "none"},
+            },
+            "checkpoint misfit": {"model": {"name": "resnet18", "weights": str(tiny)}},
+            "pretrained on a layer": {"model": {"name": "resnet18", "layer": "layer3"}},
+            "map of pre_logits": {"model": {"name": "resnet18", "weights": "none", "pool": "none"}},
+            "linear without labels": {"classify": {"head": "linear"}},
+            "labels of one class": {"classify": {"head": "knn", "labels": str(one_class)}},
         }[case]
     )
     config = write_config(tmp_path / "config.yaml", **settings)

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from conftest import REPO, make_image, run_snakemake, write_config
+from labelled import make_labelled_tree
 
 from snakembed.store import folder_file
 
@@ -244,6 +245,32 @@ def test_resnet18_matches_torchvision(tmp_path, resnet18_checkpoint):
             cosine = stored @ expected / np.linalg.norm(stored) / np.linalg.norm(expected)
             assert cosine >= 0.9999
             assert np.allclose(stored, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_spatial_map_is_stored_as_a_matrix_per_image(tmp_path):
+    """layer: layer3, pool: none keeps every position: [H*W, C] per image, [N, H*W, C] bulk,
+    and the knn head classifies each image by its mean vector."""
+    import snakembed
+
+    make_labelled_tree(tmp_path / "labelled", train=2, val=1)
+    config = write_config(
+        tmp_path / "config.yaml",
+        images="labelled",
+        results="results",
+        model={"name": "resnet18", "weights": "none", "layer": "layer3", "pool": "none"},
+        preprocess={"resize": 64, "crop": 64},
+        classify={"head": "knn", "labels": "labelled", "k": 1},
+    )
+    run_snakemake(tmp_path, config)
+    store = snakembed.open_store(tmp_path / "results")
+    with store["val/red"] as folder:
+        assert (folder.attrs["layer"], folder.attrs["pool"]) == ("layer3", "none")
+        assert folder.attrs["embedding_dim"] == 256
+        assert folder.matrix().shape == (1, 16, 256)  # 64 px / 16 = a 4 x 4 map of layer3
+        record = folder["red_0.png"]
+        assert record.embedding.shape == (16, 256)
+        assert np.array_equal(record.embedding, folder.matrix()[0])
+        assert record.label == "red"  # its mean vector's nearest labelled image is red
 
 
 def test_unknown_model_fails_before_any_job(tmp_path):

@@ -1,14 +1,16 @@
 """Backbones: a network that maps a batch of images to one embedding per image.
 
-A backbone plugin is a factory ``f(weights=..., layer=...) -> Backbone`` registered in the
+A backbone plugin is a factory ``f(weights=...) -> Backbone`` registered in the
 ``snakembed.backbones`` entry-point group (or a family object with ``names()`` and
-``create(name, weights=..., layer=...)``). The returned :class:`Backbone` carries its own
-preprocessing and class names, as torchvision's ``Weights`` and timm's ``pretrained_cfg`` do.
+``create(name, weights=...)``). It returns the whole network at ``pre_logits``, carrying its own
+preprocessing and class names, as torchvision's ``Weights`` and timm's ``pretrained_cfg`` do;
+:func:`create_backbone` then takes the embedding from the configured layer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,21 +22,28 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "Backbone",
-    "WeightsError",
-    "backbone_from_config",
-    "create_backbone",
-    "from_classifier",
-    "list_backbones",
-    "load_checkpoint",
-    "split_classifier",
-    "is_local_weights",
     "BACKBONES",
     "NO_WEIGHTS",
+    "POOLS",
+    "PRE_LOGITS",
+    "Backbone",
+    "LayerError",
     "PluginError",
+    "WeightsError",
+    "backbone_from_config",
+    "checkpoint_categories",
+    "create_backbone",
+    "fetch_weights",
     "file_sha256",
+    "fit_classes",
+    "from_classifier",
+    "is_local_weights",
+    "list_backbones",
+    "load_checkpoint",
     "load_state",
     "load_weights",
+    "needs_fetch",
+    "split_classifier",
 ]
 
 #: The backbone registry (entry-point group ``snakembed.backbones``).
@@ -44,8 +53,19 @@ BACKBONES = Registry("snakembed.backbones", "backbone")
 NO_WEIGHTS = (None, "none", "None", "null")
 
 
+#: The default layer: the pooled input of the network's final linear layer.
+PRE_LOGITS = "pre_logits"
+
+#: ``pool:`` values: the mean or the maximum over positions, or every position kept.
+POOLS = ("avg", "max", "none")
+
+
 class WeightsError(ValueError):
     """Weights that cannot be had or do not fit; the message names the file and the fix."""
+
+
+class LayerError(ValueError):
+    """A layer or pooling that the network cannot give; the message lists the valid choices."""
 
 
 @dataclass
@@ -61,7 +81,10 @@ class Backbone:
         weights_sha256: the checkpoint file's sha256, where the weights came from a file.
         classifier: the model's own final layer, embeddings to logits, or None.
         categories: the class names of ``classifier``'s outputs.
+        classifier_name: where ``classifier`` sat in the network (``fc``), for fine-tuning.
         layer: where the embedding is taken.
+        pool: how a layer's map becomes the embedding (``avg``, ``max``, or ``none``: kept as
+            ``[H*W, C]``).
     """
 
     name: str
@@ -72,7 +95,9 @@ class Backbone:
     weights_sha256: str | None = None
     classifier: torch.nn.Module | None = None
     categories: list[str] | None = field(default=None, repr=False)
+    classifier_name: str | None = None
     layer: str = "pre_logits"
+    pool: str = "avg"
 
 
 def from_classifier(
@@ -83,7 +108,6 @@ def from_classifier(
     *,
     weights_sha256: str | None = None,
     categories: list[str] | None = None,
-    layer: str = "pre_logits",
 ) -> Backbone:
     """A backbone from a whole classifier network: its final linear layer becomes the head.
 
@@ -95,7 +119,6 @@ def from_classifier(
         weights_sha256: the checkpoint file's sha256, if any.
         categories: class names of the final layer; ``class_0``, ... when missing or of
             another length (a checkpoint fine-tuned on other classes).
-        layer: where the embedding is taken.
 
     Returns:
         The backbone.
@@ -106,7 +129,7 @@ def from_classifier(
         >>> from_classifier("r18", torchvision.models.resnet18(), pre, "none").embedding_dim
         512
     """
-    _, classifier = split_classifier(model)
+    classifier_name, classifier = split_classifier(model)
     if not categories or len(categories) != classifier.out_features:
         categories = [f"class_{i}" for i in range(classifier.out_features)]
     return Backbone(
@@ -118,7 +141,7 @@ def from_classifier(
         weights_sha256=weights_sha256,
         classifier=classifier,
         categories=list(categories),
-        layer=layer,
+        classifier_name=classifier_name,
     )
 
 
@@ -133,33 +156,48 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(
-    name: str, weights: str | None = "default", layer: str = "pre_logits", **options
+    name: str,
+    weights: str | None = "default",
+    layer: str = "pre_logits",
+    pool: str = "avg",
+    **options,
 ) -> Backbone:
     """Build a registered backbone.
 
     Args:
         name: a name from :func:`list_backbones`.
         weights: ``default``, a named weights set, a local checkpoint path, or ``none``.
-        layer: where the embedding is taken (``pre_logits``).
+        layer: where the embedding is taken: ``pre_logits`` or any node or submodule
+            (``snakembed layers NAME`` lists them).
+        pool: ``avg``, ``max``, or ``none`` to keep a layer's map as ``[H*W, C]``.
         options: what a plugin takes beyond these (``custom``: ``module``, ``kwargs``).
 
     Returns:
-        The backbone, in eval mode on the CPU.
+        The backbone, in eval mode on the CPU. A ``.safetensors`` checkpoint written by the
+        ``finetune`` rule also gives its class names.
 
     Raises:
         PluginError: for an unknown name, listing the known ones.
         WeightsError: for weights that cannot be had or do not fit.
+        LayerError: for a layer the network does not have, listing the valid ones.
 
     Example:
         >>> create_backbone("resnet18", weights="none").embedding_dim
         512
+        >>> create_backbone("resnet18", weights="none", layer="layer2").embedding_dim
+        128
     """
+    from .layers import take_layer
+
     factory = BACKBONES.factory(name)
-    backbone = factory(weights=weights, layer=layer, **options)
+    backbone = factory(weights=weights, **options)
     backbone.model.eval()
     if backbone.classifier is not None:
         backbone.classifier.eval()
-    return backbone
+        categories = checkpoint_categories(weights) if is_local_weights(weights) else None
+        if categories and len(categories) == backbone.classifier.out_features:
+            backbone.categories = categories
+    return take_layer(backbone, layer, pool)
 
 
 def backbone_from_config(model: dict) -> Backbone:
@@ -167,7 +205,49 @@ def backbone_from_config(model: dict) -> Backbone:
     options = {}
     if model.get("module"):
         options = {"module": model["module"], "kwargs": model.get("kwargs") or {}}
-    return create_backbone(model["name"], model["weights"], model["layer"], **options)
+    return create_backbone(
+        model["name"], model["weights"], model["layer"], model.get("pool", "avg"), **options
+    )
+
+
+def fetch_weights(model: dict, output: str | Path) -> dict:
+    """Get a config's weights into the local cache, where there is internet (the
+    ``weights_fetch`` rule), and record what was fetched.
+
+    torchvision keeps them in ``$TORCH_HOME/hub/checkpoints`` and timm in the Hugging Face
+    cache (``$HF_HOME``); later runs, on nodes without internet, read them from there.
+
+    Args:
+        model: a config's ``model:`` block.
+        output: a JSON file: the model, the weights, their sha256 and the cache folders.
+
+    Returns:
+        What was written.
+
+    Raises:
+        WeightsError: when the weights cannot be had, naming the fix.
+    """
+    import torch
+    from huggingface_hub import constants
+
+    from .._files import atomic_path
+
+    backbone = backbone_from_config({**model, "layer": PRE_LOGITS, "pool": "avg"})
+    record = {
+        "model": backbone.name,
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256,
+        "torch_hub": torch.hub.get_dir(),
+        "hf_hub_cache": constants.HF_HUB_CACHE,
+    }
+    with atomic_path(output) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def needs_fetch(weights: str | None) -> bool:
+    """Whether ``weights`` names a weights set (which may need a download), not a file or none."""
+    return weights not in NO_WEIGHTS and not is_local_weights(weights)
 
 
 def is_local_weights(weights: str | None) -> bool:
@@ -226,6 +306,23 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def checkpoint_categories(path: str | Path) -> list[str] | None:
+    """The class names stored in a ``.safetensors`` checkpoint's metadata (``categories``, a
+    JSON list, as the ``finetune`` rule writes it), or None."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("categories")
+        categories = json.loads(raw) if raw else None
+    except Exception:  # noqa: BLE001 - a file load_checkpoint will report on
+        return None
+    return [str(c) for c in categories] if isinstance(categories, list) else None
+
+
 def load_weights(model: torch.nn.Module, path: str | Path, adapt=None) -> str:
     """Load a checkpoint file into ``model`` (see :func:`load_checkpoint`).
 
@@ -256,6 +353,24 @@ def load_state(model: torch.nn.Module, state: dict, source: str) -> None:
         ) from exc
 
 
+def fit_classes(model: torch.nn.Module, state: dict) -> dict:
+    """Give the model's last linear layer as many outputs as the checkpoint's (a fine-tuned
+    classifier), so that the checkpoint loads; an ``adapt`` for :func:`load_weights`."""
+    import torch
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        return state
+    name, layer = linears[-1]
+    weight = state.get(f"{name}.weight")
+    if weight is not None and weight.ndim == 2 and weight.shape[0] != layer.out_features:
+        replacement = torch.nn.Linear(
+            layer.in_features, weight.shape[0], bias=layer.bias is not None
+        )
+        model.set_submodule(name, replacement)
+    return state
+
+
 def split_classifier(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
     """Remove a classifier's final linear layer, in place.
 
@@ -274,7 +389,5 @@ def split_classifier(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
     if not linears:
         raise WeightsError(f"{type(model).__name__} has no final linear layer to remove")
     name, layer = linears[-1]
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, torch.nn.Identity())
+    model.set_submodule(name, torch.nn.Identity())
     return name, layer

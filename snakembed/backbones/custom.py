@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._registry import import_object
 from ..images import Preprocess
-from . import NO_WEIGHTS, Backbone, from_classifier, load_weights
+from . import NO_WEIGHTS, Backbone, fit_classes, from_classifier, load_weights
 
 __all__ = ["custom"]
 
@@ -14,7 +14,6 @@ DEFAULT_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 
 
 def custom(
     weights: str | None = "default",
-    layer: str = "pre_logits",
     module: str | None = None,
     kwargs: dict | None = None,
 ) -> Backbone:
@@ -22,8 +21,8 @@ def custom(
 
     Args:
         weights: ``default`` (whatever the class or factory sets up itself), a checkpoint path,
-            or ``none`` (the same as ``default``, with a fixed seed).
-        layer: ``pre_logits``: the input of the network's final linear layer.
+            or ``none`` (the same as ``default``, with a fixed seed). A checkpoint with another
+            number of classes resizes the final linear layer.
         module: ``package.module:Name``.
         kwargs: keyword arguments for it.
 
@@ -42,7 +41,5 @@ def custom(
         raise ValueError(f"{module!r} returned a {type(model).__name__}, not a torch.nn.Module")
     sha, label = None, "none" if weights in NO_WEIGHTS else "default"
     if weights not in (*NO_WEIGHTS, "default"):
-        sha, label = load_weights(model, weights), str(weights)
-    return from_classifier(
-        f"custom:{module}", model, DEFAULT_PREPROCESS, label, weights_sha256=sha, layer=layer
-    )
+        sha, label = load_weights(model, weights, adapt=fit_classes), str(weights)
+    return from_classifier(f"custom:{module}", model, DEFAULT_PREPROCESS, label, weights_sha256=sha)

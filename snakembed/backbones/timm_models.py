@@ -15,7 +15,15 @@ from . import (
     load_weights,
 )
 
-__all__ = ["FAMILY", "PREFIX", "TimmFamily", "from_timm", "timm_categories", "timm_preprocess"]
+__all__ = [
+    "FAMILY",
+    "PREFIX",
+    "TimmFamily",
+    "fit_timm_classes",
+    "from_timm",
+    "timm_categories",
+    "timm_preprocess",
+]
 
 #: What every timm backbone name starts with.
 PREFIX = "timm/"
@@ -29,16 +37,13 @@ class TimmFamily:
 
         return [PREFIX + name for name in timm.list_models()]
 
-    def create(
-        self, name: str, weights: str | None = "default", layer: str = "pre_logits"
-    ) -> Backbone:
+    def create(self, name: str, weights: str | None = "default") -> Backbone:
         """Build ``timm/<arch>``.
 
         Args:
             name: ``timm/`` and a timm model name.
             weights: ``default`` (timm's pretrained weights, downloaded once into the Hugging
                 Face cache), a pretrained tag (``a1_in1k``), a local checkpoint, or ``none``.
-            layer: ``pre_logits``.
         """
         import timm
         import torch
@@ -51,7 +56,7 @@ class TimmFamily:
         elif is_local_weights(weights):
             torch.manual_seed(0)
             model, label = timm.create_model(arch, pretrained=False), str(weights)
-            sha = load_weights(model, weights, adapt=_fit_classes)
+            sha = load_weights(model, weights, adapt=fit_timm_classes)
         else:
             tagged = arch if weights == "default" else f"{arch}.{weights}"
             try:
@@ -63,10 +68,10 @@ class TimmFamily:
                     "cached in HF_HOME) or set model.weights to a local checkpoint file"
                 ) from exc
             label = model.pretrained_cfg.get("tag") or weights
-        return from_timm(name, model, label, sha, layer)
+        return from_timm(name, model, label, sha)
 
 
-def from_timm(name: str, model, weights: str, sha: str | None, layer: str) -> Backbone:
+def from_timm(name: str, model, weights: str, sha: str | None) -> Backbone:
     """A backbone from a timm classifier, with timm's preprocessing and class names."""
     return from_classifier(
         name,
@@ -75,7 +80,6 @@ def from_timm(name: str, model, weights: str, sha: str | None, layer: str) -> Ba
         weights,
         weights_sha256=sha,
         categories=timm_categories(model),
-        layer=layer,
     )
 
 
@@ -108,7 +112,7 @@ def timm_categories(model) -> list[str] | None:
     return [info.index_to_description(i) for i in range(model.num_classes)]
 
 
-def _fit_classes(model, state: dict) -> dict:
+def fit_timm_classes(model, state: dict) -> dict:
     """Give the classifier as many outputs as the checkpoint's (a fine-tuned model)."""
     classifier = model.get_classifier()
     key = next((f"{n}.weight" for n, m in model.named_modules() if m is classifier), None)

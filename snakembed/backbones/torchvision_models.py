@@ -10,6 +10,7 @@ from . import (
     Backbone,
     WeightsError,
     file_sha256,
+    fit_classes,
     from_classifier,
     is_local_weights,
     load_weights,
@@ -26,9 +27,7 @@ class TorchvisionFamily:
 
         return models.list_models(module=models)
 
-    def create(
-        self, name: str, weights: str | None = "default", layer: str = "pre_logits"
-    ) -> Backbone:
+    def create(self, name: str, weights: str | None = "default") -> Backbone:
         import torch
         import torchvision.models as models
 
@@ -42,7 +41,7 @@ class TorchvisionFamily:
         elif is_local_weights(weights):
             torch.manual_seed(0)
             model = builder(weights=None)
-            label, sha = str(weights), load_weights(model, weights, adapt=_fit_classes)
+            label, sha = str(weights), load_weights(model, weights, adapt=fit_classes)
         else:
             meta_weights = _named_weights(name, enum, weights)
             try:
@@ -65,7 +64,7 @@ class TorchvisionFamily:
         )
         categories = meta_weights.meta.get("categories")
         return from_classifier(
-            name, model, preprocess, label, weights_sha256=sha, categories=categories, layer=layer
+            name, model, preprocess, label, weights_sha256=sha, categories=categories
         )
 
 
@@ -87,19 +86,6 @@ def _named_weights(name, enum, weights):
         raise WeightsError(
             f"unknown weights {weights!r} for {name}; choose one of {known}, or a checkpoint path"
         ) from None
-
-
-def _fit_classes(model, state: dict) -> dict:
-    """Give the final layer as many outputs as the checkpoint's (a fine-tuned classifier)."""
-    import torch
-
-    name, layer = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-    weight = state.get(f"{name}.weight")
-    if weight is not None and weight.ndim == 2 and weight.shape[0] != layer.out_features:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, torch.nn.Linear(layer.in_features, weight.shape[0]))
-    return state
 
 
 FAMILY = TorchvisionFamily()

@@ -1,13 +1,16 @@
 """Classifier heads: embeddings in, class probabilities out.
 
 A head plugin is a factory ``f(config) -> Head`` registered in the ``snakembed.heads``
-entry-point group; ``config`` is the whole validated workflow configuration. A head is built
-once per run and saved to a file (:func:`save_head`); every folder's classify job loads that
-file (:func:`load_head`), so classifying a folder needs neither torch nor the backbone.
+entry-point group; ``config`` is the whole validated workflow configuration. A head trained on
+labelled embeddings is a factory ``f(config, data: TrainingData) -> Trained`` with the attribute
+``needs_labels = True``; the workflow's ``train_head`` rule calls it. A head is built once per
+run and saved to a file (:func:`save_head`); every folder's classify job loads that file
+(:func:`load_head`), so classifying a folder needs neither torch nor the backbone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +20,19 @@ import numpy as np
 from .._files import save_npz
 from .._registry import Registry, import_object
 
-__all__ = ["Head", "HEADS", "create_head", "list_heads", "load_head", "save_head", "top_k"]
+__all__ = [
+    "HEADS",
+    "Head",
+    "Trained",
+    "TrainingData",
+    "as_vectors",
+    "create_head",
+    "list_heads",
+    "needs_labels",
+    "load_head",
+    "save_head",
+    "top_k",
+]
 
 #: The head registry (entry-point group ``snakembed.heads``).
 HEADS = Registry("snakembed.heads", "head")
@@ -43,22 +58,60 @@ class Head(Protocol):
         ...
 
 
+@dataclass
+class TrainingData:
+    """Labelled embeddings: ``*_x`` float32 ``[N, D]``, ``*_y`` int indices into
+    ``categories``."""
+
+    categories: list[str]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+
+
+@dataclass
+class Trained:
+    """What a trainable head's factory returns.
+
+    Attributes:
+        head: the head, fitted on the train split with the chosen settings.
+        settings: the chosen hyper-parameters (``{"weight_decay": 0.001}``).
+        trials: every setting tried, with its validation accuracy and loss.
+    """
+
+    head: Head
+    settings: dict
+    trials: list[dict] = field(default_factory=list)
+
+
 def list_heads() -> list[str]:
     """Every registered head name, sorted.
 
     Example:
         >>> list_heads()
-        ['pretrained']
+        ['knn', 'linear', 'pretrained']
     """
     return HEADS.names()
 
 
+def needs_labels(name: str) -> bool:
+    """Whether the head ``name`` is trained on labelled images (``linear``, ``knn``)."""
+    return name != "none" and bool(getattr(HEADS.factory(name), "needs_labels", False))
+
+
 def create_head(name: str, config: dict) -> Head:
-    """Build a registered head for a validated configuration.
+    """Build a registered head that needs no labels for a validated configuration.
 
     Raises:
         PluginError: for an unknown name, listing the known ones.
+        ValueError: for a head that is trained on labels (the ``train_head`` rule builds it).
     """
+    if needs_labels(name):
+        raise ValueError(
+            f"head {name!r} is trained on labelled images; set classify.labels and let the "
+            "workflow's train_head rule build it"
+        )
     return HEADS.factory(name)(config)
 
 
@@ -106,6 +159,18 @@ def load_head(path: str | Path) -> Head:
     if not isinstance(cls, type) or not hasattr(cls, "from_arrays"):
         raise ValueError(f"{path} names {class_path!r}, which is not a head class")
     return cls.from_arrays(arrays)
+
+
+def as_vectors(embeddings: np.ndarray) -> np.ndarray:
+    """One float32 vector per image: ``[N, D]`` as it is, ``[N, H*W, D]`` maps averaged over
+    their positions.
+
+    Example:
+        >>> as_vectors(np.ones((2, 4, 3))).shape
+        (2, 3)
+    """
+    embeddings = np.asarray(embeddings, np.float32)
+    return embeddings.mean(axis=1) if embeddings.ndim == 3 else embeddings
 
 
 def top_k(

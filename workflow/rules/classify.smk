@@ -2,7 +2,7 @@ rule head:
     input:
         weights=get_weights_file,
     output:
-        get_head_file(),
+        get_built_head_file(),
     log:
         f"{RESULTS}/logs/head.log",
     benchmark:

@@ -4,7 +4,9 @@ import os
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from snakembed.plan import plan_run
+from snakembed.backbones import is_local_weights, needs_fetch
+from snakembed.heads import needs_labels
+from snakembed.plan import FINETUNE_CHECKPOINT, plan_run
 
 # envs/snakembed.yaml installs the library from this checkout (for --sdm conda).
 os.environ.setdefault("SNAKEMBED_REPO", workflow.basedir)
@@ -68,7 +70,18 @@ def get_folder_names(wildcards):
 
 
 def get_weights_file(wildcards):
-    return [PLAN.weights_file] if PLAN.weights_file else []
+    """The local checkpoint, or the record of the weights_fetch job for named weights."""
+    if PLAN.weights_file:
+        return [PLAN.weights_file]
+    return [get_fetched_weights()] if needs_fetch(config["model"]["weights"]) else []
+
+
+def get_fetched_weights():
+    return f"{RESULTS}/weights/fetched.json"
+
+
+def get_model_settings(wildcards):
+    return json.dumps(config["model"], sort_keys=True)
 
 
 def get_numbers(wildcards):
@@ -77,13 +90,61 @@ def get_numbers(wildcards):
 
 
 def get_head_file():
-    """The head, built once per run from the model and kept (it is small)."""
+    """The head, built once per run and kept: by the head rule from the model, or by the
+    train_head rule from labelled images."""
+    if needs_labels(config["classify"]["head"]):
+        return f"{get_trained_head_dir()}/head.npz"
+    return get_built_head_file()
+
+
+def get_built_head_file():
     return f"{RESULTS}/heads/{config['classify']['head']}.npz"
+
+
+def get_trained_head_dir():
+    return f"{RESULTS}/heads/{config['classify']['head']}"
 
 
 def get_head_settings(wildcards):
     """What the head depends on: a change rebuilds it and reclassifies every folder."""
-    settings = {"head": config["classify"]["head"], "model": config["model"]}
+    keys = ("head", "k", "weight_decay")
+    settings = {
+        "classify": {k: config["classify"][k] for k in keys},
+        "model": config["model"],
+    }
+    return json.dumps(settings, sort_keys=True)
+
+
+def get_labelled_images(wildcards):
+    """The labelled images, and the labels CSV when the labels come from one."""
+    labels = config["classify"]["labels"]
+    csv = [labels] if labels and os.path.isfile(labels) else []
+    return [*csv, *PLAN.labelled_inputs()]
+
+
+def get_labelled_untracked(wildcards):
+    return PLAN.labelled_untracked()
+
+
+def get_labelled_embeddings():
+    return f"{RESULTS}/labelled/embeddings.npz"
+
+
+def get_finetune_weights(wildcards):
+    weights = config["finetune"]["weights"]
+    return [weights] if is_local_weights(weights) else []
+
+
+def get_finetune_settings(wildcards):
+    """What fine-tuning depends on: a change trains again."""
+    keys = ("name", "module", "kwargs")
+    settings = {
+        "model": {k: config["model"][k] for k in keys},
+        "finetune": config["finetune"],
+        "preprocess": config["preprocess"],
+        "labels": config["classify"]["labels"],
+        "val_fraction": config["classify"]["val_fraction"],
+    }
     return json.dumps(settings, sort_keys=True)
 
 
@@ -93,5 +154,5 @@ def get_predictions(wildcards):
     return f"{RESULTS}/.work/classify/{wildcards.folder}.npz"
 
 
-def get_embed_gpus(wildcards):
+def get_gpus(wildcards):
     return 1 if config["device"].startswith("cuda") else 0

@@ -12,7 +12,7 @@ rule embed:
         "../../envs/snakembed.yaml"
     threads: config["threads"]
     resources:
-        gpu=get_embed_gpus,
+        gpu=get_gpus,
     params:
         images=get_images_root,
         folder=get_folder_key,

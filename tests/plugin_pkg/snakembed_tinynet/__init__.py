@@ -8,7 +8,7 @@ from snakembed.images import Preprocess
 CLASSES = ["circle", "square", "triangle", "star"]
 
 
-def tinynet(weights="default", layer="pre_logits"):
+def tinynet(weights="default"):
     """An 8-channel CNN; 8-d embeddings, 4 classes. ``weights``: ``none`` or a checkpoint."""
     torch.manual_seed(7)
     model = torch.nn.Sequential(
@@ -24,5 +24,5 @@ def tinynet(weights="default", layer="pre_logits"):
     preprocess = Preprocess(resize=36, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
     label = "seed 7" if weights in (*NO_WEIGHTS, "default") else str(weights)
     return from_classifier(
-        "tinynet", model, preprocess, label, weights_sha256=sha, categories=CLASSES, layer=layer
+        "tinynet", model, preprocess, label, weights_sha256=sha, categories=CLASSES
     )
