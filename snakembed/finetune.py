@@ -52,9 +52,11 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             image = read_image(self.paths[index], max_pixels=self.max_pixels).image
+            pixels = self.augment(image) if self.train else self.preprocess.pixels(image)
         except ImageError as exc:
             return index, None, str(exc)
-        pixels = self.augment(image) if self.train else self.preprocess.pixels(image)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop training
+            return index, None, f"cannot preprocess image: {type(exc).__name__}: {exc}"
         return index, pixels, self.targets[index]
 
 
@@ -110,26 +112,7 @@ def finetune(
     labelled = labels_from_config(config)
     categories = labelled.categories
     backbone, network = _network(config, categories)
-    index = {c: i for i, c in enumerate(categories)}
-    targets = [index[label] for label in labelled.labels]
-    loaders = {}
-    for split in ("train", "val"):
-        rows = [i for i, s in enumerate(labelled.splits) if s == split]
-        dataset = _Images(
-            [labelled.paths[i] for i in rows],
-            [targets[i] for i in rows],
-            backbone.preprocess,
-            train=split == "train",
-            max_pixels=config["max_pixels"],
-        )
-        loaders[split] = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=settings["batch_size"],
-            shuffle=split == "train",
-            num_workers=min(threads, 8) if threads > 1 else 0,
-            collate_fn=_collate,
-            generator=torch.Generator().manual_seed(0),
-        )
+    loaders = _loaders(labelled, backbone.preprocess, config, threads)
     device = resolve_device(config["device"])
     network.to(device)
     optimizer = torch.optim.AdamW(
@@ -140,71 +123,124 @@ def finetune(
     if settings["max_steps"]:
         total = min(total, settings["max_steps"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps_per_epoch, total))
-    failed: dict[str, str] = {}
-    epochs, best, steps, stopped = [], None, 0, "epochs"
+    run = _Run(network, backbone.preprocess, device, config["precision"])
+    epochs, best, stopped = [], None, "epochs"
     for epoch in range(1, settings["epochs"] + 1):
         start = time.monotonic()
-        network.train()
-        losses = []
-        for pixels, target, bad in loaders["train"]:
-            failed.update({str(loaders["train"].dataset.paths[i]): r for i, r in bad.items()})
-            if pixels is None:
-                continue
-            with autocast(device, config["precision"]):
-                logits = network(backbone.preprocess.normalize(pixels.to(device)))
-            loss = torch.nn.functional.cross_entropy(logits.float(), target.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            steps += 1
-            if steps >= total:
-                break
-        val_loss, val_accuracy = _evaluate(
-            network, loaders["val"], backbone, device, config, failed
+        losses = run.train(loaders["train"], optimizer, schedule, limit=total)
+        val_loss, val_accuracy = run.evaluate(loaders["val"])
+        epochs.append(
+            {
+                "epoch": epoch,
+                "steps": run.steps,
+                "train_loss": float(np.mean(losses)) if losses else None,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+                "lr": float(schedule.get_last_lr()[0]),
+                "seconds": round(time.monotonic() - start, 2),
+            }
         )
-        record = {
-            "epoch": epoch,
-            "steps": steps,
-            "train_loss": float(np.mean(losses)) if losses else math.nan,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "lr": float(schedule.get_last_lr()[0]),
-            "seconds": round(time.monotonic() - start, 2),
-        }
-        epochs.append(record)
-        log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f",
-            epoch,
-            record["train_loss"],
-            val_loss,
-            val_accuracy,
-        )
+        log.info("epoch %d: %s", epoch, json.dumps(epochs[-1]))
         if best is None or val_loss < best[0]:
             state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
             best = (val_loss, epoch, state)
         elif epoch - best[1] >= settings["patience"]:
             stopped = f"no lower val loss for {settings['patience']} epochs"
             break
-        if steps >= total:
+        if run.steps >= total:
             stopped = "max_steps" if total == settings["max_steps"] else "epochs"
             break
-    _, best_epoch, state = best
+    best_loss, best_epoch, state = best
     result = {
         "model": backbone.name,
         "base_weights": backbone.weights,
         "categories": categories,
         "best_epoch": best_epoch,
-        "best_val_loss": best[0],
+        "best_val_loss": best_loss,
         "stopped": stopped,
         "epochs": epochs,
-        "failed": failed,
+        "failed": run.failed,
     }
     _save(state, checkpoint, categories, backbone)
     with atomic_path(history) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return result
+
+
+def _loaders(labelled, preprocess: Preprocess, config: dict, threads: int) -> dict:
+    """A shuffled, augmented loader of the train split and a plain one of the val split."""
+    index = {c: i for i, c in enumerate(labelled.categories)}
+    loaders = {}
+    for split in ("train", "val"):
+        rows = [i for i, s in enumerate(labelled.splits) if s == split]
+        dataset = _Images(
+            [labelled.paths[i] for i in rows],
+            [index[labelled.labels[i]] for i in rows],
+            preprocess,
+            train=split == "train",
+            max_pixels=config["max_pixels"],
+        )
+        loaders[split] = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config["finetune"]["batch_size"],
+            shuffle=split == "train",
+            num_workers=min(threads, 8) if threads > 1 else 0,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(0),
+        )
+    return loaders
+
+
+class _Run:
+    """Training steps and evaluations of one network, counting steps and unreadable images."""
+
+    def __init__(self, network, preprocess: Preprocess, device, precision: str) -> None:
+        self.network, self.preprocess = network, preprocess
+        self.device, self.precision = device, precision
+        self.steps = 0
+        self.failed: dict[str, str] = {}
+
+    def _batches(self, loader):
+        for pixels, target, bad in loader:
+            self.failed.update({str(loader.dataset.paths[i]): r for i, r in bad.items()})
+            if pixels is not None:
+                yield pixels, target.to(self.device)
+
+    def _logits(self, pixels):
+        with autocast(self.device, self.precision):
+            return self.network(self.preprocess.normalize(pixels.to(self.device))).float()
+
+    def train(self, loader, optimizer, schedule, limit: int) -> list[float]:
+        """One epoch, or until ``limit`` steps in all; the loss of every step."""
+        self.network.train()
+        losses = []
+        for pixels, target in self._batches(loader):
+            loss = torch.nn.functional.cross_entropy(self._logits(pixels), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            self.steps += 1
+            if self.steps >= limit:
+                break
+        return losses
+
+    def evaluate(self, loader) -> tuple[float, float]:
+        """The mean loss and the accuracy on ``loader``'s images."""
+        self.network.eval()
+        loss_sum, hits, count = 0.0, 0, 0
+        with torch.inference_mode():
+            for pixels, target in self._batches(loader):
+                logits = self._logits(pixels)
+                loss_sum += float(
+                    torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+                )
+                hits += int((logits.argmax(dim=1) == target).sum())
+                count += len(target)
+        if count == 0:
+            raise ValueError("no val image could be read; see the failed images in the log")
+        return loss_sum / count, hits / count
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -217,25 +253,6 @@ def _warmup_cosine(warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
     return factor
-
-
-def _evaluate(network, loader, backbone, device, config, failed) -> tuple[float, float]:
-    network.eval()
-    loss_sum, hits, count = 0.0, 0, 0
-    with torch.inference_mode():
-        for pixels, target, bad in loader:
-            failed.update({str(loader.dataset.paths[i]): r for i, r in bad.items()})
-            if pixels is None:
-                continue
-            with autocast(device, config["precision"]):
-                logits = network(backbone.preprocess.normalize(pixels.to(device))).float()
-            target = target.to(device)
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-            hits += int((logits.argmax(dim=1) == target).sum())
-            count += len(target)
-    if count == 0:
-        raise ValueError("no val image could be read; see the failed images in the log")
-    return loss_sum / count, hits / count
 
 
 def _save(state: dict, path: str | Path, categories: list[str], backbone: Backbone) -> None:
