@@ -2,9 +2,9 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from snakembed.embed import embed_folder
+from snakembed.worker import embed_folder_served
 
-embed_folder(
+embed_folder_served(
     snakemake.params.images,
     snakemake.params.folder,
     snakemake.params.names,

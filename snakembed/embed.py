@@ -408,6 +408,7 @@ def embed_folder(
     config: dict,
     threads: int | None = None,
     refused: dict[str, str] | None = None,
+    backbone: Backbone | None = None,
 ) -> Embeddings:
     """Embed one image folder and save the result for the classify and store steps.
 
@@ -420,6 +421,7 @@ def embed_folder(
         threads: CPU threads for this job.
         refused: ``{name: reason}`` for images that discovery refused to read; they are
             recorded as failed.
+        backbone: an already built backbone of ``config`` (a worker's).
 
     Returns:
         The folder's embeddings.
@@ -436,6 +438,7 @@ def embed_folder(
         sources=[name if folder == "." else f"{folder}/{name}" for name in readable],
         threads=threads,
         label=folder,
+        backbone=backbone,
     )
     for name, reason in refused.items():
         log.warning("%s: %s", name if folder == "." else f"{folder}/{name}", reason)

@@ -36,6 +36,7 @@ FAST_CONFIG = {
     "classify": {"head": "pretrained", "topk": 3},
     "batch_size": 4,
     "threads": 1,
+    "worker": {"enabled": True, "idle": 10},
 }
 
 

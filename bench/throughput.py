@@ -1,0 +1,312 @@
+"""Throughput of the workflow end to end, against the seeds' loop and the network alone.
+
+Makes a tree of JPEGs, then times, in one run, on the same tree and the same model:
+
+- **seeds**: the usual way: torchvision ``ImageFolder`` + ``DataLoader(num_workers=4,
+  batch_size=32)`` + an fp32 model (Resize 256, CenterCrop 224);
+- **ceiling**: the network alone on random tensors, as the workflow runs it (batch size,
+  precision, channels_last on a GPU): no decoding, no files;
+- **workflow**: ``snakemake --cores N`` from discovery to ``index.h5``, HDF5 files written.
+
+It prints images/s for each, the ratios workflow / seeds and workflow / ceiling, and the peak
+resident memory of each (the largest process).
+
+The tree: ``--folders`` folders of ``--per-folder`` JPEGs (quality 90). ``--mix standard`` is
+all 500x375 (an ImageNet-like photo size); ``--mix mixed`` draws each image's size from 300x200,
+500x375, 640x480, 1024x768, 1920x1080 and 4000x3000; ``--mix large`` is all 4000x3000. A
+few distinct pictures (smooth shapes, gradients and sensor-like noise) are encoded per size and
+their bytes repeated under other names, which costs the decoder exactly as much.
+
+Usage::
+
+    python bench/throughput.py                                   # CPU: 4 folders x 500, resnet18
+    python bench/throughput.py --model efficientnet_lite0
+    python bench/throughput.py --device cuda --folders 200 --per-folder 1000 --cores 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+
+SIZES = {
+    "standard": [(500, 375)],
+    "mixed": [(300, 200), (500, 375), (640, 480), (1024, 768), (1920, 1080), (4000, 3000)],
+    "large": [(4000, 3000)],
+}
+
+#: Distinct pictures encoded per size; the rest of the tree repeats their bytes.
+DISTINCT = 8
+
+
+def picture(size: tuple[int, int], seed: int) -> Image.Image:
+    """A photo-like picture: a gradient sky, a few shapes, and noise like a sensor's."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    pixels = top + (bottom - top) * (y / h)[..., None] + 20 * np.sin(x / w * 6)[..., None]
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        r = rng.uniform(0.05, 0.3) * min(w, h)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
+    noise = rng.normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_tree(root: Path, folders: int, per_folder: int, mix: str) -> int:
+    """Write the tree; returns the number of images."""
+    rng = np.random.default_rng(0)
+    encoded: dict[tuple[int, int], list[bytes]] = {}
+    for size in SIZES[mix]:
+        encoded[size] = []
+        for seed in range(DISTINCT):
+            path = root / f".picture_{seed}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture(size, seed).save(path, quality=90)
+            encoded[size].append(path.read_bytes())
+            path.unlink()
+    sizes = SIZES[mix]
+    for f in range(folders):
+        folder = root / f"folder_{f:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_folder):
+            size = sizes[int(rng.integers(len(sizes)))]
+            data = encoded[size][(f * per_folder + i) % DISTINCT]
+            (folder / f"{i:06d}.jpg").write_bytes(data)
+    return folders * per_folder
+
+
+def _peak_mib() -> float:
+    """Peak resident memory of this process, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(args: list[str]) -> dict:
+    """Run one measurement in a fresh process (so peak memory is its own) and read its JSON."""
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def seeds(tree: Path, model: str, device: str, threads: int) -> dict:
+    """The seeds' loop: ImageFolder, DataLoader(4 workers, batch 32), fp32."""
+    import torch
+    from torchvision import datasets, transforms
+
+    from snakembed.backbones import create_backbone
+
+    torch.set_num_threads(threads)
+    backbone = create_backbone(model, weights="none")
+    pre = backbone.preprocess
+    transform = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
+    dataset = datasets.ImageFolder(str(tree), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=4)
+    net = backbone.model.to(device)
+    start = time.perf_counter()
+    count = 0
+    with torch.inference_mode():
+        for images, _ in loader:
+            net(images.to(device)).cpu()
+            count += len(images)
+    seconds = time.perf_counter() - start
+    return {"images": count, "seconds": seconds, "peak_mib": _peak_mib()}
+
+
+def ceiling(model: str, device: str, threads: int, batch: int, images: int) -> dict:
+    """The network alone on random tensors, as the workflow runs it."""
+    import torch
+
+    from snakembed.backbones import create_backbone
+    from snakembed.embed import autocast, resolve_device
+
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    backbone = create_backbone(model, weights="none")
+    net = backbone.model.to(dev)
+    crop = backbone.preprocess.crop
+    x = torch.randn(batch, 3, crop, crop, device=dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(dev, "auto"):
+        net(x)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        done = 0
+        while done < images:
+            net(x).float().cpu()
+            done += batch
+        seconds = time.perf_counter() - start
+    return {"images": done, "seconds": seconds, "peak_mib": _peak_mib()}
+
+
+def workflow(
+    tree: Path, results: Path, model: str, device: str, cores: int, threads: int, batch: int
+) -> dict:
+    """``snakemake --cores N`` from discovery to index."""
+    config = {
+        "images": str(tree),
+        "results": str(results),
+        "model": {"name": model, "weights": "none"},
+        "device": device,
+        "threads": threads,
+        "batch_size": batch,
+    }
+    configfile = results.parent / "bench_config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
+    cmd = [
+        snakemake,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(results.parent),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        str(cores),
+        "--quiet",
+        "all",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"snakemake failed:\n{proc.stderr[-3000:]}")
+    # The largest process that snakemake ran (this process ran nothing else), or the embed
+    # worker, which outlives the run and reports its peak in each job's log.
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    for log in (results / "logs" / "embed").rglob("*.log"):
+        for match in re.finditer(r"peak memory (\d+) MiB", log.read_text()):
+            peak = max(peak, float(match.group(1)))
+    return {"seconds": seconds, "peak_mib": peak, "jobs": _job_seconds(results / "benchmarks")}
+
+
+def _job_seconds(benchmarks: Path) -> dict[str, dict[str, float]]:
+    """Per rule: how many jobs ran and their summed wall seconds (Snakemake's benchmark files)."""
+    rules: dict[str, dict[str, float]] = {}
+    for path in sorted(benchmarks.rglob("*.tsv")):
+        rule = path.relative_to(benchmarks).parts[0].removesuffix(".tsv")
+        seconds = float(path.read_text().splitlines()[-1].split("\t")[0])
+        entry = rules.setdefault(rule, {"jobs": 0, "seconds": 0.0})
+        entry["jobs"] += 1
+        entry["seconds"] = round(entry["seconds"] + seconds, 2)
+    return rules
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18", help="a backbone name (random weights)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--folders", type=int, default=4)
+    parser.add_argument("--per-folder", type=int, default=500)
+    parser.add_argument("--mix", choices=sorted(SIZES), default="standard")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="snakemake --cores")
+    parser.add_argument("--threads", type=int, help="threads per embed job (default: --cores)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 32 CPU, 256 GPU)")
+    parser.add_argument("--keep", help="build the tree here and keep it")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # one measurement, in a child
+    parser.add_argument("--tree", help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    threads = args.threads or args.cores
+    batch = args.batch or (256 if args.device.startswith("cuda") else 32)
+    if args.part == "seeds":
+        print(json.dumps(seeds(Path(args.tree), args.model, args.device, threads)))
+        return
+    if args.part == "ceiling":
+        print(json.dumps(ceiling(args.model, args.device, threads, batch, args.images)))
+        return
+    if args.part == "workflow":
+        tree = Path(args.tree)
+        figures = workflow(
+            tree, tree.parent / "results", args.model, args.device, args.cores, threads, batch
+        )
+        print(json.dumps(figures))
+        return
+
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="snakembed-bench-"))
+    tree = base / "images"
+    start = time.perf_counter()
+    if tree.is_dir():
+        total = sum(1 for _ in tree.rglob("*.jpg"))
+    else:
+        total = make_tree(tree, args.folders, args.per_folder, args.mix)
+    print(
+        f"tree: {total} JPEGs ({args.mix}) in {args.folders} folders under {tree} "
+        f"({time.perf_counter() - start:.0f} s to make)",
+        flush=True,
+    )
+    common = [
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--cores",
+        str(args.cores),
+        "--threads",
+        str(threads),
+        "--batch",
+        str(batch),
+    ]
+    figures = {
+        "seeds": _child([*common, "--part", "seeds", "--tree", str(tree)]),
+        "ceiling": _child([*common, "--part", "ceiling", "--images", str(total)]),
+    }
+    shutil.rmtree(base / "results", ignore_errors=True)
+    figures["workflow"] = _child([*common, "--part", "workflow", "--tree", str(tree)])
+    figures["workflow"]["images"] = total
+    rates = {name: f["images"] / f["seconds"] for name, f in figures.items()}
+    print(f"model {args.model} on {args.device}, {args.cores} cores, batch {batch}")
+    for name in ("seeds", "ceiling", "workflow"):
+        f = figures[name]
+        print(
+            f"  {name:9s} {rates[name]:9.1f} images/s   {f['seconds']:8.1f} s   "
+            f"peak {f['peak_mib']:7.0f} MiB"
+        )
+    jobs = ", ".join(
+        f"{rule} {v['jobs']:g} x = {v['seconds']:.1f} s"
+        for rule, v in figures["workflow"]["jobs"].items()
+    )
+    print(f"  workflow jobs: {jobs}")
+    print(f"  workflow / seeds   {rates['workflow'] / rates['seeds']:.2f}")
+    print(f"  workflow / ceiling {rates['workflow'] / rates['ceiling']:.2f}")
+    if args.json:
+        print(json.dumps({"rates": rates, "figures": figures, "args": vars(args)}))
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Embed jobs served by one long-lived worker: one model load per run, the same outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import make_image, run_snakemake, write_config
+
+import snakembed
+from snakembed.worker import WorkerUnavailable, _relay
+
+
+def _tree(root, folders=3):
+    for f in range(folders):
+        for i in range(3):
+            make_image(root / f"f{f}" / f"{i}.jpg", size=(60 + 9 * i, 50), seed=10 * f + i)
+
+
+def test_one_worker_serves_every_folder_with_the_same_results(tmp_path):
+    _tree(tmp_path / "images")
+    # Two threads per job on two cores: one job at a time, so one worker slot.
+    served = write_config(tmp_path / "served.yaml", images="images", results="served", threads=2)
+    alone = write_config(
+        tmp_path / "alone.yaml",
+        images="images",
+        results="alone",
+        threads=2,
+        worker={"enabled": False},
+    )
+    run_snakemake(tmp_path, served)
+    run_snakemake(tmp_path, alone)
+    pids = set()
+    for folder in ("f0", "f1", "f2"):
+        log = (tmp_path / "served" / "logs" / "embed" / f"{folder}.log").read_text()
+        pids.update(re.findall(r"worker (\d+) embeds folder " + folder, log))
+        assert f"{folder}: 3 images embedded" in log  # progress reaches the job's log
+        assert "worker" not in (tmp_path / "alone" / "logs" / "embed" / f"{folder}.log").read_text()
+    assert len(pids) == 1  # the model was loaded once for the whole run
+    a, b = snakembed.open_store(tmp_path / "served"), snakembed.open_store(tmp_path / "alone")
+    for folder in a:
+        assert np.array_equal(a[folder].matrix(), b[folder].matrix())  # bit-identical
+
+
+def test_without_a_private_temporary_folder_each_job_embeds_itself(tmp_path):
+    _tree(tmp_path / "images", folders=1)
+    shared = tmp_path / "tmp" / f"snakembed-workers-{os.getuid()}"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # others could connect: never used
+    config = write_config(tmp_path / "config.yaml", images="images", results="results")
+    run_snakemake(tmp_path, config, env={"TMPDIR": str(tmp_path / "tmp")})
+    log = (tmp_path / "results" / "logs" / "embed" / "f0.log").read_text()
+    assert "embedding in this job instead" in log and "has no private folder" in log
+    assert "f0: 3 images embedded" in log
+    assert list(shared.iterdir()) == []
+
+
+def test_a_worker_leaves_when_idle(tmp_path):
+    from snakembed.config import load_config
+
+    config = load_config(overrides={"model": {"name": "resnet18", "weights": "none"}})
+    config["worker"]["idle"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    sock = tmp_path / "w.sock"
+    args = ["--config", str(tmp_path / "config.json"), "--socket", str(sock), "--threads", "1"]
+    process = subprocess.Popen([sys.executable, "-m", "snakembed.worker", *args])
+    deadline = time.monotonic() + 60
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sock.exists()  # listening once its model is loaded
+    assert process.wait(timeout=30) == 0
+    assert not sock.exists()
+
+
+def test_a_worker_that_stops_midway_makes_the_job_embed_itself(tmp_path):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "w.sock"))
+    server.listen(1)
+
+    def accept_and_hang_up():
+        conn, _ = server.accept()
+        conn.recv(1 << 16)
+        conn.sendall(b'{"log": "started"}\n')
+        conn.close()  # as a worker killed mid-folder would
+
+    thread = threading.Thread(target=accept_and_hang_up)
+    thread.start()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(tmp_path / "w.sock"))
+    with pytest.raises(WorkerUnavailable, match="stopped before it finished"):
+        _relay(client, {"folder": "f0"})
+    thread.join()
+    server.close()
