@@ -189,7 +189,7 @@ def _check_plugins(config: dict) -> None:
     if model["name"] == "custom" or model["module"]:
         _check_custom(model)
     for registry, name, key in (
-        (BACKBONES, config["model"]["name"], "model.name"),
+        (BACKBONES, model["name"], "model.name"),
         (HEADS, config["classify"]["head"], "classify.head"),
     ):
         if key == "classify.head" and name == "none":
@@ -211,13 +211,9 @@ def _check_model(config: dict) -> None:
             f"not layer {model['layer']!r}; set classify.head to linear, knn or none"
         )
     local = is_local_weights(model["weights"])
-    if (
-        local
-        and _is_finetune_output(model["weights"], config)
-        and not Path(model["weights"]).is_file()
-    ):
-        return  # the finetune rule writes it first
     if local and not Path(model["weights"]).is_file():
+        if _is_finetune_output(model["weights"], config):
+            return  # the finetune rule writes it first
         raise ConfigError(
             f"config key 'model.weights': checkpoint {model['weights']!r} does not exist; give an "
             "existing file, a weights name, `default` or `none`"

@@ -111,22 +111,27 @@ def _probe(model: torch.nn.Module, side: int) -> torch.Tensor:
 
 
 def _extractor(model: torch.nn.Module, layer: str, name: str) -> torch.nn.Module:
-    """A module whose output is ``layer``'s output."""
+    """A module whose output is ``layer``'s output (the graph is listed only on failure)."""
     from timm.models import create_feature_extractor
 
+    try:
+        extractor = create_feature_extractor(model.eval(), return_nodes={layer: "out"})
+        inputs = {node.name for node in extractor.graph.nodes if node.op == "placeholder"}
+        if layer not in inputs:  # the network's input is not a layer (layer_names leaves it out)
+            return extractor
+        exc = None
+    except Exception as error:  # noqa: BLE001 - an unknown node, or a network FX cannot trace
+        exc = error
     names = layer_names(model)
     if layer not in names:
-        raise LayerError(_unknown_layer(layer, model, names, name))
-    try:
-        return create_feature_extractor(model.eval(), return_nodes={layer: "out"})
-    except Exception as exc:  # noqa: BLE001 - FX cannot trace every network
-        modules = dict(model.named_modules())
-        if layer in modules:
-            return _Hooked(model, modules[layer])
-        raise LayerError(
-            f"{name} cannot be traced up to node {layer!r} ({type(exc).__name__}: {exc}); name "
-            f"one of its submodules instead: {', '.join(list(modules)[1:30])}"
-        ) from exc
+        raise LayerError(_unknown_layer(layer, model, names, name)) from None
+    modules = dict(model.named_modules())
+    if layer in modules:
+        return _Hooked(model, modules[layer])
+    raise LayerError(
+        f"{name} cannot be traced up to node {layer!r} ({type(exc).__name__}: {exc}); name "
+        f"one of its submodules instead: {', '.join(list(modules)[1:30])}"
+    ) from exc
 
 
 def _unknown_layer(layer: str, model: torch.nn.Module, names: list[str], name: str) -> str:
