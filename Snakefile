@@ -11,7 +11,6 @@ include: "workflow/rules/weights.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/classify.smk"
-include: "workflow/rules/store.smk"
 include: "workflow/rules/index.smk"
 
 

@@ -4,12 +4,15 @@ Makes a tree of JPEGs, then times, in one run, on the same tree and the same mod
 
 - **seeds**: the usual way: torchvision ``ImageFolder`` + ``DataLoader(num_workers=4,
   batch_size=32)`` + an fp32 model (Resize 256, CenterCrop 224);
-- **ceiling**: the network alone on random tensors, as the workflow runs it (batch size,
-  precision, channels_last on a GPU): no decoding, no files;
-- **workflow**: ``snakemake --cores N`` from discovery to ``index.h5``, HDF5 files written.
+- **ceiling**: the network alone on random tensors, prepared as the workflow prepares it
+  (:func:`snakembed.embed.prepare_model`: channels last; traced and frozen on the CPU; bf16 on a
+  GPU), same batch size: no decoding, no files;
+- **workflow**: ``snakemake --cores N`` from discovery to ``index.h5``, HDF5 files written,
+  after timing its plan (``--dry-run``).
 
-It prints images/s for each, the ratios workflow / seeds and workflow / ceiling, and the peak
-resident memory of each (the largest process).
+It prints images/s for each, the ratios workflow / seeds and workflow / ceiling, the plan time,
+the workflow's wall time per folder beyond the network's own (the ceiling's time for the same
+images), and the peak resident memory of each (the largest process, embed workers included).
 
 The tree: ``--folders`` folders of ``--per-folder`` JPEGs (quality 90). ``--mix standard`` is
 all 500x375 (an ImageNet-like photo size); ``--mix mixed`` draws each image's size from 300x200,
@@ -21,6 +24,8 @@ Usage::
 
     python bench/throughput.py                                   # CPU: 4 folders x 500, resnet18
     python bench/throughput.py --model efficientnet_lite0
+    python bench/throughput.py --folders 1000 --per-folder 10          # per-folder overhead
+    python bench/throughput.py --folders 1 --per-folder 50000 --crop 64 # memory of a big folder
     python bench/throughput.py --device cuda --folders 200 --per-folder 1000 --cores 16
 """
 
@@ -110,7 +115,7 @@ def _child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def seeds(tree: Path, model: str, device: str, threads: int) -> dict:
+def seeds(tree: Path, model: str, device: str, threads: int, size: dict) -> dict:
     """The seeds' loop: ImageFolder, DataLoader(4 workers, batch 32), fp32."""
     import torch
     from torchvision import datasets, transforms
@@ -122,8 +127,8 @@ def seeds(tree: Path, model: str, device: str, threads: int) -> dict:
     pre = backbone.preprocess
     transform = transforms.Compose(
         [
-            transforms.Resize(256),
-            transforms.CenterCrop(224),
+            transforms.Resize(size["resize"] or 256),
+            transforms.CenterCrop(size["crop"] or 224),
             transforms.ToTensor(),
             transforms.Normalize(pre.mean, pre.std),
         ]
@@ -141,43 +146,53 @@ def seeds(tree: Path, model: str, device: str, threads: int) -> dict:
     return {"images": count, "seconds": seconds, "peak_mib": _peak_mib()}
 
 
-def ceiling(model: str, device: str, threads: int, batch: int, images: int) -> dict:
-    """The network alone on random tensors, as the workflow runs it."""
+def ceiling(model: str, device: str, threads: int, batch: int, images: int, size: dict) -> dict:
+    """The network alone on random tensors, prepared and run as the workflow runs it."""
     import torch
 
-    from snakembed.backbones import create_backbone
-    from snakembed.embed import autocast, resolve_device
+    from snakembed.config import load_config
+    from snakembed.embed import Embedder
 
-    torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    backbone = create_backbone(model, weights="none")
-    net = backbone.model.to(dev)
-    crop = backbone.preprocess.crop
-    x = torch.randn(batch, 3, crop, crop, device=dev)
-    if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(dev, "auto"):
-        net(x)  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        done = 0
-        while done < images:
-            net(x).float().cpu()
-            done += batch
-        seconds = time.perf_counter() - start
+    config = load_config(
+        overrides={
+            "model": {"name": model, "weights": "none"},
+            "device": device,
+            "batch_size": batch,
+            "threads": threads,
+            "preprocess": size,
+        }
+    )
+    embedder = Embedder(config)
+    crop = embedder.backbone.preprocess.crop
+    x = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8)
+    if embedder.device.type == "cuda":
+        x = x.pin_memory()
+    embedder.forward(x)  # warm-up
+    start = time.perf_counter()
+    done = 0
+    while done < images:
+        embedder.forward(x)  # uint8 in, float32 NumPy out, as for decoded images
+        done += batch
+    seconds = time.perf_counter() - start
     return {"images": done, "seconds": seconds, "peak_mib": _peak_mib()}
 
 
 def workflow(
-    tree: Path, results: Path, model: str, device: str, cores: int, threads: int, batch: int
+    tree: Path,
+    results: Path,
+    model: str,
+    device: str,
+    cores: int,
+    threads: int,
+    batch: int,
+    size: dict,
 ) -> dict:
-    """``snakemake --cores N`` from discovery to index."""
+    """``snakemake --cores N`` from discovery to index, after timing its plan."""
     config = {
         "images": str(tree),
         "results": str(results),
         "model": {"name": model, "weights": "none"},
+        "preprocess": size,
         "device": device,
         "threads": threads,
         "batch_size": batch,
@@ -199,6 +214,11 @@ def workflow(
         "all",
     ]
     start = time.perf_counter()
+    proc = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, check=False)
+    plan = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"snakemake --dry-run failed:\n{proc.stderr[-3000:]}")
+    start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
@@ -206,10 +226,15 @@ def workflow(
     # The largest process that snakemake ran (this process ran nothing else), or the embed
     # worker, which outlives the run and reports its peak in each job's log.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    for log in (results / "logs" / "embed").rglob("*.log"):
+    for log in (results / "logs").rglob("*.log"):
         for match in re.finditer(r"peak memory (\d+) MiB", log.read_text()):
             peak = max(peak, float(match.group(1)))
-    return {"seconds": seconds, "peak_mib": peak, "jobs": _job_seconds(results / "benchmarks")}
+    return {
+        "seconds": seconds,
+        "plan_seconds": plan,
+        "peak_mib": peak,
+        "jobs": _job_seconds(results / "benchmarks"),
+    }
 
 
 def _job_seconds(benchmarks: Path) -> dict[str, dict[str, float]]:
@@ -234,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="snakemake --cores")
     parser.add_argument("--threads", type=int, help="threads per embed job (default: --cores)")
     parser.add_argument("--batch", type=int, help="batch size (default: 32 CPU, 256 GPU)")
+    parser.add_argument("--resize", type=int, help="preprocess.resize (default: the model's)")
+    parser.add_argument("--crop", type=int, help="preprocess.crop (default: the model's)")
     parser.add_argument("--keep", help="build the tree here and keep it")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument("--part", help=argparse.SUPPRESS)  # one measurement, in a child
@@ -242,16 +269,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = args.threads or args.cores
     batch = args.batch or (256 if args.device.startswith("cuda") else 32)
+    size = {"resize": args.resize, "crop": args.crop}
     if args.part == "seeds":
-        print(json.dumps(seeds(Path(args.tree), args.model, args.device, threads)))
+        print(json.dumps(seeds(Path(args.tree), args.model, args.device, threads, size)))
         return
     if args.part == "ceiling":
-        print(json.dumps(ceiling(args.model, args.device, threads, batch, args.images)))
+        print(json.dumps(ceiling(args.model, args.device, threads, batch, args.images, size)))
         return
     if args.part == "workflow":
         tree = Path(args.tree)
         figures = workflow(
-            tree, tree.parent / "results", args.model, args.device, args.cores, threads, batch
+            tree,
+            tree.parent / "results",
+            args.model,
+            args.device,
+            args.cores,
+            threads,
+            batch,
+            size,
         )
         print(json.dumps(figures))
         return
@@ -259,12 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="snakembed-bench-"))
     tree = base / "images"
     start = time.perf_counter()
-    if tree.is_dir():
-        total = sum(1 for _ in tree.rglob("*.jpg"))
-    else:
-        total = make_tree(tree, args.folders, args.per_folder, args.mix)
+    if not tree.is_dir():
+        make_tree(tree, args.folders, args.per_folder, args.mix)
+    files = list(tree.rglob("*.jpg"))
+    total, folders = len(files), len({f.parent for f in files})
     print(
-        f"tree: {total} JPEGs ({args.mix}) in {args.folders} folders under {tree} "
+        f"tree: {total} JPEGs ({args.mix}) in {folders} folders under {tree} "
         f"({time.perf_counter() - start:.0f} s to make)",
         flush=True,
     )
@@ -279,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         str(threads),
         "--batch",
         str(batch),
+        *(["--resize", str(args.resize)] if args.resize else []),
+        *(["--crop", str(args.crop)] if args.crop else []),
     ]
     figures = {
         "seeds": _child([*common, "--part", "seeds", "--tree", str(tree)]),
@@ -300,6 +337,13 @@ def main(argv: list[str] | None = None) -> None:
         for rule, v in figures["workflow"]["jobs"].items()
     )
     print(f"  workflow jobs: {jobs}")
+    flow = figures["workflow"]
+    network = total / rates["ceiling"]
+    print(f"  workflow plan (--dry-run) {flow['plan_seconds']:.1f} s")
+    print(
+        f"  workflow beyond the network: {(flow['seconds'] - network) / folders:.2f} s "
+        f"per folder ({folders} folders)"
+    )
     print(f"  workflow / seeds   {rates['workflow'] / rates['seeds']:.2f}")
     print(f"  workflow / ceiling {rates['workflow'] / rates['ceiling']:.2f}")
     if args.json:

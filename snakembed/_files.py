@@ -1,4 +1,4 @@
-"""Writing files so that no reader ever sees a half-written one."""
+"""Files: written so that no reader ever sees a half-written one; strings read back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_npz"]
+__all__ = ["atomic_path", "save_npz", "texts"]
 
 
 @contextlib.contextmanager
@@ -46,3 +46,8 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """``np.savez`` to ``path`` through :func:`atomic_path` (no pickled objects)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
+
+
+def texts(dataset) -> list[str]:
+    """An HDF5 string dataset as Python strings (h5py gives bytes or str by version)."""
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]

@@ -1,4 +1,4 @@
-"""Classifying embeddings with a head plugin, for one folder or for the CLI."""
+"""Classifying embeddings with a head plugin, for each folder's job or for the CLI."""
 
 from __future__ import annotations
 
@@ -8,18 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import save_npz
-from .embed import load_embeddings
 from .heads import Head, as_vectors, create_head, load_head, save_head, top_k
 
-__all__ = [
-    "Predictions",
-    "build_head",
-    "classify_folder",
-    "predict",
-    "save_predictions",
-    "load_predictions",
-]
+__all__ = ["Predictions", "build_head", "predict"]
 
 
 @dataclass
@@ -73,47 +64,3 @@ def build_head(config: dict, output: str | Path) -> Head:
     head = create_head(config["classify"]["head"], config)
     save_head(head, output)
     return head
-
-
-def classify_folder(
-    embeddings_path: str | Path, head_path: str | Path, output: str | Path, config: dict
-) -> Predictions:
-    """Classify one folder's embeddings with a saved head (the ``classify`` rule).
-
-    Args:
-        embeddings_path: the ``.npz`` written by the embed step.
-        head_path: the head saved by :func:`build_head`.
-        output: the ``.npz`` to write.
-        config: a validated configuration; ``classify:`` names the head and ``topk``.
-
-    Returns:
-        The predictions that were written.
-    """
-    embeddings = load_embeddings(embeddings_path)
-    settings = config["classify"]
-    head = load_head(head_path)
-    result = predict(head, settings["head"], embeddings.ids, embeddings.vectors, settings["topk"])
-    save_predictions(result, output)
-    return result
-
-
-def save_predictions(predictions: Predictions, path: str | Path) -> None:
-    """Write predictions to ``.npz`` atomically."""
-    save_npz(
-        path,
-        ids=np.asarray(predictions.ids, dtype=str),
-        labels=np.asarray(predictions.labels, dtype=str),
-        scores=np.asarray(predictions.scores, dtype=np.float32),
-        head=np.asarray(json.dumps(predictions.head)),
-    )
-
-
-def load_predictions(path: str | Path) -> Predictions:
-    """Read what :func:`save_predictions` wrote."""
-    with np.load(path, allow_pickle=False) as data:
-        return Predictions(
-            ids=[str(v) for v in data["ids"]],
-            labels=data["labels"],
-            scores=data["scores"],
-            head=json.loads(str(data["head"])),
-        )

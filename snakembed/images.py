@@ -29,6 +29,7 @@ __all__ = [
     "discover_folders",
     "decode_image",
     "read_image",
+    "read_image_bytes",
 ]
 
 #: The folder key of images that lie directly in the image root.
@@ -258,19 +259,30 @@ class Preprocess:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     def pixels(self, image: Image.Image):
-        """Resize and crop an RGB image: a ``uint8`` tensor ``[3, crop, crop]``."""
-        import torchvision.transforms.functional as F
+        """Resize and crop an RGB image: a ``uint8`` tensor ``[3, crop, crop]``.
 
-        image = F.resize(image, [self.resize], interpolation=_mode(self.interpolation))
-        return F.pil_to_tensor(F.center_crop(image, [self.crop]))
+        The resize runs on the ``uint8`` tensor (torchvision's antialiased kernels, as on a
+        GPU), except ``lanczos``, which only Pillow has.
+        """
+        import torch
+        import torchvision.transforms.v2.functional as F
+
+        mode = _mode(self.interpolation)
+        if self.interpolation == "lanczos":
+            image = F.resize(image, [self.resize], interpolation=mode)
+            return F.pil_to_tensor(F.center_crop(image, [self.crop]))
+        pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+        pixels = F.resize(pixels, [self.resize], interpolation=mode, antialias=True)
+        return F.center_crop(pixels, [self.crop]).contiguous()
 
     def normalize(self, batch):
-        """``uint8 [B, 3, H, W]`` to normalised float32 on the batch's device."""
+        """``uint8 [B, 3, H, W]`` to normalised float32 on the batch's device, channels last."""
         import torch
 
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
-        return batch.to(torch.float32).div_(255).sub_(mean).div_(std)
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255
+        scale = 1 / (torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255)
+        pixels = batch.to(torch.float32, memory_format=torch.channels_last)
+        return pixels.sub_(mean).mul_(scale)
 
 
 def _mode(name: str):
@@ -301,11 +313,19 @@ def read_image(
     Raises:
         ImageError: when the file cannot be read or decoded, with the reason.
     """
+    return decode_image(read_image_bytes(path), min_side, max_pixels)
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """An image file's bytes.
+
+    Raises:
+        ImageError: when the file cannot be read, with the reason.
+    """
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
-    return decode_image(data, min_side, max_pixels)
 
 
 def decode_image(

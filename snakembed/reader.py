@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ._files import texts
 from .store import FORMAT_VERSION, folder_file
 
 __all__ = ["Folder", "ImageRecord", "Patches", "Store", "StoreError", "open_store"]
@@ -51,10 +52,6 @@ def _reading(path: Path) -> Iterator[None]:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _texts(dataset) -> list[str]:
-    return [_text(v) for v in dataset[()]]
 
 
 @dataclass
@@ -156,7 +153,7 @@ class Folder:
     def ids(self) -> list[str]:
         """The embedded images' ids, in the order of :meth:`matrix`'s rows."""
         with _reading(self.path):
-            return _texts(self._file["_ids"])
+            return texts(self._file["_ids"])
 
     def matrix(self) -> np.ndarray:
         """All embeddings as one float32 array, rows in :meth:`ids` order: ``[N, D]``, or
@@ -170,12 +167,12 @@ class Folder:
         with _reading(self.path):
             n = len(f["_ids"])
             return {
-                "image_id": _texts(f["_ids"]),
-                "source": _texts(f["_sources"]),
-                "sha256": _texts(f["_sha256"]),
+                "image_id": texts(f["_ids"]),
+                "source": texts(f["_sources"]),
+                "sha256": texts(f["_sha256"]),
                 "width": f["_width"][()],
                 "height": f["_height"][()],
-                "label": _texts(f["_labels"]) if "_labels" in f else [None] * n,
+                "label": texts(f["_labels"]) if "_labels" in f else [None] * n,
                 "score": f["_scores"][()] if "_scores" in f else np.full(n, np.nan),
                 "embedding": self.matrix(),
             }

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._files import atomic_path
+from ._files import atomic_path, texts
 from .classify import Predictions
 from .config import library_versions
 from .embed import Embeddings
@@ -30,7 +30,7 @@ __all__ = [
     "FORMAT_VERSION",
     "folder_file",
     "folder_stem",
-    "store_folder",
+    "read_earlier",
     "write_folder",
     "write_index",
 ]
@@ -184,28 +184,43 @@ def write_index(folders: list[str], images_root: str | Path, output: str | Path)
                 continue
             group = f if key == ROOT_FOLDER else f.require_group(key)
             with h5py.File(folder_file(results, key), "r") as source:
-                ids = [v.decode() if isinstance(v, bytes) else v for v in source["_ids"][()]]
+                ids = texts(source["_ids"])
             for image_id in ids:
                 group[image_id] = h5py.ExternalLink(target, "/" + image_id)
 
 
-def store_folder(
-    embeddings_path: str | Path,
-    predictions_path: str | Path | None,
-    output: str | Path,
-    folder: str,
-) -> None:
-    """Write a folder's final file from the embed and classify steps' outputs (the ``store``
-    rule).
+def read_earlier(path: str | Path, config_hash: str) -> Embeddings | None:
+    """The embeddings a folder file holds, when it was written with the same numbers.
+
+    A folder's job reads its previous file to reuse the embeddings of unchanged images (a new
+    head, or images added to the folder). Anything else (no file, another format, other
+    numbers, a damaged file) gives None: every image is embedded again.
 
     Args:
-        embeddings_path: the embed step's ``.npz``.
-        predictions_path: the classify step's ``.npz``, or None without classification.
-        output: the folder's ``.h5`` file.
-        folder: the folder's key.
-    """
-    from .classify import load_predictions
-    from .embed import load_embeddings
+        path: the folder's ``.h5`` file.
+        config_hash: the current :func:`snakembed.config.numbers_fingerprint` hash.
 
-    predictions = load_predictions(predictions_path) if predictions_path else None
-    write_folder(load_embeddings(embeddings_path), predictions, output, folder)
+    Returns:
+        The stored embeddings, or None.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format_version") != FORMAT_VERSION:
+                return None
+            if f.attrs.get("config_hash") != config_hash:
+                return None
+            earlier = Embeddings(
+                ids=texts(f["_ids"]),
+                sources=texts(f["_sources"]),
+                sha256=texts(f["_sha256"]),
+                width=f["_width"][()],
+                height=f["_height"][()],
+                vectors=f["_embeddings"][()],
+            )
+            if "_patch_embeddings" in f:
+                earlier.patch_vectors = f["_patch_embeddings"][()]
+                earlier.patch_boxes = f["_patch_boxes"][()]
+                earlier.patch_counts = np.diff(f["_patch_offsets"][()])
+            return earlier
+    except (OSError, KeyError, ValueError):
+        return None

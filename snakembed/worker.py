@@ -1,10 +1,10 @@
-"""A long-lived process that embeds folders for the embed jobs of one machine.
+"""A long-lived process that runs the folder jobs (embed, classify, store) of one machine.
 
 Every embed job would otherwise pay for starting Python, importing torch, initialising CUDA and
-loading the model: seconds, as long as embedding a few hundred images. Instead, the first embed
-job on a machine starts a worker that loads the model once and listens on a Unix socket; every
-later job with the same settings hands its folder to that worker and relays its progress lines
-to the job's log. Each job still writes only its own folder's output, so Snakemake's per-folder
+loading the model: seconds, as long as embedding a few hundred images. Instead, the first folder
+job on a machine starts a worker that prepares the network once and listens on a Unix socket;
+every later job with the same settings hands its folder to that worker and relays its progress
+lines to the job's log. Each job still writes only its own folder's output, so Snakemake's per-folder
 tracking is unchanged, and the output is the same as embedding in the job itself.
 
 Workers are keyed by everything that changes their work (the whole config, the job's threads,
@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["embed_folder_served", "serve", "worker_dir"]
+__all__ = ["run_folder_served", "serve", "worker_dir"]
 
 log = logging.getLogger("snakembed")
 
@@ -69,47 +69,54 @@ def _key(config: dict, threads: int) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def embed_folder_served(
+def run_folder_served(
     images_root: str | Path,
     folder: str,
     names: Sequence[str],
     output: str | Path,
     config: dict,
+    *,
+    head: str | Path | None,
     threads: int,
     refused: dict[str, str] | None = None,
 ) -> None:
-    """Embed one folder through this machine's worker (the ``embed`` rule), as
-    :func:`snakembed.embed.embed_folder` would in this process.
+    """Run one folder's job through this machine's worker (the ``embed_classify_store`` rule),
+    as :func:`snakembed.pipeline.run_folder` would in this process.
 
     Args:
         images_root: the image root.
         folder: the folder's key.
         names: the folder's image file names.
-        output: the ``.npz`` file to write.
+        output: the folder's ``.h5`` file.
         config: a validated configuration; with ``worker.enabled`` false the folder is
-            embedded in this process.
+            run in this process.
+        head: the head file, or None to not classify.
         threads: CPU threads for this job.
         refused: ``{name: reason}`` of images that discovery refused.
     """
-    from .embed import embed_folder
+    from .pipeline import run_folder
 
-    if not config["worker"]["enabled"]:
-        embed_folder(images_root, folder, names, output, config, threads, refused)
-        return
     request = {
         "images_root": str(images_root),
         "folder": folder,
         "names": list(names),
         "output": os.path.abspath(output),
+        "head": os.path.abspath(head) if head else None,
         "refused": dict(refused or {}),
     }
-    try:
-        with _slot(config, threads) as (sock_path, lock_path):
-            _relay(_connect(sock_path, lock_path, config, threads), request)
-            return
-    except WorkerUnavailable as exc:
-        print(f"snakembed: embedding in this job instead: {exc}", file=sys.stderr, flush=True)
-    embed_folder(images_root, folder, names, output, config, threads, refused)
+    if config["worker"]["enabled"]:
+        try:
+            with _slot(config, threads) as (sock_path, lock_path):
+                _relay(_connect(sock_path, lock_path, config, threads), request)
+                return
+        except WorkerUnavailable as exc:
+            print(f"snakembed: running in this job instead: {exc}", file=sys.stderr, flush=True)
+    run_folder(**_arguments(request), config=config, threads=threads)
+
+
+def _arguments(request: dict) -> dict:
+    keys = ("images_root", "folder", "names", "output", "head", "refused")
+    return {key: request[key] for key in keys}
 
 
 @contextlib.contextmanager
@@ -228,10 +235,12 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
     Returns:
         How many folders were served.
     """
-    from .embed import embed_folder, load_backbone, log_to_stderr
+    from .embed import log_to_stderr
+    from .pipeline import Models, run_folder
 
     log_to_stderr()
-    backbone = load_backbone(config)
+    models = Models()
+    embedder = models.embedder(config, threads)
     idle = config["worker"]["idle"] if idle is None else idle
     sock_path = Path(sock_path)
     sock_path.unlink(missing_ok=True)  # a dead worker's; the slot's lock keeps others out
@@ -239,7 +248,7 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
     server.bind(str(sock_path))
     server.listen(64)
     server.settimeout(idle)
-    log.info("worker %d ready: %s on %s", os.getpid(), backbone.name, sock_path)
+    log.info("worker %d ready: %s on %s", os.getpid(), embedder.backbone.name, sock_path)
     served = 0
     try:
         while True:
@@ -252,17 +261,8 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
                 log.addHandler(handler)
                 try:
                     request = json.loads(stream.readline())
-                    log.info("worker %d embeds folder %s", os.getpid(), request["folder"])
-                    embed_folder(
-                        request["images_root"],
-                        request["folder"],
-                        request["names"],
-                        request["output"],
-                        config,
-                        threads,
-                        request["refused"],
-                        backbone=backbone,
-                    )
+                    log.info("worker %d runs folder %s", os.getpid(), request["folder"])
+                    run_folder(**_arguments(request), config=config, threads=threads, models=models)
                     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                     log.info("worker %d: peak memory %.0f MiB", os.getpid(), peak)
                     reply = {"done": True}

@@ -1,4 +1,5 @@
-"""The embedding loop: out-of-memory recovery, determinism, refused files."""
+"""The embedding loop: out-of-memory recovery, the traced network, determinism, reuse of
+unchanged images, refused files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 from conftest import FAST_CONFIG, make_image
 
 from snakembed.config import load_config
-from snakembed.embed import embed_folder, embed_images, load_backbone, load_embeddings
+from snakembed.embed import Embedder, embed_images, load_backbone, prepare_model
+from snakembed.pipeline import Models, run_folder
+from snakembed.reader import Folder
 
 
 class _RunsOutOfMemory(torch.nn.Module):
@@ -30,7 +33,8 @@ class _RunsOutOfMemory(torch.nn.Module):
 @pytest.fixture
 def setup(tmp_path):
     paths = [make_image(tmp_path / f"{i}.png", size=(50 + i, 40), seed=i) for i in range(10)]
-    config = load_config(overrides={**FAST_CONFIG, "batch_size": 8})
+    # The network runs untraced, so that the tests can replace it with a wrapper.
+    config = load_config(overrides={**FAST_CONFIG, "batch_size": 8, "optimize": False})
     return paths, config, load_backbone(config)
 
 
@@ -78,8 +82,8 @@ def test_refused_files_are_recorded_without_being_read(tmp_path):
     make_image(folder / "ok.jpg")
     (folder / "secret.jpg").symlink_to("/etc/hostname")
     config = load_config(overrides=FAST_CONFIG)
-    out = tmp_path / "a.npz"
-    embed_folder(
+    out = tmp_path / "a.h5"
+    run_folder(
         tmp_path / "images",
         "a",
         ["ok.jpg", "secret.jpg"],
@@ -87,6 +91,104 @@ def test_refused_files_are_recorded_without_being_read(tmp_path):
         config,
         refused={"secret.jpg": "outside the image root"},
     )
-    stored = load_embeddings(out)
-    assert stored.ids == ["ok.jpg"]
-    assert stored.failed == {"secret.jpg": "outside the image root"}
+    with Folder(out, "a") as stored:
+        assert stored.ids() == ["ok.jpg"]
+        assert stored.failed == {"secret.jpg": "outside the image root"}
+
+
+def test_the_traced_network_gives_the_networks_embeddings(setup):
+    """Tolerance: float rounding (1e-4 of the largest value); the trace is used on the CPU."""
+    paths, config, _ = setup
+    traced = Embedder({**config, "optimize": True}, threads=1)
+    eager = Embedder(config, threads=1)
+    assert isinstance(traced.forward.model, torch.jit.ScriptModule)
+    assert not isinstance(eager.forward.model, torch.jit.ScriptModule)
+    a, b = traced(paths), eager(paths)
+    assert a.ids == b.ids
+    assert np.allclose(a.vectors, b.vectors, rtol=1e-4, atol=1e-4 * np.abs(b.vectors).max())
+
+
+class _Untraceable(torch.nn.Module):
+    """Branches on its input's values: a trace would bake one branch in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        pooled = x.mean(dim=(2, 3))
+        return self.linear(pooled) if pooled.sum() > 0 else -self.linear(pooled)
+
+
+def test_a_network_whose_trace_differs_runs_untraced(caplog):
+    net = _Untraceable()
+    with caplog.at_level(logging.INFO, logger="snakembed"):
+        ready = prepare_model(net, torch.device("cpu"), size=8)
+    assert ready is net and "runs untraced" in caplog.text
+    x = torch.randn(5, 3, 8, 8)
+    assert torch.equal(ready(x), net(x))
+
+
+def test_a_traced_network_that_fails_at_run_time_hands_over_to_the_network(setup, caplog):
+    paths, config, _ = setup
+    embedder = Embedder({**config, "optimize": True}, threads=1)
+    expected = Embedder(config, threads=1)(paths)
+
+    def broken(x):
+        raise RuntimeError("the trace does not fit this shape")
+
+    embedder.forward.model = broken
+    with caplog.at_level(logging.WARNING, logger="snakembed"):
+        got = embedder(paths)
+    assert "running it untraced" in caplog.text
+    assert np.array_equal(got.vectors, expected.vectors)
+
+
+def test_unchanged_images_are_reused_and_new_ones_embedded(tmp_path, caplog):
+    root = tmp_path / "images"
+    for i in range(3):
+        make_image(root / "a" / f"{i}.png", seed=i)
+    config = load_config(overrides=FAST_CONFIG)
+    out, models = tmp_path / "a.h5", Models()
+    names = ["0.png", "1.png", "2.png"]
+    run_folder(root, "a", names, out, config, models=models)
+    make_image(root / "a" / "1.png", seed=99)  # changed
+    make_image(root / "a" / "3.png", seed=3)  # added
+    with caplog.at_level(logging.INFO, logger="snakembed"):
+        again = run_folder(root, "a", [*names, "3.png"], out, config, models=models)
+    assert "2 unchanged images reused" in caplog.text
+    fresh = run_folder(root, "a", [*names, "3.png"], tmp_path / "fresh.h5", config)
+    assert again.ids == fresh.ids == ["0.png", "1.png", "2.png", "3.png"]
+    assert np.array_equal(again.vectors, fresh.vectors)
+    assert list(again.width) == list(fresh.width) and again.sha256 == fresh.sha256
+
+
+def test_nothing_is_reused_when_the_numbers_change(tmp_path, caplog):
+    make_image(tmp_path / "images" / "a" / "0.png")
+    config = load_config(overrides=FAST_CONFIG)
+    out = tmp_path / "a.h5"
+    run_folder(tmp_path / "images", "a", ["0.png"], out, config)
+    other = load_config(overrides={**FAST_CONFIG, "preprocess": {"resize": 72, "crop": 64}})
+    with caplog.at_level(logging.INFO, logger="snakembed"):
+        run_folder(tmp_path / "images", "a", ["0.png"], out, other)
+    assert "reused" not in caplog.text
+    out.write_bytes(b"damaged")  # an unreadable earlier file is no reason to fail
+    run_folder(tmp_path / "images", "a", ["0.png"], out, other)
+    with Folder(out, "a") as stored:
+        assert stored.ids() == ["0.png"]
+
+
+def test_patches_are_reused_with_their_images(tmp_path):
+    root = tmp_path / "images"
+    make_image(root / "a" / "0.png", size=(80, 60))
+    patches = {"enabled": True, "size": 32, "stride": 32}
+    config = load_config(overrides={**FAST_CONFIG, "patches": patches})
+    out, models = tmp_path / "a.h5", Models()
+    first = run_folder(root, "a", ["0.png"], out, config, models=models)
+    make_image(root / "a" / "1.png", size=(64, 64), seed=1)
+    again = run_folder(root, "a", ["0.png", "1.png"], out, config, models=models)
+    n = first.patch_counts[0]
+    assert np.array_equal(again.patch_vectors[:n], first.patch_vectors)
+    assert np.array_equal(again.patch_boxes[:n], first.patch_boxes)
+    assert list(again.patch_counts[:1]) == list(first.patch_counts)
+    assert again.patch_counts[1] > 0

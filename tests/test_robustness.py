@@ -88,7 +88,7 @@ def test_each_bad_file_is_recorded_with_its_reason(hostile, name):
     with snakembed.open_store(hostile["results"])["mixed"] as folder:
         assert re.search(samples.BAD[name][1], folder.failed[name])
         assert name not in folder
-    log = (hostile["results"] / "logs" / "embed" / "mixed.log").read_text()
+    log = (hostile["results"] / "logs" / "embed_classify_store" / "mixed.log").read_text()
     assert name in log
 
 
@@ -150,7 +150,7 @@ def test_a_changed_brace_named_image_reruns_its_folder(hostile):
     before = folder_file(hostile["results"], "files").stat().st_mtime_ns
     make_image(path, seed=1234)
     dry = run_snakemake(hostile["base"], hostile["base"] / "config.yaml", "--dry-run")
-    assert re.search(r"embed\s+1\b", dry.stdout), dry.stdout
+    assert re.search(r"embed_classify_store\s+1\b", dry.stdout), dry.stdout
     run_snakemake(hostile["base"], hostile["base"] / "config.yaml")
     assert folder_file(hostile["results"], "files").stat().st_mtime_ns > before
 

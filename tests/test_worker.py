@@ -40,10 +40,15 @@ def test_one_worker_serves_every_folder_with_the_same_results(tmp_path):
     run_snakemake(tmp_path, alone)
     pids = set()
     for folder in ("f0", "f1", "f2"):
-        log = (tmp_path / "served" / "logs" / "embed" / f"{folder}.log").read_text()
-        pids.update(re.findall(r"worker (\d+) embeds folder " + folder, log))
+        log = (tmp_path / "served" / "logs" / "embed_classify_store" / f"{folder}.log").read_text()
+        pids.update(re.findall(r"worker (\d+) runs folder " + folder, log))
         assert f"{folder}: 3 images embedded" in log  # progress reaches the job's log
-        assert "worker" not in (tmp_path / "alone" / "logs" / "embed" / f"{folder}.log").read_text()
+        assert (
+            "worker"
+            not in (
+                tmp_path / "alone" / "logs" / "embed_classify_store" / f"{folder}.log"
+            ).read_text()
+        )
     assert len(pids) == 1  # the model was loaded once for the whole run
     a, b = snakembed.open_store(tmp_path / "served"), snakembed.open_store(tmp_path / "alone")
     for folder in a:
@@ -57,8 +62,8 @@ def test_without_a_private_temporary_folder_each_job_embeds_itself(tmp_path):
     shared.chmod(0o777)  # others could connect: never used
     config = write_config(tmp_path / "config.yaml", images="images", results="results")
     run_snakemake(tmp_path, config, env={"TMPDIR": str(tmp_path / "tmp")})
-    log = (tmp_path / "results" / "logs" / "embed" / "f0.log").read_text()
-    assert "embedding in this job instead" in log and "has no private folder" in log
+    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f0.log").read_text()
+    assert "running in this job instead" in log and "has no private folder" in log
     assert "f0: 3 images embedded" in log
     assert list(shared.iterdir()) == []
 

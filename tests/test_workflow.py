@@ -105,15 +105,23 @@ def test_bad_files_are_recorded_and_the_rest_is_stored(workflow_run):
             assert name in f
         for name in workflow_run["bad"]:
             assert name not in f
-    log = (results / "logs" / "embed" / "alpha.log").read_text()
+    log = (results / "logs" / "embed_classify_store" / "alpha.log").read_text()
     assert "truncated.jpg" in log
 
 
-def test_intermediates_are_removed_and_logs_kept(workflow_run):
+def test_one_job_per_folder_leaves_no_intermediates_and_keeps_logs(workflow_run):
     results = workflow_run["results"]
-    assert not list((results / ".work").rglob("*.npz"))
-    assert (results / "logs" / "embed" / "alpha" / "deep" / "b c.log").is_file()
-    assert (results / "benchmarks" / "store" / "ünï cödé.tsv").is_file()
+    assert sorted(p.name for p in results.iterdir()) == [
+        "benchmarks",
+        "embeddings",
+        "heads",
+        "index.h5",
+        "logs",
+    ]
+    assert (results / "logs" / "embed_classify_store" / "alpha" / "deep" / "b c.log").is_file()
+    rules = sorted(p.name for p in (results / "benchmarks").iterdir())
+    assert rules == ["embed_classify_store", "head.tsv", "index.tsv"]
+    assert (results / "benchmarks" / "embed_classify_store" / "ünï cödé.tsv").is_file()
 
 
 def test_index_mirrors_the_tree(workflow_run):
@@ -242,9 +250,11 @@ def test_resnet18_matches_torchvision(tmp_path, resnet18_checkpoint):
             with torch.no_grad():
                 expected = model(transform(Image.open(path).convert("RGB"))[None])[0].numpy()
             stored = f[path.name]["embedding"][()]
+            # The resize runs on uint8 tensors (as on a GPU), whose rounding differs from
+            # Pillow's by one level in a few pixels: near the reference, not equal to it.
             cosine = stored @ expected / np.linalg.norm(stored) / np.linalg.norm(expected)
             assert cosine >= 0.9999
-            assert np.allclose(stored, expected, rtol=1e-4, atol=1e-4)
+            assert np.abs(stored - expected).max() <= 2e-3 * np.abs(expected).max()
 
 
 def test_a_spatial_map_is_stored_as_a_matrix_per_image(tmp_path):

@@ -13,21 +13,3 @@ rule head:
         settings=get_head_settings,
     script:
         "../../scripts/head.py"
-
-
-rule classify:
-    input:
-        embeddings=f"{RESULTS}/.work/embed/{{folder}}.npz",
-        head=get_head_file(),
-    output:
-        work("classify/{folder}.npz"),
-    log:
-        f"{RESULTS}/logs/classify/{{folder}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/classify/{{folder}}.tsv"
-    conda:
-        "../../envs/snakembed.yaml"
-    params:
-        topk=config["classify"]["topk"],
-    script:
-        "../../scripts/classify.py"

@@ -18,18 +18,10 @@ validate(config, schema="../schemas/config.schema.yaml")
 for line in PLAN.warnings():
     logger.warning(line)
 RESULTS = str(PLAN.results)
-# Intermediate files are removed once used, unless the user keeps them.
-KEEP = config["keep_intermediate"]
 
 
 wildcard_constraints:
     folder=".+",
-
-
-def work(path):
-    """An intermediate file under {results}/.work, temp() unless keep_intermediate."""
-    path = f"{RESULTS}/.work/{path}"
-    return path if KEEP else temp(path)
 
 
 def get_final_outputs():
@@ -148,10 +140,11 @@ def get_finetune_settings(wildcards):
     return json.dumps(settings, sort_keys=True)
 
 
-def get_predictions(wildcards):
+def get_head_input(wildcards):
+    """The head file, or nothing without classification."""
     if config["classify"]["head"] == "none":
         return []
-    return f"{RESULTS}/.work/classify/{wildcards.folder}.npz"
+    return get_head_file()
 
 
 def get_gpus(wildcards):

@@ -1,13 +1,19 @@
-rule embed:
+# One job per image folder: decode, preprocess, patch, embed, classify and store its HDF5 file.
+# The steps share a process (an embed worker's, which keeps the network loaded across folders):
+# each is short next to starting one.
+rule embed_classify_store:
     input:
         images=get_folder_images,
         weights=get_weights_file,
+        head=get_head_input,
     output:
-        work("embed/{folder}.npz"),
+        # update(): the previous file stays readable until the new one is renamed over it, and
+        # lends the embeddings of the images that did not change.
+        update(f"{RESULTS}/embeddings/{{folder}}.h5"),
     log:
-        f"{RESULTS}/logs/embed/{{folder}}.log",
+        f"{RESULTS}/logs/embed_classify_store/{{folder}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/embed/{{folder}}.tsv"
+        f"{RESULTS}/benchmarks/embed_classify_store/{{folder}}.tsv"
     conda:
         "../../envs/snakembed.yaml"
     threads: config["threads"]
@@ -21,4 +27,4 @@ rule embed:
         untracked=get_untracked_images,
         numbers=get_numbers,
     script:
-        "../../scripts/embed.py"
+        "../../scripts/embed_classify_store.py"

@@ -2,14 +2,15 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from snakembed.worker import embed_folder_served
+from snakembed.worker import run_folder_served
 
-embed_folder_served(
+run_folder_served(
     snakemake.params.images,
     snakemake.params.folder,
     snakemake.params.names,
     snakemake.output[0],
     snakemake.config,
+    head=snakemake.input.head or None,
     threads=snakemake.threads,
     refused=snakemake.params.refused,
 )

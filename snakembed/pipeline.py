@@ -1,0 +1,133 @@
+"""One image folder from its files to its HDF5 file: embed, classify, store.
+
+This is the workflow's per-folder job (rule ``embed_classify_store``). The three steps run in
+one process because each is short next to starting a process: in an embed worker, which keeps
+the prepared network and the head for every folder it serves, or in the job itself.
+
+A folder's job reuses the embeddings of its previous file for images whose content did not
+change, when that file was written with the same numbers (model, weights, preprocessing,
+patches, library versions): a new head, or a few images added to a folder, costs no decoding of
+the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .classify import predict
+from .config import numbers_fingerprint
+from .embed import Embedder, Embeddings, log_to_stderr
+from .heads import Head, load_head
+from .store import read_earlier, write_folder
+
+__all__ = ["Models", "run_folder"]
+
+log = logging.getLogger("snakembed")
+
+
+class Models:
+    """The prepared network and the head, kept across folders and rebuilt only when the
+    config, the threads or the head file change.
+
+    Example:
+        >>> models = Models()
+        >>> models.head(None) is None
+        True
+    """
+
+    def __init__(self) -> None:
+        self._embedder: tuple[str, Embedder] | None = None
+        self._head: tuple[tuple, Head] | None = None
+
+    def embedder(self, config: dict, threads: int | None = None) -> Embedder:
+        """The config's :class:`~snakembed.embed.Embedder`, built on first use."""
+        key = json.dumps([config, threads], sort_keys=True)
+        if self._embedder is None or self._embedder[0] != key:
+            self._embedder = (key, Embedder(config, threads=threads))
+        return self._embedder[1]
+
+    def head(self, path: str | Path | None) -> Head | None:
+        """The head saved at ``path`` (reloaded when the file changes), or None."""
+        if path is None:
+            return None
+        info = Path(path).stat()
+        key = (str(Path(path).resolve()), info.st_mtime_ns, info.st_size)
+        if self._head is None or self._head[0] != key:
+            self._head = (key, load_head(path))
+        return self._head[1]
+
+
+def run_folder(
+    images_root: str | Path,
+    folder: str,
+    names: Sequence[str],
+    output: str | Path,
+    config: dict,
+    *,
+    head: str | Path | None = None,
+    threads: int | None = None,
+    refused: dict[str, str] | None = None,
+    models: Models | None = None,
+) -> Embeddings:
+    """Embed one image folder, classify its images and write its HDF5 file.
+
+    Args:
+        images_root: the image root.
+        folder: the folder's key (its path relative to the root, ``.`` for the root itself).
+        names: the folder's image file names.
+        output: the folder's ``.h5`` file; an earlier file there lends its unchanged images'
+            embeddings.
+        config: a validated configuration.
+        head: the head file (the ``head`` or ``train_head`` rule's), or None to not classify.
+        threads: CPU threads for this folder.
+        refused: ``{name: reason}`` for images that discovery refused to read; they are
+            recorded as failed.
+        models: the network and head kept by a worker (default: built for this call).
+
+    Returns:
+        The folder's embeddings.
+
+    Example:
+        >>> from snakembed.config import load_config
+        >>> run_folder("demo/images", "animals", ["chelsea.jpg"], "/tmp/animals.h5",
+        ...            load_config())  # doctest: +SKIP
+    """
+    log_to_stderr()
+    start = time.monotonic()
+    models = models or Models()
+    embedder = models.embedder(config, threads)
+    refused = dict(refused or {})
+    readable = [name for name in names if name not in refused]
+    directory = Path(images_root) / folder
+    result = embedder(
+        [directory / n for n in readable],
+        ids=readable,
+        sources=[name if folder == "." else f"{folder}/{name}" for name in readable],
+        label=folder,
+        reuse=read_earlier(output, numbers_fingerprint(config)["hash"]),
+    )
+    for name, reason in refused.items():
+        log.warning("%s: %s", name if folder == "." else f"{folder}/{name}", reason)
+    result.failed = dict(sorted({**refused, **result.failed}.items()))
+    predictions = None
+    classifier = models.head(head)
+    if classifier is not None:
+        settings = config["classify"]
+        predictions = predict(
+            classifier, settings["head"], result.ids, result.vectors, settings["topk"]
+        )
+    write_folder(result, predictions, output, folder)
+    seconds = time.monotonic() - start
+    log.info(
+        "%s: %d images embedded, %d failed, in %.1f s (%.1f images/s)",
+        folder,
+        len(result.ids),
+        len(result.failed),
+        seconds,
+        len(names) / max(seconds, 1e-9),
+    )
+    return result
