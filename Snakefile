@@ -10,7 +10,6 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/weights.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/train.smk"
-include: "workflow/rules/classify.smk"
 include: "workflow/rules/index.smk"
 
 

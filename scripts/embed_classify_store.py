@@ -10,7 +10,7 @@ run_folder_served(
     snakemake.params.names,
     snakemake.output[0],
     snakemake.config,
-    head=snakemake.input.head or None,
+    head=(snakemake.input.head or [None])[0],
     threads=snakemake.threads,
     refused=snakemake.params.refused,
 )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .heads import Head, as_vectors, create_head, load_head, save_head, top_k
+from .heads import Head, as_vectors, top_k
 
-__all__ = ["Predictions", "build_head", "predict"]
+__all__ = ["Predictions", "predict"]
 
 
 @dataclass
@@ -48,19 +46,3 @@ def predict(head: Head, head_name: str, ids: list[str], vectors: np.ndarray, k: 
         return Predictions(list(ids), empty.astype(str), empty.astype(np.float32), head_name)
     labels, scores = top_k(head.predict(as_vectors(vectors)), head.categories, k)
     return Predictions(list(ids), labels, scores, head_name)
-
-
-def build_head(config: dict, output: str | Path) -> Head:
-    """Build the config's head once and save it for every folder's classify job (the ``head``
-    rule).
-
-    Args:
-        config: a validated configuration; ``classify.head`` names the head plugin.
-        output: the ``.npz`` file to write.
-
-    Returns:
-        The head.
-    """
-    head = create_head(config["classify"]["head"], config)
-    save_head(head, output)
-    return head

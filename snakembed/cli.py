@@ -78,7 +78,6 @@ def _report_failures(result, as_json: bool) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .classify import predict
     from .heads import create_head, load_head, needs_labels
-    from .heads.pretrained import pretrained
 
     config = _config(args)
     name = config["classify"]["head"]
@@ -92,10 +91,7 @@ def _predict(args: argparse.Namespace) -> int:
             f"--head {config['results']}/heads/{name}/head.npz"
         )
     backbone, result = _embed(args, config)
-    if args.head:
-        head = load_head(args.head)
-    else:
-        head = pretrained(config, backbone) if name == "pretrained" else create_head(name, config)
+    head = load_head(args.head) if args.head else create_head(name, config, backbone)
     predictions = predict(head, name, result.ids, result.vectors, config["classify"]["topk"])
     for i, image in enumerate(predictions.ids):
         topk = [

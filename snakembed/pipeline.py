@@ -21,7 +21,7 @@ from pathlib import Path
 from .classify import predict
 from .config import numbers_fingerprint
 from .embed import Embedder, Embeddings, log_to_stderr
-from .heads import Head, load_head
+from .heads import Head, create_head, load_head
 from .store import read_earlier, write_folder
 
 __all__ = ["Models", "run_folder"]
@@ -34,8 +34,8 @@ class Models:
     config, the threads or the head file change.
 
     Example:
-        >>> models = Models()
-        >>> models.head(None) is None
+        >>> from snakembed.config import load_config
+        >>> Models().head(load_config(overrides={"classify": {"head": "none"}})) is None
         True
     """
 
@@ -50,14 +50,21 @@ class Models:
             self._embedder = (key, Embedder(config, threads=threads))
         return self._embedder[1]
 
-    def head(self, path: str | Path | None) -> Head | None:
-        """The head saved at ``path`` (reloaded when the file changes), or None."""
-        if path is None:
+    def head(self, config: dict, path: str | Path | None = None, backbone=None) -> Head | None:
+        """The config's head: the one saved at ``path`` (a trained head; reloaded when the
+        file changes), else built from the config (``pretrained``: the network's own
+        classifier, read from ``backbone`` when given), or None with ``classify.head: none``."""
+        name = config["classify"]["head"]
+        if name == "none":
             return None
-        info = Path(path).stat()
-        key = (str(Path(path).resolve()), info.st_mtime_ns, info.st_size)
+        if path is None:
+            key: tuple = ("built", json.dumps(config, sort_keys=True))
+        else:
+            info = Path(path).stat()
+            key = (str(Path(path).resolve()), info.st_mtime_ns, info.st_size)
         if self._head is None or self._head[0] != key:
-            self._head = (key, load_head(path))
+            head = create_head(name, config, backbone) if path is None else load_head(path)
+            self._head = (key, head)
         return self._head[1]
 
 
@@ -82,7 +89,8 @@ def run_folder(
         output: the folder's ``.h5`` file; an earlier file there lends its unchanged images'
             embeddings.
         config: a validated configuration.
-        head: the head file (the ``head`` or ``train_head`` rule's), or None to not classify.
+        head: the trained head's file (the ``train_head`` rule's); None for a head built from
+            the config (``pretrained``), or none with ``classify.head: none``.
         threads: CPU threads for this folder.
         refused: ``{name: reason}`` for images that discovery refused to read; they are
             recorded as failed.
@@ -114,7 +122,7 @@ def run_folder(
         log.warning("%s: %s", name if folder == "." else f"{folder}/{name}", reason)
     result.failed = dict(sorted({**refused, **result.failed}.items()))
     predictions = None
-    classifier = models.head(head)
+    classifier = models.head(config, head, embedder.backbone)
     if classifier is not None:
         settings = config["classify"]
         predictions = predict(

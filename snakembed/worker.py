@@ -4,8 +4,8 @@ Every embed job would otherwise pay for starting Python, importing torch, initia
 loading the model: seconds, as long as embedding a few hundred images. Instead, the first folder
 job on a machine starts a worker that prepares the network once and listens on a Unix socket;
 every later job with the same settings hands its folder to that worker and relays its progress
-lines to the job's log. Each job still writes only its own folder's output, so Snakemake's per-folder
-tracking is unchanged, and the output is the same as embedding in the job itself.
+lines to the job's log. Each job still writes only its own folder's output, so Snakemake's
+per-folder tracking is unchanged, and the output is the same as running in the job itself.
 
 Workers are keyed by everything that changes their work (the whole config, the job's threads,
 the Python and snakembed code), live in a private folder of the system's temporary folder,

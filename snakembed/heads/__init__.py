@@ -10,6 +10,7 @@ run and saved to a file (:func:`save_head`); every folder's classify job loads t
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -100,8 +101,14 @@ def needs_labels(name: str) -> bool:
     return name != "none" and bool(getattr(HEADS.factory(name), "needs_labels", False))
 
 
-def create_head(name: str, config: dict) -> Head:
+def create_head(name: str, config: dict, backbone=None) -> Head:
     """Build a registered head that needs no labels for a validated configuration.
+
+    Args:
+        name: the head's registered name.
+        config: a validated configuration.
+        backbone: the config's already built backbone, for a head that takes one (``pretrained``
+            reads its classifier) instead of building it again.
 
     Raises:
         PluginError: for an unknown name, listing the known ones.
@@ -112,7 +119,10 @@ def create_head(name: str, config: dict) -> Head:
             f"head {name!r} is trained on labelled images; set classify.labels and let the "
             "workflow's train_head rule build it"
         )
-    return HEADS.factory(name)(config)
+    factory = HEADS.factory(name)
+    if backbone is not None and "backbone" in inspect.signature(factory).parameters:
+        return factory(config, backbone=backbone)
+    return factory(config)
 
 
 def save_head(head: Head, path: str | Path) -> None:

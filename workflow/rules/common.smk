@@ -82,15 +82,11 @@ def get_numbers(wildcards):
 
 
 def get_head_file():
-    """The head, built once per run and kept: by the head rule from the model, or by the
-    train_head rule from labelled images."""
+    """A trained head's file (the train_head rule's), or nothing: other heads are built from
+    the config by each folder's job (pretrained: the network's own classifier)."""
     if needs_labels(config["classify"]["head"]):
-        return f"{get_trained_head_dir()}/head.npz"
-    return get_built_head_file()
-
-
-def get_built_head_file():
-    return f"{RESULTS}/heads/{config['classify']['head']}.npz"
+        return [f"{get_trained_head_dir()}/head.npz"]
+    return []
 
 
 def get_trained_head_dir():
@@ -98,13 +94,19 @@ def get_trained_head_dir():
 
 
 def get_head_settings(wildcards):
-    """What the head depends on: a change rebuilds it and reclassifies every folder."""
+    """What a trained head depends on: a change trains it again and reclassifies every folder."""
     keys = ("head", "k", "weight_decay")
     settings = {
         "classify": {k: config["classify"][k] for k in keys},
         "model": config["model"],
     }
     return json.dumps(settings, sort_keys=True)
+
+
+def get_classify_settings(wildcards):
+    """What classification depends on: a change reclassifies every folder (reusing its
+    embeddings)."""
+    return json.dumps(config["classify"], sort_keys=True)
 
 
 def get_labelled_images(wildcards):
@@ -138,13 +140,6 @@ def get_finetune_settings(wildcards):
         "val_fraction": config["classify"]["val_fraction"],
     }
     return json.dumps(settings, sort_keys=True)
-
-
-def get_head_input(wildcards):
-    """The head file, or nothing without classification."""
-    if config["classify"]["head"] == "none":
-        return []
-    return get_head_file()
 
 
 def get_gpus(wildcards):

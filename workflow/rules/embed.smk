@@ -5,7 +5,7 @@ rule embed_classify_store:
     input:
         images=get_folder_images,
         weights=get_weights_file,
-        head=get_head_input,
+        head=get_head_file(),
     output:
         # update(): the previous file stays readable until the new one is renamed over it, and
         # lends the embeddings of the images that did not change.
@@ -26,5 +26,6 @@ rule embed_classify_store:
         refused=get_refused_images,
         untracked=get_untracked_images,
         numbers=get_numbers,
+        classify=get_classify_settings,
     script:
         "../../scripts/embed_classify_store.py"
