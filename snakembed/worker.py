@@ -34,9 +34,12 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["run_folder_served", "serve", "worker_dir"]
+__all__ = ["prestart", "run_folder_served", "serve", "worker_dir"]
 
 log = logging.getLogger("snakembed")
+
+#: The longest path a Unix socket can bind to (sun_path is 108 bytes on Linux, 104 on macOS).
+_MAX_SOCKET_PATH = 103
 
 #: Seconds a job waits for a new worker to load its model before embedding by itself.
 _START_TIMEOUT = 300.0
@@ -126,6 +129,11 @@ def _slot(config: dict, threads: int) -> Iterator[tuple[Path, Path]]:
     if folder is None:
         raise WorkerUnavailable(f"{tempfile.gettempdir()} has no private folder for workers")
     key = _key(config, threads)
+    if len(os.fsencode(folder / f"{key}-999.sock")) > _MAX_SOCKET_PATH:
+        raise WorkerUnavailable(
+            f"socket paths under {folder} are too long for Unix sockets; set TMPDIR to a "
+            "shorter folder to use workers"
+        )
     slots = max(1, (os.cpu_count() or 1) // max(1, threads))
     handles = []
     try:
@@ -147,13 +155,31 @@ def _slot(config: dict, threads: int) -> Iterator[tuple[Path, Path]]:
 
 
 def _connect(sock_path: Path, lock_path: Path, config: dict, threads: int) -> socket.socket:
-    """A connection to the slot's worker, starting one if none is listening."""
+    """A connection to the slot's worker, starting one if none is listening or starting."""
     with contextlib.suppress(OSError):
         return _open(sock_path)
+    pid = _starting(lock_path)
+    if pid is None:
+        pid = _spawn(sock_path, lock_path, config, threads)
+    log_path = lock_path.with_suffix(".log")
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            tail = log_path.read_text(errors="replace")[-1500:]
+            raise WorkerUnavailable(f"the worker exited: {tail}")
+        with contextlib.suppress(OSError):
+            return _open(sock_path)
+        time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        os.kill(pid, 9)
+    raise WorkerUnavailable(f"the worker did not start in {_START_TIMEOUT:.0f} s; see {log_path}")
+
+
+def _spawn(sock_path: Path, lock_path: Path, config: dict, threads: int) -> int:
+    """Start the slot's worker (in its own session, to outlive the job); returns its pid."""
     config_path = lock_path.with_suffix(".json")
     config_path.write_text(json.dumps(config))
-    log_path = lock_path.with_suffix(".log")
-    with open(log_path, "a") as log_file:
+    with open(lock_path.with_suffix(".log"), "a") as log_file:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -169,18 +195,71 @@ def _connect(sock_path: Path, lock_path: Path, config: dict, threads: int) -> so
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # outlives this job, to serve the next ones
+            start_new_session=True,
         )
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise WorkerUnavailable(f"the worker exited ({process.returncode}): {tail}")
+    _STARTED.append(process)  # reaped with this process, so a dead worker is no zombie
+    lock_path.with_suffix(".pid").write_text(str(process.pid))
+    return process.pid
+
+
+#: Workers this process started.
+_STARTED: list[subprocess.Popen] = []
+
+
+def _starting(lock_path: Path) -> int | None:
+    """The pid of the slot's worker when one was started and still runs (loading its model)."""
+    try:
+        pid = int(lock_path.with_suffix(".pid").read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    for process in _STARTED:
+        if process.pid == pid:
+            return process.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process took the pid
+    with contextlib.suppress(OSError):  # a zombie (Linux): exited, not yet reaped
+        if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
+            return False
+    return True
+
+
+def prestart(config: dict, threads: int) -> bool:
+    """Start this machine's first worker for ``config`` now, so that it loads its network while
+    Snakemake plans the run (the workflow calls this on local runs).
+
+    Returns:
+        Whether a worker was started (not when one already runs or starts, when its slot is
+        busy, or when workers are off or cannot be used).
+    """
+    if not config["worker"]["enabled"]:
+        return False
+    folder = worker_dir()
+    if folder is None:
+        return False
+    stem = folder / f"{_key(config, threads)}-0"
+    if len(os.fsencode(stem)) + 5 > _MAX_SOCKET_PATH:
+        return False
+    sock_path, lock_path = stem.with_suffix(".sock"), stem.with_suffix(".lock")
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a job is being served there
         with contextlib.suppress(OSError):
-            return _open(sock_path)
-        time.sleep(0.05)
-    process.kill()
-    raise WorkerUnavailable(f"the worker did not start in {_START_TIMEOUT:.0f} s; see {log_path}")
+            _open(sock_path).close()
+            return False
+        if _starting(lock_path) is not None:
+            return False
+        _spawn(sock_path, lock_path, config, threads)
+        return True
 
 
 def _open(sock_path: Path) -> socket.socket:

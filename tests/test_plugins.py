@@ -188,3 +188,19 @@ def test_pretrained_head_gives_probabilities():
     probabilities = head.predict(np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32))
     assert probabilities.shape == (4, 1000)
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+def test_torchvision_names_are_listed_from_a_cache(tmp_path, monkeypatch):
+    """Planning a torchvision model need not import torchvision (2 s) once its names are cached."""
+    import torchvision.models
+
+    from snakembed.backbones.torchvision_models import TorchvisionFamily
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    expected = torchvision.models.list_models(module=torchvision.models)
+    assert TorchvisionFamily().names() == expected
+    (cache,) = (tmp_path / "snakembed").glob("torchvision-*-classifiers.json")
+    cache.write_text('["resnet18", "only_in_the_cache"]')
+    assert TorchvisionFamily().names() == ["resnet18", "only_in_the_cache"]
+    cache.write_text("damaged")
+    assert TorchvisionFamily().names() == expected

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +39,17 @@ def test_one_worker_serves_every_folder_with_the_same_results(tmp_path):
         threads=2,
         worker={"enabled": False},
     )
-    run_snakemake(tmp_path, served)
-    run_snakemake(tmp_path, alone)
+    short = Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))  # Unix socket paths are short
+    env = {"TMPDIR": str(short)}
+    try:
+        run_snakemake(tmp_path, served, env=env)
+        run_snakemake(tmp_path, alone, env=env)
+        # Started while Snakemake planned, once: the jobs waited for it, not starting another.
+        workers = short / f"snakembed-workers-{os.getuid()}"
+        lines = [line for log in workers.glob("*.log") for line in log.read_text().splitlines()]
+        assert len([line for line in lines if " ready: " in line]) == 1
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
     pids = set()
     for folder in ("f0", "f1", "f2"):
         log = (tmp_path / "served" / "logs" / "embed_classify_store" / f"{folder}.log").read_text()
@@ -104,3 +116,14 @@ def test_a_worker_that_stops_midway_makes_the_job_embed_itself(tmp_path):
         _relay(client, {"folder": "f0"})
     thread.join()
     server.close()
+
+
+def test_a_temporary_folder_too_deep_for_sockets_is_said_and_the_job_runs_itself(tmp_path):
+    _tree(tmp_path / "images", folders=1)
+    deep = tmp_path / ("x" * 60)
+    deep.mkdir()
+    config = write_config(tmp_path / "config.yaml", images="images", results="results")
+    run_snakemake(tmp_path, config, env={"TMPDIR": str(deep)})
+    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f0.log").read_text()
+    assert "too long for Unix sockets; set TMPDIR to a shorter folder" in log
+    assert "f0: 3 images embedded" in log

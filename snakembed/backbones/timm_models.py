@@ -32,6 +32,9 @@ PREFIX = "timm/"
 class TimmFamily:
     """A plugin family: ``names()`` lists timm's models, ``create()`` builds one."""
 
+    #: Every name starts with this, so a lookup of another name need not import timm.
+    prefix = PREFIX
+
     def names(self) -> list[str]:
         import timm
 

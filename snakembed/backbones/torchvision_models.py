@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from pathlib import Path
 
 from ..images import Preprocess
 from . import (
@@ -23,9 +26,20 @@ class TorchvisionFamily:
     """A plugin family: ``names()`` lists torchvision's classifiers, ``create()`` builds one."""
 
     def names(self) -> list[str]:
+        """torchvision's classifiers, from a cache per torchvision version: importing
+        torchvision to list them takes 2 s of every plan."""
+        from importlib.metadata import version
+
+        cache = _cache_dir() / f"torchvision-{version('torchvision')}-classifiers.json"
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(cache.read_text())
         import torchvision.models as models
 
-        return models.list_models(module=models)
+        names = models.list_models(module=models)
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(names))
+        return names
 
     def create(self, name: str, weights: str | None = "default") -> Backbone:
         import torch
@@ -89,3 +103,9 @@ def _named_weights(name, enum, weights):
 
 
 FAMILY = TorchvisionFamily()
+
+
+def _cache_dir() -> Path:
+    """snakembed's folder in the user's cache (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "snakembed"

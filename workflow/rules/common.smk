@@ -7,6 +7,7 @@ from snakemake.utils import validate
 from snakembed.backbones import is_local_weights, needs_fetch
 from snakembed.heads import needs_labels
 from snakembed.plan import FINETUNE_CHECKPOINT, plan_run
+from snakembed.worker import prestart
 
 # envs/snakembed.yaml installs the library from this checkout (for --sdm conda).
 os.environ.setdefault("SNAKEMBED_REPO", workflow.basedir)
@@ -18,6 +19,10 @@ validate(config, schema="../schemas/config.schema.yaml")
 for line in PLAN.warnings():
     logger.warning(line)
 RESULTS = str(PLAN.results)
+
+# On a local run, the embed worker loads its network while Snakemake plans the jobs.
+if workflow.is_main_process and workflow.local_exec and not workflow.dryrun and PLAN.folders:
+    prestart(config, min(config["threads"], workflow.cores))
 
 
 wildcard_constraints:
