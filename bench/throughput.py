@@ -4,6 +4,8 @@ Makes a tree of JPEGs, then times, in one run, on the same tree and the same mod
 
 - **seeds**: the usual way: torchvision ``ImageFolder`` + ``DataLoader(num_workers=4,
   batch_size=32)`` + an fp32 model (Resize 256, CenterCrop 224);
+- **eager**: the network alone as the seeds run it (fp32, channels first, untraced) on random
+  tensors;
 - **ceiling**: the network alone on random tensors, prepared as the workflow prepares it
   (:func:`snakembed.embed.prepare_model`: channels last; traced and frozen on the CPU; bf16 on a
   GPU), same batch size: no decoding, no files;
@@ -146,6 +148,28 @@ def seeds(tree: Path, model: str, device: str, threads: int, size: dict) -> dict
     return {"images": count, "seconds": seconds, "peak_mib": _peak_mib()}
 
 
+def eager(model: str, device: str, threads: int, batch: int, images: int, size: dict) -> dict:
+    """The network alone as the seeds run it: fp32, channels first, untraced."""
+    import torch
+
+    from snakembed.backbones import create_backbone
+
+    torch.set_num_threads(threads)
+    backbone = create_backbone(model, weights="none")
+    net = backbone.model.eval().to(device)
+    crop = size["crop"] or backbone.preprocess.crop
+    x = torch.randn(batch, 3, crop, crop, device=device)
+    with torch.inference_mode():
+        net(x)  # warm-up
+        start = time.perf_counter()
+        done = 0
+        while done < images:
+            net(x).cpu()
+            done += batch
+        seconds = time.perf_counter() - start
+    return {"images": done, "seconds": seconds, "peak_mib": _peak_mib()}
+
+
 def ceiling(model: str, device: str, threads: int, batch: int, images: int, size: dict) -> dict:
     """The network alone on random tensors, prepared and run as the workflow runs it."""
     import torch
@@ -226,14 +250,20 @@ def workflow(
     # The largest process that snakemake ran (this process ran nothing else), or the embed
     # worker, which outlives the run and reports its peak in each job's log.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    folders = []
     for log in (results / "logs").rglob("*.log"):
-        for match in re.finditer(r"peak memory (\d+) MiB", log.read_text()):
+        text = log.read_text()
+        for match in re.finditer(r"peak memory (\d+) MiB", text):
             peak = max(peak, float(match.group(1)))
+        done = re.finditer(r"(\d+) images embedded, (\d+) failed, in ([\d.]+) s", text)
+        for match in done:
+            folders.append({"images": int(match.group(1)), "seconds": float(match.group(3))})
     return {
         "seconds": seconds,
         "plan_seconds": plan,
         "peak_mib": peak,
         "jobs": _job_seconds(results / "benchmarks"),
+        "folders": folders,
     }
 
 
@@ -272,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     size = {"resize": args.resize, "crop": args.crop}
     if args.part == "seeds":
         print(json.dumps(seeds(Path(args.tree), args.model, args.device, threads, size)))
+        return
+    if args.part == "eager":
+        print(json.dumps(eager(args.model, args.device, threads, batch, args.images, size)))
         return
     if args.part == "ceiling":
         print(json.dumps(ceiling(args.model, args.device, threads, batch, args.images, size)))
@@ -319,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     figures = {
         "seeds": _child([*common, "--part", "seeds", "--tree", str(tree)]),
+        "eager": _child([*common, "--part", "eager", "--images", str(min(total, 2000))]),
         "ceiling": _child([*common, "--part", "ceiling", "--images", str(total)]),
     }
     shutil.rmtree(base / "results", ignore_errors=True)
@@ -326,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     figures["workflow"]["images"] = total
     rates = {name: f["images"] / f["seconds"] for name, f in figures.items()}
     print(f"model {args.model} on {args.device}, {args.cores} cores, batch {batch}")
-    for name in ("seeds", "ceiling", "workflow"):
+    for name in ("seeds", "eager", "ceiling", "workflow"):
         f = figures[name]
         print(
             f"  {name:9s} {rates[name]:9.1f} images/s   {f['seconds']:8.1f} s   "
@@ -345,7 +379,15 @@ def main(argv: list[str] | None = None) -> None:
         f"per folder ({folders} folders)"
     )
     print(f"  workflow / seeds   {rates['workflow'] / rates['seeds']:.2f}")
+    print(f"  workflow / eager   {rates['workflow'] / rates['eager']:.2f}")
     print(f"  workflow / ceiling {rates['workflow'] / rates['ceiling']:.2f}")
+    inside = sum(f["images"] for f in flow["folders"]) / max(
+        sum(f["seconds"] for f in flow["folders"]), 1e-9
+    )
+    print(
+        f"  inside the folders' jobs (worker start excluded) {inside:.1f} images/s "
+        f"({inside / rates['ceiling']:.2f} of the ceiling)"
+    )
     if args.json:
         print(json.dumps({"rates": rates, "figures": figures, "args": vars(args)}))
     if not args.keep:

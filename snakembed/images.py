@@ -273,7 +273,7 @@ class Preprocess:
             return F.pil_to_tensor(F.center_crop(image, [self.crop]))
         pixels = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
         pixels = F.resize(pixels, [self.resize], interpolation=mode, antialias=True)
-        return F.center_crop(pixels, [self.crop]).contiguous()
+        return F.center_crop(pixels, [self.crop])
 
     def normalize(self, batch):
         """``uint8 [B, 3, H, W]`` to normalised float32 on the batch's device, channels last."""

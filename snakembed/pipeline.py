@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .classify import predict
-from .config import numbers_fingerprint
 from .embed import Embedder, Embeddings, log_to_stderr
 from .heads import Head, create_head, load_head
 from .store import read_earlier, write_folder
@@ -116,7 +115,7 @@ def run_folder(
         ids=readable,
         sources=[name if folder == "." else f"{folder}/{name}" for name in readable],
         label=folder,
-        reuse=read_earlier(output, numbers_fingerprint(config)["hash"]),
+        reuse=read_earlier(output, embedder.meta),
     )
     for name, reason in refused.items():
         log.warning("%s: %s", name if folder == "." else f"{folder}/{name}", reason)

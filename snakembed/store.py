@@ -189,8 +189,9 @@ def write_index(folders: list[str], images_root: str | Path, output: str | Path)
                 group[image_id] = h5py.ExternalLink(target, "/" + image_id)
 
 
-def read_earlier(path: str | Path, config_hash: str) -> Embeddings | None:
-    """The embeddings a folder file holds, when it was written with the same numbers.
+def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
+    """The embeddings a folder file holds, when it was written with the same numbers: the same
+    config hash and the same weights checksum (a checkpoint rewritten in place).
 
     A folder's job reads its previous file to reuse the embeddings of unchanged images (a new
     head, or images added to the folder). Anything else (no file, another format, other
@@ -198,7 +199,7 @@ def read_earlier(path: str | Path, config_hash: str) -> Embeddings | None:
 
     Args:
         path: the folder's ``.h5`` file.
-        config_hash: the current :func:`snakembed.config.numbers_fingerprint` hash.
+        meta: the current embeddings' ``meta`` (``config_hash``, ``weights_sha256``).
 
     Returns:
         The stored embeddings, or None.
@@ -207,8 +208,9 @@ def read_earlier(path: str | Path, config_hash: str) -> Embeddings | None:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format_version") != FORMAT_VERSION:
                 return None
-            if f.attrs.get("config_hash") != config_hash:
-                return None
+            for key in ("config_hash", "weights_sha256"):
+                if f.attrs.get(key) != meta[key]:
+                    return None
             earlier = Embeddings(
                 ids=texts(f["_ids"]),
                 sources=texts(f["_sources"]),
