@@ -21,7 +21,12 @@ for line in PLAN.warnings():
 RESULTS = str(PLAN.results)
 
 # On a local run, the embed worker loads its network while Snakemake plans the jobs.
-if workflow.is_main_process and workflow.local_exec and not workflow.dryrun and PLAN.folders:
+if (
+    workflow.is_main_process
+    and workflow.local_exec
+    and not workflow.dryrun
+    and PLAN.folders
+):
     prestart(config, min(config["threads"], workflow.cores))
 
 
