@@ -101,6 +101,8 @@ class Registry:
         """
         table = self._table(want=name)
         if name not in table:
+            table = self._table()  # every family, to list what exists
+        if name not in table:
             raise PluginError(f"unknown {self.kind} {name!r}; {_choices(name, self.kind, table)}")
         return table[name][1]
 

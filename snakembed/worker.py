@@ -225,8 +225,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return False  # another user's process took the pid
-    with contextlib.suppress(OSError):  # a zombie (Linux): exited, not yet reaped
-        if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
+    proc = Path(f"/proc/{pid}")
+    with contextlib.suppress(OSError):  # Linux: a zombie exited; another program took the pid
+        if "\nState:\tZ" in (proc / "status").read_text():
+            return False
+        if b"snakembed.worker" not in (proc / "cmdline").read_bytes():
             return False
     return True
 
@@ -356,6 +359,7 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
     finally:
         server.close()
         sock_path.unlink(missing_ok=True)
+        sock_path.with_suffix(".pid").unlink(missing_ok=True)
         log.info("worker %d leaves after %d folder(s), idle for %s s", os.getpid(), served, idle)
     return served
 

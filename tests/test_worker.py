@@ -127,3 +127,19 @@ def test_a_temporary_folder_too_deep_for_sockets_is_said_and_the_job_runs_itself
     log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f0.log").read_text()
     assert "too long for Unix sockets; set TMPDIR to a shorter folder" in log
     assert "f0: 3 images embedded" in log
+
+
+def test_a_pid_taken_by_another_program_is_no_starting_worker(tmp_path):
+    """A stale pid file must never make a job wait for, or kill, an unrelated process."""
+    from snakembed.worker import _alive, _starting
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "k-0.pid").write_text(str(other.pid))
+        if Path("/proc").is_dir():
+            assert not _alive(other.pid)
+            assert _starting(tmp_path / "k-0.lock") is None
+    finally:
+        other.kill()
+        other.wait()
+    assert not _alive(other.pid)
