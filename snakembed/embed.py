@@ -217,14 +217,21 @@ class _Decoder:
         return item
 
 
-def _as_list(batch: list) -> list:
-    return batch
+def _collate(items: list[dict]) -> dict:
+    """A batch: the items' facts, and the decoded items' pixels as one tensor, stacked where
+    they were decoded (one shared-memory block per batch, not one per image)."""
+    import torch
+
+    decoded = [item for item in items if "pixels" in item]
+    pixels = torch.stack([item.pop("pixels") for item in decoded]) if decoded else None
+    return {"items": items, "pixels": pixels}
 
 
-def _batches(decoder: _Decoder, batch_size: int, workers: int, pin: bool) -> Iterator[list[dict]]:
+def _batches(decoder: _Decoder, batch_size: int, workers: int, pin: bool) -> Iterator[dict]:
     if workers == 0:
         for start in range(0, len(decoder), batch_size):
-            yield [decoder[i] for i in range(start, min(start + batch_size, len(decoder)))]
+            end = min(start + batch_size, len(decoder))
+            yield _collate([decoder[i] for i in range(start, end)])
         return
     from torch.utils.data import DataLoader
 
@@ -232,7 +239,7 @@ def _batches(decoder: _Decoder, batch_size: int, workers: int, pin: bool) -> Ite
         decoder,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_as_list,
+        collate_fn=_collate,
         pin_memory=pin,
         prefetch_factor=4,
     )
@@ -424,16 +431,16 @@ class Embedder:
         progress = _Progress(len(paths), label)
         for batch in _batches(decoder, batch_size, workers, pin=self.device.type == "cuda"):
             good = []
-            for item in batch:
+            for item in batch["items"]:
                 if "error" in item:
                     failed[ids[item["index"]]] = item["error"]
                     log.warning("%s: %s", sources[item["index"]], item["error"])
                 else:
                     good.append(item)
-            fresh = [item for item in good if "known" not in item]
+            fresh = [item for item in good if "known" not in item]  # in batch["pixels"]
             computed = iter(())
             if fresh:
-                computed = iter(self.forward(torch.stack([it["pixels"] for it in fresh])))
+                computed = iter(self.forward(batch["pixels"]))
             if fresh and self.grid is not None:
                 cut = torch.from_numpy(np.concatenate([it["patches"] for it in fresh]))
                 patch_rows = self.forward(cut)
@@ -453,7 +460,7 @@ class Embedder:
                 {k: v for k, v in it.items() if k in ("index", "sha256", "width", "height")}
                 for it in good
             )
-            progress.update(len(batch))
+            progress.update(len(batch["items"]))
         if known.used:
             log.info("%s: %d unchanged images reused from the previous run", label, known.used)
 
