@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-folder", type=int, default=500)
     parser.add_argument("--mix", choices=sorted(SIZES), default="standard")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="snakemake --cores")
-    parser.add_argument("--threads", type=int, help="threads per embed job (default: --cores)")
+    parser.add_argument("--threads", type=int, help="threads per folder job (default: --cores)")
     parser.add_argument("--batch", type=int, help="batch size (default: 32 CPU, 256 GPU)")
     parser.add_argument("--resize", type=int, help="preprocess.resize (default: the model's)")
     parser.add_argument("--crop", type=int, help="preprocess.crop (default: the model's)")

@@ -200,11 +200,12 @@ class _Decoder:
         item: dict = {"index": index}
         try:
             data = read_image_bytes(self.paths[index])
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in self.known:
-                return {**item, "sha256": digest, "known": True}
+            if self.known:  # decode_image hashes the bytes too; only hash first to match
+                digest = hashlib.sha256(data).hexdigest()
+                if digest in self.known:
+                    return {**item, "sha256": digest, "known": True}
             decoded = decode_image(data, self.min_side, self.max_pixels)
-            item.update(sha256=digest, width=decoded.width, height=decoded.height)
+            item.update(sha256=decoded.sha256, width=decoded.width, height=decoded.height)
             item["pixels"] = self.preprocess.pixels(decoded.image)
             if self.grid is not None:
                 item["patches"], item["boxes"] = self.grid.cut(

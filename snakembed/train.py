@@ -62,7 +62,7 @@ def train_head(
     Args:
         embeddings: what :func:`embed_labelled` wrote.
         config: a validated configuration; ``classify.head`` names the head.
-        head_path: the head file, read by every classify job.
+        head_path: the head file, read by every folder's job.
         metrics_path: a JSON file: accuracy, per-class precision, recall, F1 and support,
             macro averages, the confusion matrix, the chosen settings and every trial, the
             predicted label of every val image, and the images that could not be read.

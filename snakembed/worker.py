@@ -1,6 +1,6 @@
 """A long-lived process that runs the folder jobs (embed, classify, store) of one machine.
 
-Every embed job would otherwise pay for starting Python, importing torch, initialising CUDA and
+Every folder job would otherwise pay for starting Python, importing torch, initialising CUDA and
 loading the model: seconds, as long as embedding a few hundred images. Instead, the first folder
 job on a machine starts a worker that prepares the network once and listens on a Unix socket;
 every later job with the same settings hands its folder to that worker and relays its progress
@@ -43,6 +43,9 @@ _MAX_SOCKET_PATH = 103
 
 #: Seconds a job waits for a new worker to load its model before embedding by itself.
 _START_TIMEOUT = 300.0
+
+#: Workers this process started (reaped here, so a dead one is never taken for a live one).
+_STARTED: list[subprocess.Popen] = []
 
 
 class WorkerUnavailable(RuntimeError):
@@ -197,13 +200,9 @@ def _spawn(sock_path: Path, lock_path: Path, config: dict, threads: int) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    _STARTED.append(process)  # reaped with this process, so a dead worker is no zombie
+    _STARTED.append(process)
     lock_path.with_suffix(".pid").write_text(str(process.pid))
     return process.pid
-
-
-#: Workers this process started.
-_STARTED: list[subprocess.Popen] = []
 
 
 def _starting(lock_path: Path) -> int | None:

@@ -3,9 +3,10 @@
 A head plugin is a factory ``f(config) -> Head`` registered in the ``snakembed.heads``
 entry-point group; ``config`` is the whole validated workflow configuration. A head trained on
 labelled embeddings is a factory ``f(config, data: TrainingData) -> Trained`` with the attribute
-``needs_labels = True``; the workflow's ``train_head`` rule calls it. A head is built once per
-run and saved to a file (:func:`save_head`); every folder's classify job loads that file
-(:func:`load_head`), so classifying a folder needs neither torch nor the backbone.
+``needs_labels = True``; the workflow's ``train_head`` rule calls it and saves the head to a file
+(:func:`save_head`) that every folder's job loads (:func:`load_head`). A head that needs no
+labels is built from the config by each worker; one whose factory takes ``backbone`` is given
+the network the worker already holds (``pretrained`` reads its classifier).
 """
 
 from __future__ import annotations
