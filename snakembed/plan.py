@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from .config import ConfigError, numbers_fingerprint, validate_config
 from .heads import HEADS, needs_labels
 from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
+from .manifest import folder_manifest, write_manifest
 from .store import folder_stem
 
 #: Where the finetune rule writes its checkpoint, under the results folder.
@@ -62,34 +64,47 @@ class Plan:
         """``{folder key: sorted image file names}``."""
         return self.discovery.folders
 
-    def inputs(self, folder: str) -> list[str]:
-        """The folder's image files that Snakemake tracks as inputs.
+    def manifest_file(self, stem: str) -> Path:
+        """Where the folder of file stem ``stem`` has its manifest (see :mod:`.manifest`)."""
+        return self.results / "manifests" / f"{stem}.json"
 
-        Snakemake reads ``{name}`` in a path as a wildcard, so files whose path holds a brace
-        are tracked by :meth:`untracked` instead; refused files are not read at all.
+    def write_manifests(self) -> int:
+        """Write each folder's manifest where what it holds changed.
+
+        Returns:
+            How many were written.
         """
-        return _trackable(self._path(folder, n) for n in self.discovery.readable(folder))
+        written = 0
+        for stem, key in self.stems.items():
+            manifest = folder_manifest(
+                self.images, key, self.folders[key], self.discovery.refused.get(key)
+            )
+            written += write_manifest(manifest, self.manifest_file(stem))
+        return written
 
-    def untracked(self, folder: str) -> dict[str, list[int]]:
-        """``{name: [size, mtime in ns]}`` of the readable files that :meth:`inputs` leaves out.
+    def manifest_digest(self, stem: str) -> str:
+        """The sha256 of the folder's manifest file as written (see :meth:`write_manifests`).
 
-        Passed as a rule parameter, so that a change to one of them still reruns its folder.
+        The workflow passes it as a rule parameter: it changes when the folder's images do, and
+        Snakemake reruns a job whose parameters changed.
         """
-        names = self.discovery.readable(folder)
-        return _untrackable({name: self._path(folder, name) for name in names})
+        return hashlib.sha256(self.manifest_file(stem).read_bytes()).hexdigest()
 
     def labelled_inputs(self) -> list[str]:
-        """The labelled images that Snakemake tracks as inputs (see :meth:`inputs`)."""
+        """The labelled images that Snakemake tracks as inputs.
+
+        Snakemake reads ``{name}`` in a path as a wildcard, so files whose path holds a brace
+        are tracked by :meth:`labelled_untracked` instead.
+        """
         return _trackable(str(p) for p in self.labelled.paths) if self.labelled else []
 
     def labelled_untracked(self) -> dict[str, list[int]]:
-        """``{path: [size, mtime in ns]}`` of labelled images with a brace in their path."""
+        """``{path: [size, mtime in ns]}`` of labelled images with a brace in their path.
+
+        Passed as a rule parameter, so that a change to one of them still reruns its job.
+        """
         paths = self.labelled.paths if self.labelled else []
         return _untrackable({str(p): str(p) for p in paths})
-
-    def refused(self, folder: str) -> dict[str, str]:
-        """``{name: reason}`` of the folder's files that will not be read."""
-        return self.discovery.refused.get(folder, {})
 
     def warnings(self) -> list[str]:
         """One line per folder link that was not followed, and per folder with refused files."""
@@ -97,9 +112,6 @@ class Plan:
         for folder, refused in self.discovery.refused.items():
             lines.append(f"{folder}: {len(refused)} file(s) will be recorded as failed, not read")
         return lines
-
-    def _path(self, folder: str, name: str) -> str:
-        return str(self.images / folder / name)
 
 
 def _has_brace(path: str) -> bool:

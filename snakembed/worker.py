@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["prestart", "run_folder_served", "serve", "worker_dir"]
@@ -76,39 +76,35 @@ def _key(config: dict, threads: int) -> str:
 
 
 def run_folder_served(
-    images_root: str | Path,
-    folder: str,
-    names: Sequence[str],
+    manifest: str | Path,
     output: str | Path,
     config: dict,
     *,
     head: str | Path | None,
     threads: int,
-    refused: dict[str, str] | None = None,
 ) -> None:
     """Run one folder's job through this machine's worker (the ``embed_classify_store`` rule),
     as :func:`snakembed.pipeline.run_folder` would in this process.
 
     Args:
-        images_root: the image root.
-        folder: the folder's key.
-        names: the folder's image file names.
+        manifest: the folder's manifest file (see :mod:`snakembed.manifest`).
         output: the folder's ``.h5`` file.
         config: a validated configuration; with ``worker.enabled`` false the folder is
             run in this process.
         head: the head file, or None to not classify.
         threads: CPU threads for this job.
-        refused: ``{name: reason}`` of images that discovery refused.
     """
+    from .manifest import read_manifest
     from .pipeline import run_folder
 
+    folder = read_manifest(manifest)
     request = {
-        "images_root": str(images_root),
-        "folder": folder,
-        "names": list(names),
+        "images_root": os.path.abspath(folder.root),
+        "folder": folder.folder,
+        "names": folder.names,
         "output": os.path.abspath(output),
         "head": os.path.abspath(head) if head else None,
-        "refused": dict(refused or {}),
+        "refused": folder.refused,
     }
     if config["worker"]["enabled"]:
         try:

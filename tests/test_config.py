@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import yaml
 from conftest import REPO, make_image
 
 from snakembed.config import ConfigError, load_config, numbers_fingerprint, validate_config
+from snakembed.manifest import read_manifest
 from snakembed.plan import plan_run
 
 
@@ -110,17 +112,40 @@ def _config(tmp_path: Path, **overrides) -> dict:
 def test_plan_finds_folders(tmp_path):
     plan = plan_run(_config(tmp_path))
     assert plan.folders == {"a": ["x.jpg"]} and plan.stems == {"a": "a"}
-    assert plan.inputs("a") == [str(tmp_path / "images" / "a" / "x.jpg")]
-    assert plan.untracked("a") == {} and plan.refused("a") == {}
+    assert plan.manifest_file("a") == tmp_path / "results" / "manifests" / "a.json"
 
 
-def test_plan_tracks_brace_names_by_size_and_mtime(tmp_path):
-    path = make_image(tmp_path / "images" / "b{x}" / "{y}.jpg")
-    plan = plan_run(_config(tmp_path))
-    assert plan.stems["b%7Bx%7D"] == "b{x}"
-    assert plan.inputs("b{x}") == []
-    stat = path.stat()
-    assert plan.untracked("b{x}") == {"{y}.jpg": [stat.st_size, stat.st_mtime_ns]}
+def test_manifests_are_rewritten_only_where_images_changed(tmp_path):
+    config = _config(tmp_path)
+    make_image(tmp_path / "images" / "b{x}" / "{y}.jpg")
+    assert plan_run(dict(config)).write_manifests() == 2
+    assert plan_run(dict(config)).write_manifests() == 0  # nothing changed: nothing written
+    plan = plan_run(dict(config))
+    first = {stem: plan.manifest_file(stem).stat().st_mtime_ns for stem in plan.stems}
+
+    # a brace in a name is just a name in a manifest; rewriting the image rewrites its folder's
+    path = make_image(tmp_path / "images" / "b{x}" / "{y}.jpg", seed=3, size=(40, 30))
+    os.utime(path, ns=(1, 1))
+    assert plan_run(dict(config)).write_manifests() == 1
+    manifest = read_manifest(plan.manifest_file("b%7Bx%7D"))
+    assert manifest.folder == "b{x}" and manifest.images == {"{y}.jpg": [path.stat().st_size, 1]}
+    assert plan.manifest_file("a").stat().st_mtime_ns == first["a"]
+
+    # an image added, or one that cannot be read, is a change too
+    make_image(tmp_path / "images" / "a" / "new.jpg")
+    (tmp_path / "images" / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    assert plan_run(dict(config)).write_manifests() == 1
+    manifest = read_manifest(plan.manifest_file("a"))
+    assert sorted(manifest.images) == ["new.jpg", "x.jpg"]
+    assert "broken symbolic link" in manifest.refused["gone.jpg"]
+    assert manifest.names == ["gone.jpg", "new.jpg", "x.jpg"]
+
+
+def test_a_damaged_manifest_names_itself_and_the_fix(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text("{")
+    with pytest.raises(ValueError, match=r"a\.json: not a folder manifest.*delete it"):
+        read_manifest(path)
 
 
 @pytest.mark.parametrize(

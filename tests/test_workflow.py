@@ -118,8 +118,10 @@ def test_one_job_per_folder_leaves_no_intermediates_and_keeps_logs(workflow_run)
         "embeddings",
         "index.h5",
         "logs",
+        "manifests",
     ]
     assert (results / "logs" / "embed_classify_store" / "alpha" / "deep" / "b c.log").is_file()
+    assert (results / "manifests" / "alpha" / "deep" / "b c.json").is_file()
     rules = sorted(p.name for p in (results / "benchmarks").iterdir())
     assert rules == ["embed_classify_store", "index.tsv"]
     assert (results / "benchmarks" / "embed_classify_store" / "ünï cödé.tsv").is_file()

@@ -20,6 +20,11 @@ for line in PLAN.warnings():
     logger.warning(line)
 RESULTS = str(PLAN.results)
 
+# Each folder's manifest is rewritten where its images changed (a dry run too, so that it
+# reports those folders); its checksum is a parameter of the folder's job.
+if workflow.is_main_process:
+    PLAN.write_manifests()
+
 # On a local run, the embed worker loads its network while Snakemake plans the jobs.
 if (
     workflow.is_main_process
@@ -50,25 +55,18 @@ def get_folder_keys(wildcards):
     return list(PLAN.folders)
 
 
-def get_folder_key(wildcards):
-    return PLAN.stems[wildcards.folder]
+def get_folder_manifest(wildcards):
+    """The folder's manifest: its images, which the job reads (see snakembed/manifest.py)."""
+    return str(PLAN.manifest_file(wildcards.folder))
 
 
-def get_folder_images(wildcards):
-    return PLAN.inputs(get_folder_key(wildcards))
+def get_folder_digest(wildcards):
+    """The manifest's checksum: an image added, removed or changed reruns the folder.
 
-
-def get_untracked_images(wildcards):
-    """Images that cannot be inputs (a brace in the path): their size and mtime rerun the job."""
-    return PLAN.untracked(get_folder_key(wildcards))
-
-
-def get_refused_images(wildcards):
-    return PLAN.refused(get_folder_key(wildcards))
-
-
-def get_folder_names(wildcards):
-    return PLAN.folders[get_folder_key(wildcards)]
+    A parameter, not an input: Snakemake checks every input of every ready job each time it
+    starts one, which on a tree of 1,000 folders cost more than their work.
+    """
+    return PLAN.manifest_digest(wildcards.folder)
 
 
 def get_weights_file(wildcards):

@@ -3,7 +3,6 @@
 # each is short next to starting one.
 rule embed_classify_store:
     input:
-        images=get_folder_images,
         weights=get_weights_file,
         head=get_head_file(),
     output:
@@ -20,11 +19,8 @@ rule embed_classify_store:
     resources:
         gpu=get_gpus,
     params:
-        images=get_images_root,
-        folder=get_folder_key,
-        names=get_folder_names,
-        refused=get_refused_images,
-        untracked=get_untracked_images,
+        manifest=get_folder_manifest,
+        images=get_folder_digest,
         numbers=get_numbers,
         classify=get_classify_settings,
     script:
