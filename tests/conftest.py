@@ -86,22 +86,26 @@ def write_config(path: Path, **overrides) -> Path:
     return path
 
 
-def run_snakemake(
-    workdir: Path, configfile: Path, *extra: str, check: bool = True, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run the real workflow, with --configfile and --directory given explicitly."""
-    cmd = [
+def snakemake_command(workdir: Path, configfile: Path, *extra: str) -> list[str]:
+    """The snakemake command line for this repository's workflow."""
+    snakefile = str(REPO / "Snakefile")
+    return [
         SNAKEMAKE,
         "--snakefile",
-        str(REPO / "Snakefile"),
+        snakefile,
         "--directory",
         str(workdir),
         "--configfile",
         str(configfile),
-        "--cores",
-        "2",
         *extra,
     ]
+
+
+def run_snakemake(
+    workdir: Path, configfile: Path, *extra: str, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real workflow, with --configfile and --directory given explicitly."""
+    cmd = snakemake_command(workdir, configfile, "--cores", "2", *extra)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:

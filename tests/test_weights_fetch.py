@@ -51,5 +51,5 @@ def test_without_the_weights_or_internet_the_fetch_fails_first_naming_the_fix(tm
     assert proc.returncode != 0
     log = (tmp_path / "results" / "logs" / "weights_fetch.log").read_text()
     assert "cannot get weights ResNet18_Weights.IMAGENET1K_V1" in log
-    assert "download them once where there is internet" in log
+    assert "snakemake --cores 1 --forcerun weights_fetch weights_fetch" in log
     assert not (tmp_path / "results" / "logs" / "embed").exists()

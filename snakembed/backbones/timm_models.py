@@ -67,8 +67,10 @@ class TimmFamily:
             except Exception as exc:  # noqa: BLE001 - no internet, or an unknown tag
                 raise WeightsError(
                     f"cannot get timm weights {tagged!r} ({type(exc).__name__}: {exc}); "
-                    "without internet, download them once where there is internet (they are "
-                    "cached in HF_HOME) or set model.weights to a local checkpoint file"
+                    "without internet (a cluster's compute node), fetch them once where there is: "
+                    "`snakemake --cores 1 --forcerun weights_fetch weights_fetch` on the login "
+                    "node, with HF_HOME on a filesystem the nodes share; or set model.weights to a "
+                    "local checkpoint file"
                 ) from exc
             label = model.pretrained_cfg.get("tag") or weights
         return from_timm(name, model, label, sha)

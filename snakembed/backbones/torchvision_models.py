@@ -63,8 +63,10 @@ class TorchvisionFamily:
             except Exception as exc:  # noqa: BLE001 - a download that cannot happen here
                 raise WeightsError(
                     f"cannot get weights {meta_weights} for {name} ({type(exc).__name__}: {exc}); "
-                    "without internet, download them once where there is internet (they are "
-                    "cached in TORCH_HOME) or set model.weights to a local checkpoint file"
+                    "without internet (a cluster's compute node), fetch them once where there is: "
+                    "`snakemake --cores 1 --forcerun weights_fetch weights_fetch` on the login "
+                    "node, with TORCH_HOME on a filesystem the nodes share; or set "
+                    "model.weights to a local checkpoint file"
                 ) from exc
             label = str(meta_weights).split(".", 1)[1]
             sha = _cached_sha256(meta_weights.url)

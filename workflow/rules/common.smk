@@ -25,10 +25,11 @@ RESULTS = str(PLAN.results)
 if workflow.is_main_process:
     PLAN.write_manifests()
 
-# On a local run, the embed worker loads its network while Snakemake plans the jobs.
+# On a local run, the embed worker loads its network while Snakemake plans the jobs. (The
+# executor is not known yet while the Snakefile is read; a cluster run has no --cores.)
 if (
     workflow.is_main_process
-    and workflow.local_exec
+    and workflow.resource_settings.cores is not None
     and not workflow.dryrun
     and PLAN.folders
 ):
@@ -148,6 +149,19 @@ def get_finetune_settings(wildcards):
         "val_fraction": config["classify"]["val_fraction"],
     }
     return json.dumps(settings, sort_keys=True)
+
+
+def get_folder_mem_mb(wildcards, attempt):
+    """2 GB, plus 50 kB per image (the measured growth is 20 kB), more on each retry."""
+    images = len(PLAN.folders[PLAN.stems[wildcards.folder]])
+    return (2000 + images // 20) * attempt
+
+
+def get_folder_runtime(wildcards, attempt):
+    """Minutes: 10, plus one per 600 images (10 images/s, slower than a CPU job), more on each
+    retry."""
+    images = len(PLAN.folders[PLAN.stems[wildcards.folder]])
+    return (10 + images // 600) * attempt
 
 
 def get_gpus(wildcards):

@@ -18,6 +18,8 @@ rule embed_classify_store:
     threads: config["threads"]
     resources:
         gpu=get_gpus,
+        mem_mb=get_folder_mem_mb,
+        runtime=get_folder_runtime,
     params:
         manifest=get_folder_manifest,
         images=get_folder_digest,
