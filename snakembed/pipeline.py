@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._files import scratch_folder
 from .classify import predict
 from .embed import Embedder, Embeddings, log_to_stderr
 from .heads import Head, create_head, load_head
@@ -127,7 +128,12 @@ def run_folder(
         predictions = predict(
             classifier, settings["head"], result.ids, result.vectors, settings["topk"]
         )
-    write_folder(result, predictions, output, folder)
+    scratch = scratch_folder(config["scratch"], output)
+    if scratch is not None:
+        log.info(
+            "%s: building its file in %s (scratch), then copying it to %s", folder, scratch, output
+        )
+    write_folder(result, predictions, output, folder, scratch=scratch)
     seconds = time.monotonic() - start
     log.info(
         "%s: %d images embedded, %d failed, in %.1f s (%.1f images/s)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .config import ConfigError, numbers_fingerprint, validate_config
 from .heads import HEADS, needs_labels
 from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
-from .manifest import folder_manifest, write_manifest
+from .manifest import folder_manifest, read_manifest, write_manifest
 from .store import folder_stem
 
 #: Where the finetune rule writes its checkpoint, under the results folder.
@@ -44,7 +45,8 @@ class Plan:
     Attributes:
         images: the image root.
         results: the results folder.
-        discovery: every image folder, with the files refused and the folder links skipped.
+        discovery: every image folder, with the files refused and the folder links skipped;
+            None in a plan read from the manifests (see :func:`plan_run`).
         stems: ``{file stem: folder key}`` (the ``{folder}`` wildcard's values).
         weights_file: the local checkpoint, when ``model.weights`` is one.
         numbers: everything that changes the embeddings (see ``numbers_fingerprint``).
@@ -53,23 +55,36 @@ class Plan:
 
     images: Path
     results: Path
-    discovery: Discovery
-    stems: dict[str, str]
+    discovery: Discovery | None
+    stems: Mapping[str, str]
     weights_file: str | None
     numbers: dict
     labelled: Labelled | None = None
 
     @property
     def folders(self) -> dict[str, list[str]]:
-        """``{folder key: sorted image file names}``."""
+        """``{folder key: sorted image file names}``.
+
+        Raises:
+            RuntimeError: in a plan read from the manifests, which has only :meth:`image_count`.
+        """
+        if self.discovery is None:
+            raise RuntimeError("a plan read from the manifests has no image tree; read them")
         return self.discovery.folders
+
+    def image_count(self, stem: str) -> int:
+        """How many image files the folder of file stem ``stem`` holds, refused ones included."""
+        if self.discovery is None:
+            return len(read_manifest(self.manifest_file(stem)).names)
+        return len(self.discovery.folders[self.stems[stem]])
 
     def manifest_file(self, stem: str) -> Path:
         """Where the folder of file stem ``stem`` has its manifest (see :mod:`.manifest`)."""
-        return self.results / "manifests" / f"{stem}.json"
+        return _manifest_folder(self.results) / f"{stem}.json"
 
     def write_manifests(self) -> int:
-        """Write each folder's manifest where what it holds changed.
+        """Write each folder's manifest where what it holds changed, and remove the manifests
+        of folders that are gone.
 
         Returns:
             How many were written.
@@ -80,6 +95,8 @@ class Plan:
                 self.images, key, self.folders[key], self.discovery.refused.get(key)
             )
             written += write_manifest(manifest, self.manifest_file(stem))
+        for stem in set(_ManifestStems(self.results)) - set(self.stems):
+            self.manifest_file(stem).unlink(missing_ok=True)
         return written
 
     def manifest_digest(self, stem: str) -> str:
@@ -107,11 +124,46 @@ class Plan:
         return _untrackable({str(p): str(p) for p in paths})
 
     def warnings(self) -> list[str]:
-        """One line per folder link that was not followed, and per folder with refused files."""
+        """One line per folder link that was not followed, and per folder with refused files
+        (none in a plan read from the manifests: the planning process warned)."""
+        if self.discovery is None:
+            return []
         lines = [f"not followed: {path}: {why}" for path, why in self.discovery.skipped.items()]
         for folder, refused in self.discovery.refused.items():
             lines.append(f"{folder}: {len(refused)} file(s) will be recorded as failed, not read")
         return lines
+
+
+def _manifest_folder(results: Path) -> Path:
+    return results / "manifests"
+
+
+class _ManifestStems(Mapping[str, str]):
+    """``{file stem: folder key}`` of the manifests under ``results``, each read when asked for.
+
+    Listing the manifests is one walk of a folder with a file per image folder; reading them
+    all, or discovering the image tree again, would cost every cluster job far more.
+    """
+
+    def __init__(self, results: Path):
+        folder = _manifest_folder(results)
+        self._folder = folder
+        self._stems = sorted(
+            path.relative_to(folder).as_posix().removesuffix(".json")
+            for path in folder.rglob("*.json")
+        )
+        self._known = set(self._stems)
+
+    def __getitem__(self, stem: str) -> str:
+        if stem not in self._known:
+            raise KeyError(stem)
+        return read_manifest(self._folder / f"{stem}.json").folder
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stems)
+
+    def __len__(self) -> int:
+        return len(self._stems)
 
 
 def _has_brace(path: str) -> bool:
@@ -131,11 +183,15 @@ def _untrackable(paths: dict[str, str]) -> dict[str, list[int]]:
     return out
 
 
-def plan_run(config: dict) -> Plan:
+def plan_run(config: dict, *, discover: bool = True) -> Plan:
     """Validate ``config``, discover the image folders and check the named plugins.
 
     Args:
         config: the workflow's configuration (defaults are filled in place).
+        discover: walk the image tree; False takes the folders from the manifests that the
+            planning process wrote (:meth:`Plan.write_manifests`), as each cluster job's own
+            Snakemake does: walking a tree of millions of files on a shared filesystem in every
+            job would cost more than the jobs.
 
     Returns:
         The plan.
@@ -156,12 +212,29 @@ def plan_run(config: dict) -> Plan:
     weights_file = (
         config["model"]["weights"] if is_local_weights(config["model"]["weights"]) else None
     )
-    discovery = discover_folders(
+    results = Path(config["results"])
+    discovery = _discover(config) if discover else None
+    return Plan(
+        images=Path(config["images"]),
+        results=results,
+        discovery=discovery,
+        stems=_stems(discovery, config) if discovery else _ManifestStems(results),
+        weights_file=weights_file,
+        numbers=numbers_fingerprint(config),
+        labelled=_labelled(config),
+    )
+
+
+def _discover(config: dict) -> Discovery:
+    return discover_folders(
         config["images"],
         config["extensions"],
         exclude=config["results"],
         follow_external_links=config["follow_external_links"],
     )
+
+
+def _stems(discovery: Discovery, config: dict) -> dict[str, str]:
     stems = {folder_stem(key): key for key in discovery.folders}
     if len(stems) != len(discovery.folders):
         raise DiscoveryError(
@@ -169,15 +242,7 @@ def plan_run(config: dict) -> Plan:
             f"in the root are stored as {folder_stem(ROOT_FOLDER)!r}, and braces as %7B and %7D); "
             "rename one of them"
         )
-    return Plan(
-        images=Path(config["images"]),
-        results=Path(config["results"]),
-        discovery=discovery,
-        stems=stems,
-        weights_file=weights_file,
-        numbers=numbers_fingerprint(config),
-        labelled=_labelled(config),
-    )
+    return stems
 
 
 def _labelled(config: dict) -> Labelled | None:

@@ -60,9 +60,10 @@ def folder_file(results: str | Path, folder: str) -> Path:
 
 
 @contextlib.contextmanager
-def _atomic_h5(path: str | Path) -> Iterator[h5py.File]:
-    """An HDF5 file written under a temporary name and renamed into place on success."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+def _atomic_h5(path: str | Path, scratch: str | Path | None = None) -> Iterator[h5py.File]:
+    """An HDF5 file written under a temporary name (in ``scratch``, when given) and renamed into
+    place on success."""
+    with atomic_path(path, scratch) as tmp, h5py.File(tmp, "w", libver="latest") as f:
         yield f
 
 
@@ -71,6 +72,8 @@ def write_folder(
     predictions: Predictions | None,
     output: str | Path,
     folder: str,
+    *,
+    scratch: str | Path | None = None,
 ) -> None:
     """Write one folder's final HDF5 file.
 
@@ -79,12 +82,14 @@ def write_folder(
         predictions: the head's predictions for the same ids, or None without classification.
         output: the ``.h5`` path.
         folder: the folder's key.
+        scratch: a folder on a fast local disk to build the file in before it is copied to
+            ``output`` (see :func:`snakembed._files.scratch_folder`); None builds it beside.
     """
     n = len(embeddings.ids)
     if predictions is not None and list(predictions.ids) != list(embeddings.ids):
         raise ValueError(f"predictions and embeddings of folder {folder!r} list different images")
     meta = embeddings.meta
-    with _atomic_h5(output) as f:
+    with _atomic_h5(output, scratch) as f:
         attrs = {
             "format_version": FORMAT_VERSION,
             "snakembed_version": library_versions()["snakembed"],

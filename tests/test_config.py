@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,28 @@ def test_a_damaged_manifest_names_itself_and_the_fix(tmp_path):
     path.write_text("{")
     with pytest.raises(ValueError, match=r"a\.json: not a folder manifest.*delete it"):
         read_manifest(path)
+
+
+def test_a_cluster_jobs_plan_reads_the_manifests_not_the_tree(tmp_path):
+    config = _config(tmp_path)
+    make_image(tmp_path / "images" / "b{x}" / "deep" / "y.jpg")
+    make_image(tmp_path / "images" / "b{x}" / "deep" / "z.jpg")
+    make_image(tmp_path / "images" / "gone" / "y.jpg")
+    plan_run(dict(config)).write_manifests()
+    shutil.rmtree(tmp_path / "images" / "gone")
+    main = plan_run(dict(config))
+    main.write_manifests()  # the folder that is gone loses its manifest
+    assert not (tmp_path / "results" / "manifests" / "gone.json").exists()
+
+    # a folder that appears after planning is not this run's: the job's plan does not see it
+    make_image(tmp_path / "images" / "later" / "y.jpg")
+    job = plan_run(dict(config), discover=False)
+    assert dict(job.stems) == dict(main.stems) == {"a": "a", "b%7Bx%7D/deep": "b{x}/deep"}
+    assert [job.image_count(s) for s in job.stems] == [main.image_count(s) for s in main.stems]
+    assert [job.image_count(s) for s in job.stems] == [1, 2]
+    assert job.warnings() == []
+    with pytest.raises(RuntimeError, match="manifests"):
+        _ = job.folders
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,9 @@ unchanged images, refused files."""
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +195,34 @@ def test_patches_are_reused_with_their_images(tmp_path):
     assert np.array_equal(again.patch_boxes[:n], first.patch_boxes)
     assert list(again.patch_counts[:1]) == list(first.patch_counts)
     assert again.patch_counts[1] > 0
+
+
+@pytest.mark.parametrize("slurm", [False, True])
+def test_a_folder_file_is_built_in_scratch_on_a_cluster_node(tmp_path, monkeypatch, slurm):
+    """`scratch: auto` builds the file in $TMPDIR in a SLURM job, when that is another
+    filesystem, and copies it over; the file is the same as one built beside the result."""
+    scratch = Path("/dev/shm")
+    results = tmp_path / "results"
+    results.mkdir()
+    if not scratch.is_dir() or scratch.stat().st_dev == results.stat().st_dev:
+        pytest.skip("no tmpfs at /dev/shm on another filesystem than the tests' tmp_path")
+    scratch = Path(tempfile.mkdtemp(dir=scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "1")
+    copied = []
+    copy = shutil.copyfile
+    monkeypatch.setattr(
+        shutil, "copyfile", lambda a, b: copied.append(Path(a).parent) or copy(a, b)
+    )
+    make_image(tmp_path / "images" / "a" / "0.png")
+    config = load_config(overrides=FAST_CONFIG)
+    built = run_folder(tmp_path / "images", "a", ["0.png"], results / "a.h5", config)
+    assert copied == ([scratch] if slurm else [])
+    assert list(scratch.glob("*.h5")) == [] and sorted(p.name for p in results.iterdir()) == [
+        "a.h5"
+    ]
+    with Folder(results / "a.h5", "a") as stored:
+        assert stored.ids() == built.ids and np.array_equal(stored.matrix(), built.vectors)
+    shutil.rmtree(scratch)

@@ -6,6 +6,9 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +40,8 @@ def slurm(tmp_path_factory):
     subprocess.run([CLUSTER, "down", state], capture_output=True, timeout=60)
 
 
-def _run_slurm(workdir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = snakemake_command(
+def _slurm_command(workdir: Path, configfile: Path, *extra: str) -> list[str]:
+    return snakemake_command(
         workdir,
         configfile,
         "--profile",
@@ -53,9 +56,26 @@ def _run_slurm(workdir: Path, configfile: Path, *extra: str) -> subprocess.Compl
         f"folders={PER_JOB}",
         *extra,
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _run_slurm(
+    workdir: Path, configfile: Path, *extra: str, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    cmd = _slurm_command(workdir, configfile, *extra)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})}
+    )
+    if check:
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def _states() -> dict[str, str]:
+    """``{SLURM job id: state}`` of every job the cluster remembers (MinJobAge: 10 minutes)."""
+    known = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", "%i %T"], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(line.split() for line in known.splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +90,18 @@ def runs(slurm, tmp_path_factory):
     local = write_config(base / "local.yaml", images=str(images), results=str(base / "local"))
     run_snakemake(base, local)
     cluster = write_config(base / "slurm.yaml", images=str(images), results=str(base / "slurm"))
-    proc = _run_slurm(base, cluster)
-    return {"base": base, "images": images, "config": cluster, "proc": proc}
+    # The jobs' $TMPDIR: node-local scratch (a tmpfs), as clusters give jobs.
+    scratch = _scratch(base)
+    proc = _run_slurm(base, cluster, env={"TMPDIR": str(scratch)} if scratch else None)
+    return {"base": base, "images": images, "config": cluster, "proc": proc, "scratch": scratch}
+
+
+def _scratch(results: Path) -> Path | None:
+    """A fresh folder on a tmpfs that is another filesystem than ``results``, or None."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shm.stat().st_dev != results.stat().st_dev:
+        return Path(tempfile.mkdtemp(dir=shm))
+    return None
 
 
 def test_every_folder_job_is_a_real_slurm_job_in_groups(runs):
@@ -79,11 +109,8 @@ def test_every_folder_job_is_a_real_slurm_job_in_groups(runs):
     folders = snakembed.open_store(runs["base"] / "slurm").folders()
     ids = SUBMITTED.findall(out)
     assert len(ids) == -(-len(folders) // PER_JOB), out[-3000:]
-    known = subprocess.run(
-        ["squeue", "-h", "-t", "all", "-o", "%i %T"], capture_output=True, text=True, check=True
-    ).stdout
-    states = dict(line.split() for line in known.splitlines())
-    assert all(states.get(i) == "COMPLETED" for i in ids), known
+    states = _states()
+    assert all(states.get(i) == "COMPLETED" for i in ids), states
 
 
 def test_cluster_embeddings_are_identical_to_a_local_run(runs):
@@ -94,6 +121,16 @@ def test_cluster_embeddings_are_identical_to_a_local_run(runs):
         with local[key] as a, cluster[key] as b:
             assert a.ids() == b.ids()
             assert np.array_equal(a.matrix(), b.matrix()), key
+
+
+def test_folder_files_are_built_in_the_nodes_scratch(runs):
+    if runs["scratch"] is None:
+        pytest.skip("no tmpfs on another filesystem than the results to stand for node scratch")
+    logs = sorted((runs["base"] / "slurm" / "logs" / "embed_classify_store").rglob("*.log"))
+    assert len(logs) == 26
+    for log in logs:
+        assert f"(scratch), then copying it to {runs['base'] / 'slurm'}" in log.read_text(), log
+    assert not list(runs["scratch"].rglob("*.h5"))  # copied over, not left behind
 
 
 def test_a_rerun_submits_only_the_changed_folder(runs):
@@ -129,3 +166,81 @@ def test_a_folder_job_asks_for_memory_and_time_by_its_image_count(tmp_path):
     )
     assert "runtime=10, mem_mb=2000" in asked["small"]
     assert "runtime=12, mem_mb=2060" in asked["big"]
+
+
+def _cancel_first_running_job(proc: subprocess.Popen, cancelled: list[str]) -> None:
+    """scancel the first of the cluster's jobs that runs while ``proc`` does."""
+    before = set(_states())
+    while proc.poll() is None:
+        running = [i for i, state in _states().items() if i not in before and state == "RUNNING"]
+        if running:
+            subprocess.run(["scancel", running[0]], check=True)
+            cancelled.append(running[0])
+            return
+        time.sleep(0.2)
+
+
+def _run_and_cancel(workdir: Path, configfile: Path, *extra: str) -> tuple[int, str, str]:
+    """Run the workflow through SLURM and scancel its first job once it runs.
+
+    Returns:
+        Snakemake's exit status, its output, and the cancelled job's id.
+    """
+    cmd = _slurm_command(workdir, configfile, *extra)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cancelled: list[str] = []
+    killer = threading.Thread(target=_cancel_first_running_job, args=(proc, cancelled))
+    killer.start()
+    out, _ = proc.communicate(timeout=900)
+    killer.join()
+    assert cancelled, f"no job ran long enough to be cancelled:\n{out[-3000:]}"
+    return proc.returncode, out, cancelled[0]
+
+
+def _assert_reported(workdir: Path, out: str, cancelled: str) -> None:
+    """The run names the failed group job and its SLURM log, which says it was cancelled."""
+    log = workdir / ".snakemake" / "slurm_logs" / "group_folders_embed_classify_store"
+    log = log / f"{cancelled}.log"
+    assert f"message: Error in group folders\n    log: {log}" in out, out[-4000:]
+    assert f"JOB {cancelled} ON" in log.read_text() and "CANCELLED" in log.read_text()
+
+
+@pytest.fixture
+def small_tree(slurm, tmp_path):
+    for i in range(3):
+        for j in range(2):
+            make_image(tmp_path / "images" / f"f{i}" / f"{j}.jpg", seed=i * 10 + j)
+    config = write_config(
+        tmp_path / "c.yaml", images=str(tmp_path / "images"), results=str(tmp_path / "out")
+    )
+    return tmp_path, config
+
+
+def test_a_cancelled_job_is_submitted_again(small_tree):
+    base, config = small_tree
+    returncode, out, cancelled = _run_and_cancel(base, config)
+    assert returncode == 0, out[-4000:]
+    _assert_reported(base, out, cancelled)
+    assert "Trying to restart job" in out
+    ids = SUBMITTED.findall(out)
+    assert ids[0] == cancelled and len(ids) == 2, out[-3000:]  # the profile's retries
+    assert _states()[ids[1]] == "COMPLETED"
+    _assert_complete(base / "out")
+
+
+def test_a_cancelled_job_is_reported_and_a_rerun_completes(small_tree):
+    base, config = small_tree
+    returncode, out, cancelled = _run_and_cancel(base, config, "--retries", "0")
+    assert returncode != 0
+    _assert_reported(base, out, cancelled)
+    assert not (base / "out" / "index.h5").exists()
+    _run_slurm(base, config)
+    _assert_complete(base / "out")
+
+
+def _assert_complete(results: Path) -> None:
+    store = snakembed.open_store(results)
+    assert store.folders() == ["f0", "f1", "f2"]
+    for key in store.folders():
+        with store[key] as folder:
+            assert folder.ids() == ["0.jpg", "1.jpg"] and folder.matrix().shape[0] == 2

@@ -13,8 +13,9 @@ from snakembed.worker import prestart
 os.environ.setdefault("SNAKEMBED_REPO", workflow.basedir)
 
 # Checks the config (naming every bad key, its value and what is allowed), the plugins and the
-# image tree before any job runs; Snakemake's own validation then fills the defaults.
-PLAN = plan_run(config)
+# image tree before any job runs; Snakemake's own validation then fills the defaults. A cluster
+# job's Snakemake reads the folders from the manifests instead of walking the tree again.
+PLAN = plan_run(config, discover=workflow.is_main_process)
 validate(config, schema="../schemas/config.schema.yaml")
 for line in PLAN.warnings():
     logger.warning(line)
@@ -31,7 +32,7 @@ if (
     workflow.is_main_process
     and workflow.resource_settings.cores is not None
     and not workflow.dryrun
-    and PLAN.folders
+    and PLAN.stems
 ):
     prestart(config, min(config["threads"], workflow.cores))
 
@@ -153,14 +154,14 @@ def get_finetune_settings(wildcards):
 
 def get_folder_mem_mb(wildcards, attempt):
     """2 GB, plus 50 kB per image (the measured growth is 20 kB), more on each retry."""
-    images = len(PLAN.folders[PLAN.stems[wildcards.folder]])
+    images = PLAN.image_count(wildcards.folder)
     return (2000 + images // 20) * attempt
 
 
 def get_folder_runtime(wildcards, attempt):
     """Minutes: 10, plus one per 600 images (10 images/s, slower than a CPU job), more on each
     retry."""
-    images = len(PLAN.folders[PLAN.stems[wildcards.folder]])
+    images = PLAN.image_count(wildcards.folder)
     return (10 + images // 600) * attempt
 
 
