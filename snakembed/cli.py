@@ -7,6 +7,7 @@ the vector the workflow stored for it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -38,8 +39,27 @@ def _parser() -> argparse.ArgumentParser:
         "model's own classifier",
     )
     images_command("embed", "Print the embedding vectors of images.")
+    query = images_command(
+        "query",
+        "Print the stored images most similar to images (stored ones, or new ones embedded "
+        "with the config's model), by cosine similarity.",
+    )
+    query.add_argument("--results", required=True, metavar="R", help="the results folder")
+    query.add_argument("--top", type=int, default=10, metavar="K", help="hits per image (10)")
+    query.add_argument(
+        "--folder", metavar="F", help="search only folder F and the folders below it"
+    )
     info = sub.add_parser("info", help="Summarise a results folder.")
     info.add_argument("results", metavar="RESULTS", help="the workflow's results folder")
+    export = sub.add_parser(
+        "export",
+        help="Write every stored image (path, folder, id, label, score, embedding) to one table.",
+    )
+    export.add_argument("results", metavar="RESULTS", help="the workflow's results folder")
+    export.add_argument(
+        "--format", choices=["parquet", "npz", "csv"], default="parquet", help="default: parquet"
+    )
+    export.add_argument("--output", "-o", metavar="FILE", help="default: RESULTS/export.FORMAT")
     sub.add_parser("list", help="List the installed backbones and heads.")
     layers = sub.add_parser(
         "layers", help="List the layers of a backbone, as `model.layer` names them."
@@ -67,12 +87,12 @@ def _embed(args: argparse.Namespace, config: dict):
     return backbone, result
 
 
-def _report_failures(result, as_json: bool) -> int:
+def _report_failures(failed: dict[str, str], as_json: bool) -> int:
     """Failures are logged to stderr as they happen; with --json they are also lines."""
     if as_json:
-        for image, reason in result.failed.items():
+        for image, reason in failed.items():
             print(json.dumps({"image": image, "error": reason}))
-    return 1 if result.failed else 0
+    return 1 if failed else 0
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -104,7 +124,7 @@ def _predict(args: argparse.Namespace) -> int:
             )
         else:
             print(f"{image}\t{topk[0][0]}\t{topk[0][1]:.4f}")
-    return _report_failures(result, args.json)
+    return _report_failures(result.failed, args.json)
 
 
 def _embed_command(args: argparse.Namespace) -> int:
@@ -114,7 +134,76 @@ def _embed_command(args: argparse.Namespace) -> int:
             print(json.dumps({"image": image, "embedding": vector.tolist()}))
         else:
             print(image + "\t" + " ".join(repr(float(v)) for v in vector.reshape(-1)))
-    return _report_failures(result, args.json)
+    return _report_failures(result.failed, args.json)
+
+
+def _query(args: argparse.Namespace) -> int:
+    from .reader import open_store
+    from .search import search
+
+    store = open_store(args.results)
+    folders = None
+    if args.folder:
+        folder = args.folder.strip("/") or "."
+        folders = [k for k in store if folder == "." or k == folder or k.startswith(folder + "/")]
+        if not folders:
+            raise ValueError(f"no folder {args.folder!r} in {store.results}; see `snakembed info`")
+    vectors, failed = _query_vectors(args, store)
+    found = search(store, list(vectors.values()), top=args.top, folders=folders) if vectors else []
+    for image, hits in zip(vectors, found, strict=True):
+        if args.json:
+            rows = [
+                {"path": h.path, "folder": h.folder, "image_id": h.image_id, "score": h.score}
+                for h in hits
+            ]
+            print(json.dumps({"image": image, "hits": rows}))
+        else:
+            print(image)
+            print("\n".join(f"  {h.score:.4f}\t{h.path}" for h in hits))
+    return _report_failures(failed, args.json)
+
+
+def _query_vectors(args: argparse.Namespace, store) -> tuple[dict, dict[str, str]]:
+    """``{image: vector}`` in the order given: a stored image's stored vector, the others
+    embedded with the config's model (which must be the store's); ``{image: reason}`` for
+    images that could not be read."""
+    from pathlib import Path
+
+    stored = {}
+    for image in args.images:
+        with contextlib.suppress(KeyError):
+            stored[image] = store.lookup(Path(image).resolve()).embedding
+    new = [image for image in args.images if image not in stored]
+    embedded, failed = {}, {}
+    if new:
+        _, result = _embed(argparse.Namespace(**{**vars(args), "images": new}), _config(args))
+        _check_same_model(store, result.meta)
+        embedded, failed = dict(zip(result.ids, result.vectors, strict=True)), result.failed
+    vectors = {**stored, **embedded}
+    return {image: vectors[image] for image in args.images if image in vectors}, failed
+
+
+def _check_same_model(store, meta: dict) -> None:
+    """Embeddings of another model or preprocessing cannot be compared with the store's."""
+    keys = ("model", "weights_sha256", "layer", "pool", "preprocess")
+    stored = {}
+    for key in store:
+        with store[key] as folder:
+            stored = folder.attrs
+        break
+    differ = [
+        key
+        for key in keys
+        if key in stored
+        and json.dumps(stored[key], sort_keys=True)
+        != json.dumps(json.loads(json.dumps(meta[key])), sort_keys=True)
+    ]
+    if differ:
+        raise ValueError(
+            f"{store.results} was embedded with another {', '.join(differ)} than this config "
+            f"gives ({', '.join(f'{k}: {stored[k]!r}' for k in differ)}); pass the workflow's "
+            "config with --configfile"
+        )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -144,6 +233,17 @@ def _info(args: argparse.Namespace) -> int:
     for key in store:
         for image_id, reason in store[key].failed.items():
             print(f"failed: {key}/{image_id}: {reason}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import export
+
+    output = args.output or Path(args.results) / f"export.{args.format}"
+    rows = export(args.results, output, args.format)
+    print(f"{output}: {rows} images", file=sys.stderr)
     return 0
 
 
@@ -186,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "predict": _predict,
         "embed": _embed_command,
+        "query": _query,
         "info": _info,
+        "export": _export,
         "list": _list,
         "layers": _layers,
     }

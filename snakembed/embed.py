@@ -316,7 +316,12 @@ class _Forward:
 
 
 class _Progress:
-    """Logs images done, images/s and the time left, every few seconds."""
+    """Logs a progress bar with images done, images/s and the time left, every few seconds:
+
+    ``animals: [#########-----------]  45% 450/1000 images, 52.3 images/s, ETA 0:00:10``
+    """
+
+    _WIDTH = 20
 
     def __init__(self, total: int, label: str, every: float = 5.0) -> None:
         self.total, self.label, self.every = total, label, every
@@ -328,16 +333,24 @@ class _Progress:
         now = time.monotonic()
         if now - self.last >= self.every or self.done == self.total:
             self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            log.info(
-                "%s: %d/%d images, %.1f images/s, %.0f s left",
-                self.label,
-                self.done,
-                self.total,
-                rate,
-                eta,
-            )
+            log.info("%s: %s", self.label, self.line(now - self.start))
+
+    def line(self, seconds: float) -> str:
+        """The progress after ``seconds``, as logged."""
+        fraction = self.done / self.total if self.total else 1.0
+        filled = round(fraction * self._WIDTH)
+        rate = self.done / max(seconds, 1e-9)
+        eta = _clock((self.total - self.done) / rate) if rate else "?"
+        return (
+            f"[{'#' * filled}{'-' * (self._WIDTH - filled)}] {fraction:4.0%} "
+            f"{self.done}/{self.total} images, {rate:.1f} images/s, ETA {eta}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 class Embedder:

@@ -21,7 +21,15 @@ import numpy as np
 from ._files import texts
 from .store import FORMAT_VERSION, folder_file
 
-__all__ = ["Folder", "ImageRecord", "Patches", "Store", "StoreError", "open_store"]
+__all__ = [
+    "Folder",
+    "ImageRecord",
+    "Patches",
+    "Store",
+    "StoreError",
+    "matrix_view",
+    "open_store",
+]
 
 _JSON_ATTRS = ("preprocess", "patches", "versions", "classify", "failed")
 _REQUIRED = ("_ids", "_sources", "_sha256", "_width", "_height", "_embeddings")
@@ -155,11 +163,26 @@ class Folder:
         with _reading(self.path):
             return texts(self._file["_ids"])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`matrix`, read without reading the embeddings."""
+        with _reading(self.path):
+            return tuple(self._file["_embeddings"].shape)
+
     def matrix(self) -> np.ndarray:
         """All embeddings as one float32 array, rows in :meth:`ids` order: ``[N, D]``, or
         ``[N, H*W, D]`` for a layer stored with ``pool: none``."""
         with _reading(self.path):
             return np.asarray(self._file["_embeddings"][()], np.float32)
+
+    def view(self) -> np.ndarray:
+        """:meth:`matrix` without reading it (see :func:`matrix_view`)."""
+        return matrix_view(self.path)
+
+    def row(self, index: int) -> tuple[str, str]:
+        """The image id and source path of row ``index`` of :meth:`matrix`."""
+        with _reading(self.path):
+            return _text(self._file["_ids"][index]), _text(self._file["_sources"][index])
 
     def table(self) -> dict[str, np.ndarray | list]:
         """The bulk columns: ids, sources, sha256, width, height, labels, scores, embeddings."""
@@ -321,6 +344,31 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.results)!r}, {len(self)} folders)"
+
+
+def matrix_view(path: str | Path) -> np.ndarray:
+    """A folder file's embeddings ``[N, D]`` as a read-only memory map: pages are read as they
+    are touched, nothing is copied. Where the dataset is chunked or compressed (no single place
+    in the file) it is read whole instead.
+
+    The map stays valid after the workflow replaces the file (it renames a new file over the
+    old one, whose data the map keeps). Cheaper than opening a :class:`Folder`: only the
+    embeddings are looked at.
+
+    Raises:
+        StoreError: when the file cannot be read, naming it and the fix.
+
+    Example:
+        >>> matrix_view("results/embeddings/animals.h5").shape  # doctest: +SKIP
+        (2, 1280)
+    """
+    path = Path(path)
+    with _reading(path), h5py.File(path, "r") as f:
+        dataset = f["_embeddings"]
+        offset = dataset.id.get_offset()
+        if offset is None or dataset.chunks is not None or dataset.compression:
+            return np.asarray(dataset[()], np.float32)
+        return np.memmap(path, dataset.dtype, "r", offset, dataset.shape)
 
 
 def open_store(results: str | Path) -> Store:

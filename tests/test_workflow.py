@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -109,6 +110,17 @@ def test_bad_files_are_recorded_and_the_rest_is_stored(workflow_run):
             assert name not in f
     log = (results / "logs" / "embed_classify_store" / "alpha.log").read_text()
     assert "truncated.jpg" in log
+
+
+def test_logs_show_progress_per_folder_and_the_run_shows_folders_done(workflow_run):
+    """Each folder's log ends its progress with a full bar; Snakemake counts the folder jobs."""
+    log = (workflow_run["results"] / "logs" / "embed_classify_store" / "alpha.log").read_text()
+    total = len(workflow_run["folders"]["alpha"]) + len(workflow_run["bad"])  # failures count
+    bar = rf"alpha: \[#{{20}}\] 100% {total}/{total} images, [\d.]+ images/s, ETA 0:00:00"
+    assert re.search(bar, log), log
+    out = workflow_run["proc"].stdout + workflow_run["proc"].stderr
+    steps = len(workflow_run["folders"]) + 2  # the folders, the index and `all`
+    assert f"{steps} of {steps} steps (100%) done" in out
 
 
 def test_one_job_per_folder_leaves_no_intermediates_and_keeps_logs(workflow_run):

@@ -1,0 +1,107 @@
+"""Similarity search over a results folder: the stored images most like given vectors.
+
+Exact cosine similarity, folder by folder, straight from the files: each folder's matrix is a
+contiguous dataset that is memory-mapped (not copied through HDF5) and scored in blocks, only
+the best ``top`` of each block are kept, and only the images finally found are named. On the
+2-core development machine a million stored 512-d vectors in 1,000 files are searched in about
+0.4 s once the files are in the page cache (``bench/query.py``); at that size an approximate
+index would not pay for its build and its misses.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .reader import Store, matrix_view
+from .store import folder_file
+
+__all__ = ["Hit", "search"]
+
+#: Rows scored at a time: big enough for BLAS, small enough to stay in cache-friendly memory.
+_BLOCK = 65536
+
+
+@dataclass(frozen=True, order=True)
+class Hit:
+    """A stored image found by :func:`search`."""
+
+    score: float
+    folder: str
+    image_id: str
+    path: str
+
+
+def search(
+    store: Store,
+    queries: np.ndarray,
+    *,
+    top: int = 10,
+    folders: Iterable[str] | None = None,
+) -> list[list[Hit]]:
+    """The ``top`` stored images most similar to each query vector, best first.
+
+    Args:
+        store: an opened results folder.
+        queries: ``[Q, D]`` vectors (or ``[D]`` for one), in the store's embedding space.
+        top: how many hits per query.
+        folders: search only these folder keys (default: every folder).
+
+    Returns:
+        One list of :class:`Hit` per query, by cosine similarity, highest first. ``path`` is
+        absolute where the index records the image root, else relative to it.
+
+    Raises:
+        ValueError: when the queries' size is not the store's, or a folder is unknown.
+
+    Example:
+        >>> store = open_store("results")  # doctest: +SKIP
+        >>> search(store, store["animals"]["chelsea.jpg"].embedding, top=1)[0][0].image_id
+        'chelsea.jpg'  # doctest: +SKIP
+    """
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    keys = list(store) if folders is None else list(folders)
+    unknown = [key for key in keys if key not in store]
+    if unknown:
+        raise ValueError(f"no folder {unknown[0]!r} in {store.results}; see `snakembed info`")
+    best: list[list[tuple[float, str, int]]] = [[] for _ in queries]
+    for key in keys:
+        path = folder_file(store.results, key)
+        matrix = matrix_view(path)
+        if len(matrix) and (matrix.ndim != 2 or matrix.shape[1] != queries.shape[1]):
+            raise ValueError(
+                f"{path} holds embeddings of shape {list(matrix.shape[1:])}; the queries are "
+                f"{queries.shape[1]}-d (maps stored with pool: none cannot be searched)"
+            )
+        for start in range(0, len(matrix), _BLOCK):
+            block = np.asarray(matrix[start : start + _BLOCK], np.float32)
+            norms = np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), 1e-12)
+            scores = (block @ queries.T) / norms[:, None]
+            k = min(top, len(block))
+            for q, column in enumerate(scores.T):
+                for row in np.argpartition(-column, k - 1)[:k]:
+                    _keep(best[q], (float(column[row]), key, start + int(row)), top)
+    return [_hits(store, sorted(found, reverse=True)) for found in best]
+
+
+def _hits(store: Store, found: list[tuple[float, str, int]]) -> list[Hit]:
+    """Name the rows found (only these: reading every id of a big store costs more than the
+    search)."""
+    hits = []
+    for score, key, row in found:
+        with store[key] as folder:
+            image_id, source = folder.row(row)
+        path = str(store.images_root / source) if store.images_root else source
+        hits.append(Hit(score, key, image_id, path))
+    return hits
+
+
+def _keep(heap: list, item: tuple, top: int) -> None:
+    if len(heap) < top:
+        heapq.heappush(heap, item)
+    elif item[0] > heap[0][0]:
+        heapq.heapreplace(heap, item)
