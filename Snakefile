@@ -11,6 +11,7 @@ include: "workflow/rules/weights.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/index.smk"
+include: "workflow/rules/reduce.smk"
 
 
 rule all:

@@ -42,7 +42,11 @@ wildcard_constraints:
 
 
 def get_final_outputs():
-    return [f"{RESULTS}/index.h5", *get_folder_files()]
+    return [f"{RESULTS}/index.h5", *get_folder_files(), *get_reduced_file()]
+
+
+def get_reduced_file():
+    return [f"{RESULTS}/reduced.h5"] if config["reduce"]["method"] != "none" else []
 
 
 def get_folder_files():

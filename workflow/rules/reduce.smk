@@ -1,0 +1,17 @@
+# Optional (reduce.method): PCA fitted on every folder's embeddings, reduced vectors beside them.
+rule reduce:
+    input:
+        get_folder_files(),
+    output:
+        f"{RESULTS}/reduced.h5",
+    log:
+        f"{RESULTS}/logs/reduce.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/reduce.tsv"
+    localrule: True
+    conda:
+        "../../envs/snakembed.yaml"
+    params:
+        dim=config["reduce"]["dim"],
+    script:
+        "../../scripts/reduce.py"
