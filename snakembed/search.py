@@ -59,8 +59,9 @@ def search(
 
     Example:
         >>> store = open_store("results")  # doctest: +SKIP
-        >>> search(store, store["animals"]["chelsea.jpg"].embedding, top=1)[0][0].image_id
-        'chelsea.jpg'  # doctest: +SKIP
+        >>> query = store["animals"]["chelsea.jpg"].embedding  # doctest: +SKIP
+        >>> search(store, query, top=1)[0][0].image_id  # doctest: +SKIP
+        'chelsea.jpg'
     """
     queries = np.atleast_2d(np.asarray(queries, np.float32))
     queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)

@@ -119,7 +119,7 @@ def test_logs_show_progress_per_folder_and_the_run_shows_folders_done(workflow_r
     bar = rf"alpha: \[#{{20}}\] 100% {total}/{total} images, [\d.]+ images/s, ETA 0:00:00"
     assert re.search(bar, log), log
     out = workflow_run["proc"].stdout + workflow_run["proc"].stderr
-    steps = len(workflow_run["folders"]) + 2  # the folders, the index and `all`
+    steps = len(workflow_run["folders"]) + 3  # the folders, the index, the report and `all`
     assert f"{steps} of {steps} steps (100%) done" in out
 
 
@@ -131,11 +131,12 @@ def test_one_job_per_folder_leaves_no_intermediates_and_keeps_logs(workflow_run)
         "index.h5",
         "logs",
         "manifests",
+        "report",
     ]
     assert (results / "logs" / "embed_classify_store" / "alpha" / "deep" / "b c.log").is_file()
     assert (results / "manifests" / "alpha" / "deep" / "b c.json").is_file()
     rules = sorted(p.name for p in (results / "benchmarks").iterdir())
-    assert rules == ["embed_classify_store", "index.tsv"]
+    assert rules == ["embed_classify_store", "index.tsv", "report_pages.tsv"]
     assert (results / "benchmarks" / "embed_classify_store" / "ünï cödé.tsv").is_file()
 
 

@@ -42,7 +42,26 @@ wildcard_constraints:
 
 
 def get_final_outputs():
-    return [f"{RESULTS}/index.h5", *get_folder_files(), *get_reduced_file()]
+    return [
+        f"{RESULTS}/index.h5",
+        *get_folder_files(),
+        *get_reduced_file(),
+        *get_report_pages(),
+    ]
+
+
+def get_report_pages():
+    if not config["report"]["enabled"]:
+        return []
+    names = ("summary.html", "labels.png", "map.html", "neighbours.html")
+    return [f"{RESULTS}/report/{name}" for name in names]
+
+
+def get_head_metrics():
+    """The trained head's scores, for the report (nothing without a trained head)."""
+    if needs_labels(config["classify"]["head"]):
+        return [f"{get_trained_head_dir()}/metrics.json"]
+    return []
 
 
 def get_reduced_file():

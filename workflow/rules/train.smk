@@ -26,7 +26,11 @@ rule train_head:
     output:
         head=f"{get_trained_head_dir()}/head.npz",
         metrics=f"{get_trained_head_dir()}/metrics.json",
-        plot=f"{get_trained_head_dir()}/confusion.png",
+        plot=report(
+            f"{get_trained_head_dir()}/confusion.png",
+            caption="../report/confusion.rst",
+            category="Trained head",
+        ),
     log:
         f"{RESULTS}/logs/train_head.log",
     benchmark:

@@ -1,0 +1,383 @@
+"""The pages of ``snakemake --report``: a run summary, labels per folder, a map of the
+embeddings and the nearest neighbours of sample images.
+
+Each page is one self-contained file (styles inline, thumbnails as data URIs), so Snakemake's
+report embeds it as it is and a browser shows it without the image tree. Thumbnails are made
+from the original images when the pages are written; an image that cannot be read any more is
+shown as its name.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._files import atomic_path
+from .images import ROOT_FOLDER, ImageError, decode_image, read_image_bytes
+from .reader import Store, matrix_view, open_store
+from .reduce import fit_pca
+from .search import search
+from .store import folder_file
+
+__all__ = ["write_report_pages"]
+
+log = logging.getLogger("snakembed")
+
+#: Labels (or folders) that get their own colour on the map and bars in the label plot.
+_TOP = 10
+_COLOURS = [
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+    "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+]  # fmt: skip
+_OTHER = "#d3d3d3"
+_STYLE = """<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1em; color: #222 }
+table { border-collapse: collapse; margin: .5em 0 1.5em } td, th { padding: 2px 10px;
+border-bottom: 1px solid #ddd; text-align: left } td.n { text-align: right }
+.strip { display: flex; gap: 8px; margin: 0 0 1.2em; align-items: flex-start }
+.strip figure { margin: 0; width: 112px; font-size: 11px; overflow-wrap: anywhere }
+.strip figure.query { border-right: 2px solid #888; padding-right: 8px }
+.strip img { width: 112px; height: 112px; object-fit: cover; display: block }
+svg .pt image { display: none } svg .pt:hover image { display: inline }
+svg .pt:hover circle { stroke: #000; stroke-width: 2 }
+.legend span { display: inline-block; margin-right: 1em }
+.legend i { display: inline-block; width: .8em; height: .8em; margin-right: .3em }
+</style>"""
+
+
+@dataclass
+class _Sample:
+    """Images drawn evenly from the whole store, with their vectors."""
+
+    folders: list[str]
+    ids: list[str]
+    paths: list[Path | None]
+    labels: list[str | None]
+    vectors: np.ndarray
+
+
+def write_report_pages(
+    results: str | Path,
+    summary: str | Path,
+    labels: str | Path,
+    embedding_map: str | Path,
+    neighbours: str | Path,
+    *,
+    points: int = 1000,
+    queries: int = 5,
+    metrics: str | Path | None = None,
+) -> None:
+    """Write the report's pages from a results folder.
+
+    Args:
+        results: the workflow's results folder (read through its index).
+        summary: the run summary (HTML): folders, images, failures with their reasons, the time
+            of each stage (from ``results/benchmarks``) and, with ``metrics``, the trained
+            head's scores.
+        labels: the label distribution of each folder (PNG).
+        embedding_map: a 2-D map of the embeddings (HTML, SVG inside): UMAP where the ``umap``
+            package is installed, else PCA; a thumbnail shows on hover.
+        neighbours: the nearest stored images of a few sample images, as thumbnail strips.
+        points: images drawn for the map, evenly across the store.
+        queries: sample images for the neighbour strips.
+        metrics: the trained head's ``metrics.json``, or None.
+
+    Example:
+        >>> write_report_pages("results", "s.html", "l.png", "m.html", "n.html")  # doctest: +SKIP
+    """
+    from .embed import log_to_stderr
+
+    log_to_stderr()
+    store = open_store(results)
+    _write_text(summary, _summary_page(store, Path(results), metrics))
+    _plot_labels(store, labels)
+    sample = _sample(store, points)
+    _write_text(embedding_map, _map_page(store, sample))
+    _write_text(neighbours, _neighbours_page(store, sample, queries))
+    log.info("report pages written: %d images on the map", len(sample.ids))
+
+
+def _write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"{_STYLE}</head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n"
+    )
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        numeric = isinstance(value, int | float | np.integer | np.floating)
+        return f'<td class="n">{value}</td>' if numeric else f"<td>{html.escape(str(value))}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _summary_page(store: Store, results: Path, metrics: str | Path | None) -> str:
+    images = failed = 0
+    failures, model = [], {}
+    for key in store:
+        with store[key] as folder:
+            attrs = folder.attrs
+        images += attrs["num_images"]
+        failed += attrs["num_failed"]
+        failures += [[key, image, why] for image, why in attrs["failed"].items()]
+        model = model or attrs
+    parts = [
+        _table(["folders", "images embedded", "images failed"], [[len(store), images, failed]])
+    ]
+    if model:
+        parts.append(
+            f"<p>Model <b>{html.escape(str(model['model']))}</b> "
+            f"({html.escape(str(model['weights']))}), layer {html.escape(str(model['layer']))}, "
+            f"{model['embedding_dim']}-d; head: {html.escape(json.dumps(model['classify']))}.</p>"
+        )
+    parts.append("<h3>Time per stage</h3>" + _stage_times(results / "benchmarks"))
+    if metrics is not None:
+        parts.append(
+            "<h3>Trained head</h3>" + _metrics_table(json.loads(Path(metrics).read_text()))
+        )
+    shown = failures[:1000]
+    parts.append(f"<h3>Failures ({len(failures)})</h3>")
+    if failures:
+        parts.append(_table(["folder", "image", "reason"], shown))
+        if len(failures) > len(shown):
+            parts.append(f"<p>… and {len(failures) - len(shown)} more: `snakembed info`.</p>")
+    return _page("Run summary", "".join(parts))
+
+
+def _stage_times(benchmarks: Path) -> str:
+    """Seconds per rule, from Snakemake's benchmark files (one per job)."""
+    rows = []
+    for rule in sorted(p for p in benchmarks.iterdir()) if benchmarks.is_dir() else []:
+        files = sorted(rule.rglob("*.tsv")) if rule.is_dir() else [rule]
+        seconds = []
+        for path in files:
+            with open(path, newline="") as fh:
+                seconds += [float(row["s"]) for row in csv.DictReader(fh, delimiter="\t")]
+        if seconds:
+            name = rule.name.removesuffix(".tsv")
+            rows.append(
+                [name, len(seconds), round(sum(seconds), 1), round(float(np.mean(seconds)), 2)]
+            )
+    if not rows:
+        return "<p>No benchmark files yet.</p>"
+    return _table(["stage (rule)", "jobs", "seconds in all", "seconds per job"], rows)
+
+
+def _metrics_table(metrics: dict) -> str:
+    rows = [["accuracy", round(metrics["accuracy"], 4)]]
+    rows += [[f"macro {k}", round(v, 4)] for k, v in metrics["macro"].items() if k != "support"]
+    per_class = [
+        [name, round(m["precision"], 4), round(m["recall"], 4), round(m["f1"], 4), m["support"]]
+        for name, m in metrics["per_class"].items()
+    ]
+    return _table(["metric", "value"], rows) + _table(
+        ["class", "precision", "recall", "F1", "support"], per_class
+    )
+
+
+def _plot_labels(store: Store, path: str | Path) -> None:
+    """Stacked bars: each folder's images by predicted label (the most frequent labels
+    overall get a colour each, the rest are `other`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts: dict[str, dict[str, int]] = {}
+    for key in store:
+        with store[key] as folder:
+            labels = folder.table()["label"]
+        counts[key] = {}
+        for label in labels:
+            name = "(not classified)" if label is None else label
+            counts[key][name] = counts[key].get(name, 0) + 1
+    folders = sorted(counts, key=lambda k: -sum(counts[k].values()))[:40]
+    totals: dict[str, int] = {}
+    for per in counts.values():
+        for label, n in per.items():
+            totals[label] = totals.get(label, 0) + n
+    top = sorted(totals, key=lambda label: -totals[label])[:_TOP]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.32 * max(len(folders), 1)))
+    left = np.zeros(len(folders))
+    for i, label in enumerate([*top, "other"]):
+        widths = np.array(
+            [
+                counts[k].get(label, 0)
+                if label != "other"
+                else sum(n for lab, n in counts[k].items() if lab not in top)
+                for k in folders
+            ],
+            float,
+        )
+        colour = _COLOURS[i] if label != "other" else _OTHER
+        ax.barh(folders, widths, left=left, color=colour, label=label[:40])
+        left += widths
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    shown = f" (the {len(folders)} largest of {len(counts)})" if len(counts) > len(folders) else ""
+    ax.set_title(f"Predicted labels per folder{shown}", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _sample(store: Store, points: int) -> _Sample:
+    """Up to ``points`` images, evenly spaced over the store in folder order."""
+    sizes = {}
+    for key in store:
+        with store[key] as folder:
+            sizes[key] = folder.shape[0]
+    total = sum(sizes.values())
+    picks = np.unique(np.linspace(0, total - 1, min(points, total)).round().astype(int))
+    folders, ids, paths, labels, vectors = [], [], [], [], []
+    start = 0
+    for key, size in sizes.items():
+        lo, hi = np.searchsorted(picks, [start, start + size])
+        rows = picks[lo:hi] - start
+        start += size
+        if not len(rows):
+            continue
+        with store[key] as folder:
+            table = folder.table()
+        matrix = matrix_view(folder_file(store.results, key))
+        for row in rows:
+            folders.append(key)
+            ids.append(table["image_id"][row])
+            root = store.images_root
+            paths.append(root / table["source"][row] if root else None)
+            labels.append(table["label"][row])
+            vectors.append(np.asarray(matrix[row], np.float32).reshape(-1))
+    dim = len(vectors[0]) if vectors else 0
+    return _Sample(folders, ids, paths, labels, np.asarray(vectors, np.float32).reshape(-1, dim))
+
+
+def _thumbnail(path: Path | None, side: int = 112) -> str | None:
+    """A JPEG data URI of the image, at most ``side`` pixels across; None if unreadable."""
+    if path is None:
+        return None
+    try:
+        image = decode_image(read_image_bytes(path), min_side=side).image
+    except ImageError as exc:
+        log.warning("report: no thumbnail for %s: %s", path, exc)
+        return None
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _coordinates(store: Store, sample: _Sample) -> tuple[np.ndarray, str]:
+    """2-D positions of the sample: UMAP where installed (and there are enough images), else
+    PCA fitted on every stored vector."""
+    if len(sample.ids) < 3:
+        return np.zeros((len(sample.ids), 2)), "too few images to lay out"
+    try:
+        import umap  # noqa: PLC0415 - optional
+
+        if len(sample.ids) >= 10:
+            neighbours = min(15, len(sample.ids) - 1)
+            reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=0)
+            return np.asarray(reducer.fit_transform(sample.vectors), float), "UMAP"
+    except ImportError:
+        pass
+    pca = fit_pca((matrix_view(folder_file(store.results, k)) for k in store), 2)
+    share = 100 * pca.explained_variance_ratio.sum()
+    return pca.transform(sample.vectors).astype(float), f"PCA ({share:.0f}% of the variance)"
+
+
+def _map_page(store: Store, sample: _Sample) -> str:
+    coords, method = _coordinates(store, sample)
+    classified = any(label is not None for label in sample.labels)
+    groups = sample.labels if classified else sample.folders
+    counts: dict[str, int] = {}
+    for group in groups:
+        counts[str(group)] = counts.get(str(group), 0) + 1
+    top = sorted(counts, key=lambda g: -counts[g])[:_TOP]
+    colour = {group: _COLOURS[i] for i, group in enumerate(top)}
+    width, height, pad = 760, 560, 20
+    if len(coords):
+        low, high = coords.min(axis=0), coords.max(axis=0)
+        span = np.where(high - low > 0, high - low, 1)
+        xy = pad + (coords - low) / span * [width - 2 * pad, height - 2 * pad]
+    else:
+        xy = coords
+    dots = []
+    for i, (x, y) in enumerate(xy):
+        group = str(groups[i])
+        name = _name(sample.folders[i], sample.ids[i])
+        tip = html.escape(f"{name}\n{'label' if classified else 'folder'}: {group}")
+        thumb = _thumbnail(sample.paths[i], 96)
+        # the thumbnail opens beside the point, kept inside the picture
+        tx, ty = min(x + 8, width - 100), min(max(y - 48, 0), height - 100)
+        image = f'<image href="{thumb}" x="{tx:.0f}" y="{ty:.0f}" width="96" height="96"/>'
+        dots.append(
+            f'<g class="pt"><title>{tip}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="4" '
+            f'fill="{colour.get(group, _OTHER)}"/>{image if thumb else ""}</g>'
+        )
+    legend = "".join(
+        f'<span><i style="background:{colour[g]}"></i>{html.escape(g)} ({counts[g]})</span>'
+        for g in top
+    )
+    if len(counts) > len(top):
+        legend += f'<span><i style="background:{_OTHER}"></i>other</span>'
+    body = (
+        f"<p>{len(sample.ids)} images drawn evenly from {len(store)} folders, laid out by "
+        f"{method}, coloured by {'predicted label' if classified else 'folder'}. Hover over a "
+        f'point for its image.</p><p class="legend">{legend}</p>'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'style="border:1px solid #ccc">{"".join(dots)}</svg>'
+    )
+    return _page("Map of the embeddings", body)
+
+
+def _neighbours_page(store: Store, sample: _Sample, queries: int, top: int = 6) -> str:
+    if not sample.ids:
+        return _page("Nearest neighbours", "<p>No embedded images.</p>")
+    picks = np.unique(np.linspace(0, len(sample.ids) - 1, min(queries, len(sample.ids))).round())
+    found = search(store, sample.vectors[picks.astype(int)], top=top + 1)
+    strips = []
+    for i, hits in zip(picks.astype(int), found, strict=True):
+        name = _name(sample.folders[i], sample.ids[i])
+        others = [h for h in hits if (h.folder, h.image_id) != (sample.folders[i], sample.ids[i])]
+        figures = [_figure(sample.paths[i], name, "query", "query")]
+        figures += [
+            _figure(Path(h.path), _name(h.folder, h.image_id), f"{h.score:.3f}", "")
+            for h in others[:top]
+        ]
+        strips.append(f'<div class="strip">{"".join(figures)}</div>')
+    body = (
+        f"<p>{len(strips)} sample images (left) and the {top} most similar stored images by "
+        "cosine similarity, with their scores.</p>" + "".join(strips)
+    )
+    return _page("Nearest neighbours", body)
+
+
+def _name(folder: str, image_id: str) -> str:
+    return image_id if folder == ROOT_FOLDER else f"{folder}/{image_id}"
+
+
+def _figure(path: Path | None, name: str, caption: str, css: str) -> str:
+    thumb = _thumbnail(path)
+    picture = f'<img src="{thumb}" alt="{html.escape(name)}">' if thumb else "<p>(not readable)</p>"
+    return (
+        f'<figure class="{css}">{picture}<figcaption><b>{html.escape(caption)}</b> '
+        f"{html.escape(name)}</figcaption></figure>"
+    )
