@@ -9,9 +9,10 @@ run, for ``--queries`` query vectors and the top 10:
 - **search**: :func:`snakembed.search.search` (memory-mapped matrices, blocks, top-k kept per
   block), once with the files just written (in the page cache, as after a run) and again.
 
-It checks that both find the same images, and prints seconds, the ratio baseline / search, and
-the peak resident memory after the searches and after the baseline (mapped pages of the files
-count as resident while they are mapped).
+It also times ``snakembed query`` on a stored image end to end (Python's start, the imports,
+the lookup and the search). It checks that both find the same images, and prints seconds, the
+ratio baseline / search, and the peak resident memory after the searches and after the baseline
+(mapped pages of the files count as resident while they are mapped).
 
 Usage::
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ import numpy as np
 
 from snakembed.reader import open_store
 from snakembed.search import search
-from snakembed.store import FORMAT_VERSION, folder_file
+from snakembed.store import FORMAT_VERSION, folder_file, write_index
 
 _STR = h5py.string_dtype()
 
@@ -54,6 +56,15 @@ def _write_store(results: Path, vectors: int, dim: int, folders: int) -> None:
             h5.create_dataset("_width", data=np.full(per, 500))
             h5.create_dataset("_height", data=np.full(per, 375))
             h5.create_dataset("_embeddings", data=rng.standard_normal((per, dim), np.float32))
+            if f == 0:  # the image the command line looks up (Folder reads its group)
+                group = h5.create_group(ids[0])
+                group["embedding"] = h5["_embeddings"][0]
+                group.attrs.update(
+                    {"source": f"{key}/{ids[0]}", "width": 500, "height": 375, "sha256": ids[0]}
+                )
+    write_index(
+        [f"f{f:05d}" for f in range(folders)], results.parent / "images", results / "index.h5"
+    )
 
 
 def _baseline(results: Path, queries: np.ndarray, top: int) -> list[list[tuple[str, str]]]:
@@ -93,6 +104,10 @@ def main() -> None:
         first, found = _timed(search, store, queries, top=args.top)
         again, _ = _timed(search, store, queries, top=args.top)
         search_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        image = Path(tmp) / "images" / "f00000" / "0000000.jpg"  # stored: looked up
+        command = ["snakembed", "query", str(image), "--results", str(results), "--json"]
+        cli, proc = _timed(subprocess.run, command, capture_output=True, text=True, check=True)
+        assert json.loads(proc.stdout)["hits"][0]["path"] == str(image)
         base, expected = _timed(_baseline, results, queries, args.top)
         same = [[(h.folder, h.image_id) for h in hits] for hits in found] == expected
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -103,6 +118,7 @@ def main() -> None:
             "queries": args.queries,
             "search_s": round(first, 3),
             "search_again_s": round(again, 3),
+            "command_line_s": round(cli, 3),
             "baseline_s": round(base, 3),
             "baseline_over_search": round(base / again, 1),
             "same_hits": same,

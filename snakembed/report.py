@@ -264,7 +264,8 @@ def _sample(store: Store, points: int) -> _Sample:
             root = store.images_root
             paths.append(root / table["source"][row] if root else None)
             labels.append(table["label"][row])
-            vectors.append(np.asarray(matrix[row], np.float32).reshape(-1))
+            vector = np.asarray(matrix[row], np.float32)
+            vectors.append(vector.mean(axis=0) if vector.ndim == 2 else vector)  # maps: mean
     dim = len(vectors[0]) if vectors else 0
     return _Sample(folders, ids, paths, labels, np.asarray(vectors, np.float32).reshape(-1, dim))
 
@@ -298,9 +299,14 @@ def _coordinates(store: Store, sample: _Sample) -> tuple[np.ndarray, str]:
             return np.asarray(reducer.fit_transform(sample.vectors), float), "UMAP"
     except ImportError:
         pass
-    pca = fit_pca((matrix_view(folder_file(store.results, k)) for k in store), 2)
+    pca = fit_pca((_vectors(matrix_view(folder_file(store.results, k))) for k in store), 2)
     share = 100 * pca.explained_variance_ratio.sum()
     return pca.transform(sample.vectors).astype(float), f"PCA ({share:.0f}% of the variance)"
+
+
+def _vectors(matrix: np.ndarray) -> np.ndarray:
+    """A folder's vectors: maps (``pool: none``) by their mean over positions."""
+    return matrix.mean(axis=1) if matrix.ndim == 3 else matrix
 
 
 def _map_page(store: Store, sample: _Sample) -> str:

@@ -4,7 +4,7 @@ Exact cosine similarity, folder by folder, straight from the files: each folder'
 contiguous dataset that is memory-mapped (not copied through HDF5) and scored in blocks, only
 the best ``top`` of each block are kept, and only the images finally found are named. On the
 2-core development machine a million stored 512-d vectors in 1,000 files are searched in about
-0.4 s once the files are in the page cache (``bench/query.py``); at that size an approximate
+0.5 s once the files are in the page cache (``bench/query.py``); at that size an approximate
 index would not pay for its build and its misses.
 """
 
@@ -46,7 +46,9 @@ def search(
 
     Args:
         store: an opened results folder.
-        queries: ``[Q, D]`` vectors (or ``[D]`` for one), in the store's embedding space.
+        queries: ``[Q, D]`` vectors (or ``[D]`` for one), in the store's embedding space, or
+            ``[Q, P, D]`` maps. Maps (queries, and stores of ``pool: none``) are compared by
+            their mean vector over positions, as the knn head classifies them.
         top: how many hits per query.
         folders: search only these folder keys (default: every folder).
 
@@ -63,7 +65,8 @@ def search(
         >>> search(store, query, top=1)[0][0].image_id  # doctest: +SKIP
         'chelsea.jpg'
     """
-    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    queries = np.asarray(queries, np.float32)
+    queries = queries.mean(axis=1) if queries.ndim == 3 else np.atleast_2d(queries)
     queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
     keys = list(store) if folders is None else list(folders)
     unknown = [key for key in keys if key not in store]
@@ -73,13 +76,15 @@ def search(
     for key in keys:
         path = folder_file(store.results, key)
         matrix = matrix_view(path)
-        if len(matrix) and (matrix.ndim != 2 or matrix.shape[1] != queries.shape[1]):
+        if len(matrix) and matrix.shape[-1] != queries.shape[1]:
             raise ValueError(
-                f"{path} holds embeddings of shape {list(matrix.shape[1:])}; the queries are "
-                f"{queries.shape[1]}-d (maps stored with pool: none cannot be searched)"
+                f"{path} holds {matrix.shape[-1]}-d embeddings; the queries are "
+                f"{queries.shape[1]}-d (embedded with another model?)"
             )
         for start in range(0, len(matrix), _BLOCK):
             block = np.asarray(matrix[start : start + _BLOCK], np.float32)
+            if block.ndim == 3:  # a map per image (pool: none): its mean vector
+                block = block.mean(axis=1)
             norms = np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), 1e-12)
             scores = (block @ queries.T) / norms[:, None]
             k = min(top, len(block))

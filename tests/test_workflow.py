@@ -297,6 +297,10 @@ def test_a_spatial_map_is_stored_as_a_matrix_per_image(tmp_path):
         assert record.embedding.shape == (16, 256)
         assert np.array_equal(record.embedding, folder.matrix()[0])
         assert record.label == "red"  # its mean vector's nearest labelled image is red
+    # the report and the search compare maps by their mean vectors too
+    assert (tmp_path / "results" / "report" / "neighbours.html").is_file()
+    hits = snakembed.search(store, record.embedding[None], top=1)[0]  # one [P, D] map
+    assert (hits[0].folder, hits[0].image_id) == ("val/red", "red_0.png")
 
 
 def test_unknown_model_fails_before_any_job(tmp_path):
