@@ -184,12 +184,13 @@ class Folder:
         with _reading(self.path):
             return _text(self._file["_ids"][index]), _text(self._file["_sources"][index])
 
-    def table(self) -> dict[str, np.ndarray | list]:
-        """The bulk columns: ids, sources, sha256, width, height, labels, scores, embeddings."""
+    def table(self, *, embeddings: bool = True) -> dict[str, np.ndarray | list]:
+        """The bulk columns: ids, sources, sha256, width, height, labels, scores, and unless
+        ``embeddings`` is false the embeddings."""
         f = self._file
         with _reading(self.path):
             n = len(f["_ids"])
-            return {
+            table = {
                 "image_id": texts(f["_ids"]),
                 "source": texts(f["_sources"]),
                 "sha256": texts(f["_sha256"]),
@@ -197,8 +198,10 @@ class Folder:
                 "height": f["_height"][()],
                 "label": texts(f["_labels"]) if "_labels" in f else [None] * n,
                 "score": f["_scores"][()] if "_scores" in f else np.full(n, np.nan),
-                "embedding": self.matrix(),
             }
+        if embeddings:
+            table["embedding"] = self.matrix()
+        return table
 
     def __len__(self) -> int:
         with _reading(self.path):

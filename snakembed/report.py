@@ -202,7 +202,7 @@ def _plot_labels(store: Store, path: str | Path) -> None:
     counts: dict[str, dict[str, int]] = {}
     for key in store:
         with store[key] as folder:
-            labels = folder.table()["label"]
+            labels = folder.table(embeddings=False)["label"]
         counts[key] = {}
         for label in labels:
             name = "(not classified)" if label is None else label
@@ -256,7 +256,7 @@ def _sample(store: Store, points: int) -> _Sample:
         if not len(rows):
             continue
         with store[key] as folder:
-            table = folder.table()
+            table = folder.table(embeddings=False)
         matrix = matrix_view(folder_file(store.results, key))
         for row in rows:
             folders.append(key)
