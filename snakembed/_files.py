@@ -36,28 +36,28 @@ def atomic_path(path: str | Path, scratch: str | Path | None = None) -> Iterator
         'done'
     """
     path = Path(path)
+    if scratch is not None:
+        handle, name = tempfile.mkstemp(suffix=path.suffix, dir=scratch)
+        os.close(handle)
+        built = Path(name)
+        try:
+            yield built
+            with atomic_path(path) as tmp:
+                shutil.copyfile(built, tmp)
+        finally:
+            built.unlink(missing_ok=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     # A writer killed before its rename (SIGKILL, power loss) leaves its temporary file behind;
     # one job writes each path, so any such file is stale.
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if scratch is None:
-        try:
-            yield tmp
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return
-    handle, name = tempfile.mkstemp(suffix=path.suffix, dir=scratch)
-    os.close(handle)
-    built = Path(name)
     try:
-        yield built
-        with atomic_path(path) as tmp:
-            shutil.copyfile(built, tmp)
+        yield tmp
+        os.replace(tmp, path)
     finally:
-        built.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def scratch_folder(setting: str, target: str | Path) -> Path | None:

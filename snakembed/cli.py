@@ -187,10 +187,9 @@ def _check_same_model(store, meta: dict) -> None:
     """Embeddings of another model or preprocessing cannot be compared with the store's."""
     keys = ("model", "weights_sha256", "layer", "pool", "preprocess")
     stored = {}
-    for key in store:
-        with store[key] as folder:
+    if store.folders():
+        with store[store.folders()[0]] as folder:
             stored = folder.attrs
-        break
     differ = [
         key
         for key in keys

@@ -132,8 +132,7 @@ def _write_npz(store: Store, path: Path) -> int:
     first), so the matrix is never held whole; the other columns are gathered in memory."""
     rows, dims = 0, set()
     for key in store:
-        with store[key] as folder:
-            shape = folder.shape
+        shape = store.view(key).shape
         rows += shape[0]
         if shape[0]:
             dims.add(int(np.prod(shape[1:])))

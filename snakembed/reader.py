@@ -9,6 +9,7 @@ snakembed folder file raises :class:`StoreError`, naming the file and the fix.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -290,16 +291,28 @@ class Store:
     def __len__(self) -> int:
         return len(self._folders)
 
+    @functools.cached_property
+    def _known(self) -> frozenset[str]:
+        return frozenset(self._folders)
+
     def __contains__(self, folder: str) -> bool:
-        return folder in self._folders
+        return folder in self._known
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._folders)
 
     def __getitem__(self, folder: str) -> Folder:
-        if folder not in self._folders:
+        return Folder(self._file(folder), folder)
+
+    def view(self, folder: str) -> np.ndarray:
+        """A folder's embeddings memory-mapped from its file (see :func:`matrix_view`), without
+        opening it as a :class:`Folder`: the way to run over every vector of a big store."""
+        return matrix_view(self._file(folder))
+
+    def _file(self, folder: str) -> Path:
+        if folder not in self._known:
             raise KeyError(f"no folder {folder!r} in {self.results}; folders: {self._folders[:20]}")
-        return Folder(folder_file(self.results, folder), folder)
+        return folder_file(self.results, folder)
 
     def lookup(self, path: str | Path) -> ImageRecord:
         """An image's record by its path: relative to the image root, or absolute.
@@ -318,7 +331,7 @@ class Store:
             if path.parts and path.parts[0] == "..":
                 raise KeyError(f"{path} is not under the image root {self.images_root}")
         folder = path.parent.as_posix()
-        if folder not in self._folders:
+        if folder not in self._known:
             raise KeyError(f"no folder {folder!r} for image {path.as_posix()!r} in {self.results}")
         with self[folder] as record_folder:
             return record_folder[path.name]

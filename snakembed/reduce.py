@@ -9,7 +9,7 @@ does not grow with the store; the reduced vectors go to ``{results}/reduced.h5``
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from ._files import atomic_path, texts
-from .reader import Store, matrix_view, open_store
+from .reader import Store, open_store
 from .store import folder_file
 
 __all__ = ["PCA", "Reduced", "fit_pca", "read_reduced", "reduce_store"]
@@ -116,8 +116,7 @@ def reduce_store(results: str | Path, output: str | Path, dim: int) -> PCA:
 
     log_to_stderr()
     store = open_store(results)
-    _check_vectors(store)
-    pca = fit_pca((matrix_view(folder_file(store.results, key)) for key in store), dim)
+    pca = fit_pca(_vectors(store), dim)
     with atomic_path(output) as tmp, h5py.File(tmp, "w", libver="latest") as f:
         f.attrs.update({"method": "pca", "dim": len(pca.components), "folders": len(store)})
         f["mean"] = pca.mean
@@ -127,7 +126,8 @@ def reduce_store(results: str | Path, output: str | Path, dim: int) -> PCA:
         f.create_dataset("_folders", data=np.asarray(keys, dtype=object), dtype=_STR)
         for i, key in enumerate(keys):
             with store[key] as folder:
-                ids, matrix = folder.ids(), folder.view()
+                ids = folder.ids()
+            matrix = store.view(key)
             group = f.create_group(f"folders/{i}")
             group.create_dataset("_ids", data=np.asarray(ids, dtype=object), dtype=_STR)
             group["_embeddings"] = (
@@ -142,15 +142,17 @@ def reduce_store(results: str | Path, output: str | Path, dim: int) -> PCA:
     return pca
 
 
-def _check_vectors(store: Store) -> None:
+def _vectors(store: Store) -> Iterator[np.ndarray]:
+    """Each folder's embeddings, memory-mapped; maps (``pool: none``) are refused."""
     for key in store:
-        with store[key] as folder:
-            if len(folder.shape) != 2:
-                raise ValueError(
-                    f"{folder.path} holds maps {list(folder.shape[1:])} per image (pool: none); "
-                    "reduce works on vectors: set model.pool to avg or max, or reduce.method to "
-                    "none"
-                )
+        matrix = store.view(key)
+        if matrix.ndim != 2:
+            raise ValueError(
+                f"{folder_file(store.results, key)} holds maps {list(matrix.shape[1:])} per image "
+                "(pool: none); reduce works on vectors: set model.pool to avg or max, or "
+                "reduce.method to none"
+            )
+        yield matrix
 
 
 @dataclass

@@ -22,10 +22,9 @@ import numpy as np
 
 from ._files import atomic_path
 from .images import ROOT_FOLDER, ImageError, decode_image, read_image_bytes
-from .reader import Store, matrix_view, open_store
+from .reader import Store, open_store
 from .reduce import fit_pca
 from .search import search
-from .store import folder_file
 
 __all__ = ["write_report_pages"]
 
@@ -241,10 +240,7 @@ def _plot_labels(store: Store, path: str | Path) -> None:
 
 def _sample(store: Store, points: int) -> _Sample:
     """Up to ``points`` images, evenly spaced over the store in folder order."""
-    sizes = {}
-    for key in store:
-        with store[key] as folder:
-            sizes[key] = folder.shape[0]
+    sizes = {key: len(store.view(key)) for key in store}
     total = sum(sizes.values())
     picks = np.unique(np.linspace(0, total - 1, min(points, total)).round().astype(int))
     folders, ids, paths, labels, vectors = [], [], [], [], []
@@ -257,7 +253,7 @@ def _sample(store: Store, points: int) -> _Sample:
             continue
         with store[key] as folder:
             table = folder.table(embeddings=False)
-        matrix = matrix_view(folder_file(store.results, key))
+        matrix = store.view(key)
         for row in rows:
             folders.append(key)
             ids.append(table["image_id"][row])
@@ -299,7 +295,7 @@ def _coordinates(store: Store, sample: _Sample) -> tuple[np.ndarray, str]:
             return np.asarray(reducer.fit_transform(sample.vectors), float), "UMAP"
     except ImportError:
         pass
-    pca = fit_pca((_vectors(matrix_view(folder_file(store.results, k))) for k in store), 2)
+    pca = fit_pca((_vectors(store.view(key)) for key in store), 2)
     share = 100 * pca.explained_variance_ratio.sum()
     return pca.transform(sample.vectors).astype(float), f"PCA ({share:.0f}% of the variance)"
 

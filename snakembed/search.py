@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reader import Store, matrix_view
+from .reader import Store
 from .store import folder_file
 
 __all__ = ["Hit", "search"]
@@ -74,12 +74,11 @@ def search(
         raise ValueError(f"no folder {unknown[0]!r} in {store.results}; see `snakembed info`")
     best: list[list[tuple[float, str, int]]] = [[] for _ in queries]
     for key in keys:
-        path = folder_file(store.results, key)
-        matrix = matrix_view(path)
+        matrix = store.view(key)
         if len(matrix) and matrix.shape[-1] != queries.shape[1]:
             raise ValueError(
-                f"{path} holds {matrix.shape[-1]}-d embeddings; the queries are "
-                f"{queries.shape[1]}-d (embedded with another model?)"
+                f"{folder_file(store.results, key)} holds {matrix.shape[-1]}-d embeddings; the "
+                f"queries are {queries.shape[1]}-d (embedded with another model?)"
             )
         for start in range(0, len(matrix), _BLOCK):
             block = np.asarray(matrix[start : start + _BLOCK], np.float32)
