@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SCRATCH_SETTINGS", "atomic_path", "save_npz", "scratch_folder", "texts"]
+__all__ = [
+    "SCRATCH_SETTINGS",
+    "atomic_path",
+    "cached_sha256",
+    "file_sha256",
+    "fsync_path",
+    "save_npz",
+    "scratch_folder",
+    "texts",
+]
 
 #: The values of the ``scratch`` config key (see :func:`scratch_folder`).
 SCRATCH_SETTINGS = ("auto", "tmpdir", "results")
@@ -23,7 +34,11 @@ def atomic_path(path: str | Path, scratch: str | Path | None = None) -> Iterator
     """A temporary name beside ``path``, renamed to ``path`` when the block succeeds.
 
     The parent folder is created; on failure the temporary file is removed and ``path`` is
-    left as it was. Temporary files of earlier writers of ``path`` that were killed are removed.
+    left as it was. The file's data reach the disk before the rename, and the rename before
+    the block returns (``fsync`` of the file, then of its folder): after a power loss, ``path``
+    holds the old file or the whole new one, never an empty or partial one, even where the
+    filesystem reorders data and metadata (XFS; ext4 with some mount options). Temporary files
+    of earlier writers of ``path`` that were killed are removed.
     With ``scratch`` (a folder on a fast local disk), the file is written there instead, then
     copied beside ``path`` and renamed: a shared filesystem sees one sequential write.
 
@@ -55,9 +70,37 @@ def atomic_path(path: str | Path, scratch: str | Path | None = None) -> Iterator
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "x"
+        >>> _ = path.write_bytes(b"abc")
+        >>> file_sha256(path)[:12]
+        'ba7816bf8f01'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def scratch_folder(setting: str, target: str | Path) -> Path | None:
@@ -101,3 +144,52 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
 def texts(dataset) -> list[str]:
     """An HDF5 string dataset as Python strings (h5py gives bytes or str by version)."""
     return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]
+
+
+#: A file changed less than this long ago may change again within the same tick of the
+#: filesystem's clock, keeping its stat: its checksum is not cached (git's "racy clean" rule).
+RACY_NS = 2_000_000_000
+
+
+def stat_key(info: os.stat_result) -> list[int] | None:
+    """What stands for a file's content between two reads: size, modification time, inode and
+    status-change time (which ``touch``, ``cp -p`` and ``rsync`` cannot set back); None when
+    the file changed so recently that it could change again unseen (see ``RACY_NS``).
+    """
+    if time.time_ns() - max(info.st_mtime_ns, info.st_ctime_ns) < RACY_NS:
+        return None
+    return [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
+
+
+def cached_sha256(path: str | Path, cache: Path | None) -> str:
+    """The sha256 of a file, read from ``cache`` (a private folder) when the file's stat key
+    (device, inode, size, modification and status-change times) was hashed before.
+
+    A checkpoint of a few hundred MB then costs a ``stat``, not a read, for every job that
+    checks it; a file rewritten in place gets another key.
+
+    Args:
+        path: the file.
+        cache: the folder of cached checksums, or None to always read the file.
+
+    Returns:
+        The hex sha256.
+    """
+    path = Path(path)
+    info = path.stat()
+    key = stat_key(info)
+    if cache is None or key is None:
+        return file_sha256(path)
+    name = hashlib.sha256(repr((os.path.realpath(path), info.st_dev, *key)).encode()).hexdigest()
+    entry = cache / name
+    with contextlib.suppress(OSError):
+        cached = entry.read_text()
+        if len(cached) == 64:
+            return cached
+    digest = file_sha256(path)
+    if stat_key(path.stat()) == key:  # unchanged while it was read
+        with contextlib.suppress(OSError):
+            cache.mkdir(mode=0o700, exist_ok=True)
+            with atomic_path(entry) as tmp:
+                tmp.write_text(digest)
+    return digest

@@ -17,10 +17,11 @@ import yaml
 
 __all__ = [
     "ConfigError",
-    "load_config",
-    "validate_config",
-    "numbers_fingerprint",
     "library_versions",
+    "load_config",
+    "numbers_fingerprint",
+    "resolved",
+    "validate_config",
 ]
 
 
@@ -184,11 +185,35 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def resolved(config: dict, *, gpu: bool | None = None) -> dict:
+    """``config`` with ``device`` and ``precision`` concrete (see
+    :func:`snakembed.devices.resolve_compute`): itself when they are, else a copy.
+
+    Args:
+        config: a validated configuration.
+        gpu: whether the computing machine has a GPU; None asks torch here.
+
+    Example:
+        >>> c = resolved(validate_config({}), gpu=False)
+        >>> c["device"], c["precision"]
+        ('cpu', 'fp32')
+    """
+    from .devices import resolve_compute
+
+    compute = resolve_compute(config["device"], config["precision"], gpu=gpu)
+    if all(config[key] == value for key, value in compute.items()):
+        return config
+    return {**config, **compute}
+
+
 def numbers_fingerprint(config: dict) -> dict[str, Any]:
     """Everything in a config that changes the stored embeddings, plus library versions.
 
     The workflow passes this as rule ``params`` so that Snakemake recomputes every folder when
-    the model, its weights, the preprocessing, the patches or a library version change.
+    the model, its weights, the preprocessing, the patches, the kind of device, the precision or
+    a library version change. ``auto`` device and precision count as what they resolve to here
+    (the workflow resolves them first, where it plans), so ``auto`` on a CPU and ``fp32`` give
+    the same fingerprint, and ``auto`` on a GPU another.
 
     Args:
         config: a validated configuration.
@@ -196,10 +221,14 @@ def numbers_fingerprint(config: dict) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict with the relevant keys and a short ``hash`` of them.
     """
+    from .devices import device_type
+
+    config = resolved(config)
     relevant = {
         "model": config["model"],
         "preprocess": config["preprocess"],
         "patches": config["patches"],
+        "device": device_type(config["device"]),
         "precision": config["precision"],
         "extensions": sorted(e.lower() for e in config["extensions"]),
         "max_pixels": config["max_pixels"],

@@ -11,18 +11,20 @@ import hashlib
 import logging
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .backbones import Backbone, backbone_from_config
-from .config import numbers_fingerprint
+from .config import numbers_fingerprint, resolved
+from .devices import device_type, resolve_precision
 from .images import ImageError, Preprocess, decode_image, read_image_bytes
 from .patches import PatchGrid
 
 __all__ = [
+    "Cancelled",
     "Embedder",
     "Embeddings",
     "autocast",
@@ -34,6 +36,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("snakembed")
+
+
+class Cancelled(Exception):
+    """The work was called off (a worker's job has gone): nothing of it is kept."""
 
 
 @dataclass
@@ -59,8 +65,8 @@ class Embeddings:
 def resolve_device(name: str = "auto"):
     """The torch device for a config's ``device:`` value.
 
-    ``auto`` asks torch (never ``CUDA_VISIBLE_DEVICES``): the first GPU when one is usable,
-    else the CPU.
+    ``auto`` asks torch (never ``CUDA_VISIBLE_DEVICES`` alone): the first GPU when one is
+    usable, else the CPU.
 
     Raises:
         ValueError: when the device is asked for but absent, naming the fix.
@@ -72,10 +78,12 @@ def resolve_device(name: str = "auto"):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device {name!r} asked for, but torch sees no GPU; set device: auto or cpu"
+            f"device {name!r} asked for, but torch sees no GPU here; set device: cpu (a workflow "
+            "resolves device: auto to cuda where it is planned when this machine has a GPU, or "
+            "when the folder jobs ask a cluster for one: request a GPU node, or set device: cpu)"
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available; set device: auto")
+        raise ValueError(f"device {name!r} asked for, but MPS is not available; set device: cpu")
     return device
 
 
@@ -87,10 +95,8 @@ def load_backbone(config: dict) -> Backbone:
 
 
 def _precision(device, precision: str) -> str:
-    """A config's ``precision`` made concrete: ``auto`` is bf16 on a GPU, else fp32."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """A config's ``precision`` made concrete for a torch device: bf16 on a GPU, else fp32."""
+    return resolve_precision(device.type, precision)
 
 
 def autocast(device, precision: str):
@@ -375,11 +381,14 @@ class Embedder:
     ) -> None:
         import torch
 
+        # device and precision as they will be used: what the files record and what decides
+        # whether earlier embeddings may be reused
+        config = resolved(config)
         self.config = config
         self.threads = threads or config["threads"]
         torch.set_num_threads(self.threads)
-        self.backbone = backbone or load_backbone(config)
         self.device = resolve_device(config["device"])
+        self.backbone = backbone or load_backbone(config)
         patches = config["patches"]
         self.grid = None
         if patches["enabled"]:
@@ -412,6 +421,7 @@ class Embedder:
         sources: Sequence[str] | None = None,
         label: str = "embed",
         reuse: Embeddings | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Embeddings:
         """Embed image files, batch by batch.
 
@@ -422,6 +432,7 @@ class Embedder:
             label: what progress lines start with.
             reuse: earlier embeddings of the same config; an image whose content (sha256) is
                 among them is not decoded again.
+            cancelled: asked before each batch; when it says so, :class:`Cancelled` is raised.
 
         Returns:
             The embeddings of the images that could be decoded, and the reasons of those that
@@ -444,6 +455,8 @@ class Embedder:
         failed: dict[str, str] = {}
         progress = _Progress(len(paths), label)
         for batch in _batches(decoder, batch_size, workers, pin=self.device.type == "cuda"):
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"{label}: called off after {progress.done} of {len(paths)} images")
             good = []
             for item in batch["items"]:
                 if "error" in item:
@@ -569,6 +582,7 @@ def _row_shape(backbone: Backbone) -> tuple[int, ...]:
 
 
 def _meta(backbone: Backbone, config: dict) -> dict:
+    """What a folder file records of how its numbers were made (``config``: resolved)."""
     patches = config["patches"]
     return {
         "model": backbone.name,
@@ -581,6 +595,7 @@ def _meta(backbone: Backbone, config: dict) -> dict:
         "patches": {k: v for k, v in patches.items() if k != "enabled"}
         if patches["enabled"]
         else None,
+        "device": device_type(config["device"]),
         "precision": config["precision"],
         "config_hash": numbers_fingerprint(config)["hash"],
     }

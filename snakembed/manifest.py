@@ -1,9 +1,20 @@
 """A folder's manifest: the small file that stands for its images in the workflow.
 
 A folder's job reads ``{results}/manifests/{folder}.json``, which names the folder's images with
-their size and modification time, and the files that will not be read with why. It is written
+what identifies their content, and the files that will not be read with why. It is written
 when the plan is made, and only when what it holds changed; its checksum is a parameter of the
 folder's job, so an image added, removed, rewritten or touched reruns that folder and no other.
+
+What identifies an image's content (the ``change_detection`` setting):
+
+- ``stat`` (the default): its size, modification time, inode and status-change time
+  (``st_ctime_ns``). A file rewritten with the same size and modification time (``cp -p``,
+  ``rsync -a``, ``tar x``, a fixed-size BMP) still gets a new ctime or inode: neither can be set
+  back by ``touch``, ``cp -p`` or ``rsync``. A false alarm (``chmod``, a restore from backup)
+  reruns the folder, whose job then reads and hashes its images and reuses every unchanged
+  image's embedding: it costs reading, not embedding.
+- ``checksum``: its size and sha256, read at every plan, for filesystems whose ctime cannot be
+  trusted. A touched or copied but unchanged image reruns nothing.
 
 The images are not the job's inputs: Snakemake checks every input of every ready job each time
 it starts one, which costs time in proportion to inputs x folders (on a tree of 1,000 folders of
@@ -18,9 +29,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._files import atomic_path
+from ._files import atomic_path, file_sha256
 
-__all__ = ["FolderManifest", "folder_manifest", "read_manifest", "write_manifest"]
+__all__ = [
+    "CHANGE_DETECTION",
+    "FolderManifest",
+    "folder_manifest",
+    "read_manifest",
+    "write_manifest",
+]
+
+#: The values of the ``change_detection`` config key.
+CHANGE_DETECTION = ("stat", "checksum")
 
 
 @dataclass
@@ -30,7 +50,9 @@ class FolderManifest:
     Attributes:
         root: the image root.
         folder: the folder's key (its path under the root; ``.`` for the root itself).
-        images: ``{name: [size in bytes, modification time in ns]}`` of the files to read.
+        images: ``{name: identity}`` of the files to read: ``[size in bytes, modification
+            time in ns, inode, status-change time in ns]``, or ``[size, sha256]`` with
+            ``change_detection: checksum``.
         refused: ``{name: reason}`` of the image files that will be recorded as failed.
     """
 
@@ -58,23 +80,35 @@ class FolderManifest:
 
 
 def folder_manifest(
-    root: str | Path, folder: str, names: list[str], refused: dict[str, str] | None = None
+    root: str | Path,
+    folder: str,
+    names: list[str],
+    refused: dict[str, str] | None = None,
+    *,
+    change_detection: str = "stat",
+    map_=map,
 ) -> FolderManifest:
-    """The manifest of one folder, its readable images' size and time read now.
+    """The manifest of one folder, what identifies its readable images' content read now.
 
     Args:
         root: the image root.
         folder: the folder's key.
         names: the folder's image file names, refused ones included.
         refused: ``{name: reason}`` of the files that will not be read.
+        change_detection: ``stat`` or ``checksum`` (see the module's documentation).
+        map_: the ``map`` that hashes files with ``checksum`` (a thread pool's, to read
+            several at once).
 
     Returns:
-        The manifest. A file that vanished since it was listed is refused, with the reason.
+        The manifest. A file that vanished since it was listed, or cannot be read to be
+        hashed, is refused, with the reason.
 
     Example:
         >>> folder_manifest("demo/images", "animals", ["chelsea.jpg"]).names  # doctest: +SKIP
         ['chelsea.jpg']
     """
+    if change_detection not in CHANGE_DETECTION:
+        raise ValueError(f"change_detection: {change_detection!r} is not one of stat, checksum")
     refused = dict(refused or {})
     images = {}
     directory = Path(root) / folder
@@ -86,8 +120,24 @@ def folder_manifest(
         except OSError as exc:
             refused[name] = f"cannot read the file: {exc.strerror or exc}"
             continue
-        images[name] = [stat.st_size, stat.st_mtime_ns]
+        images[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+    if change_detection == "checksum":
+        names = list(images)
+        digests = map_(_digest, [directory / name for name in names])
+        for name, digest in zip(names, digests, strict=True):
+            if isinstance(digest, OSError):
+                del images[name]
+                refused[name] = f"cannot read the file: {digest.strerror or digest}"
+            else:
+                images[name] = [images[name][0], digest]
     return FolderManifest(str(root), folder, images, dict(sorted(refused.items())))
+
+
+def _digest(path: Path) -> str | OSError:
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        return exc
 
 
 def write_manifest(manifest: FolderManifest, path: str | Path) -> bool:

@@ -15,23 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ._files import scratch_folder
+from ._files import cached_sha256, scratch_folder
 from .classify import predict
-from .embed import Embedder, Embeddings, log_to_stderr
+from .embed import Cancelled, Embedder, Embeddings, log_to_stderr
 from .heads import Head, create_head, load_head
 from .store import read_earlier, write_folder
 
-__all__ = ["Models", "run_folder"]
+__all__ = ["Cancelled", "Models", "run_folder"]
 
 log = logging.getLogger("snakembed")
 
 
 class Models:
     """The prepared network and the head, kept across folders and rebuilt only when the
-    config, the threads or the head file change.
+    config, the threads or the head file's content change.
 
     Example:
         >>> from snakembed.config import load_config
@@ -39,7 +39,8 @@ class Models:
         True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hash_cache: Path | None = None) -> None:
+        self._hash_cache = hash_cache  # see snakembed._files.cached_sha256
         self._embedder: tuple[str, Embedder] | None = None
         self._head: tuple[tuple, Head] | None = None
 
@@ -60,8 +61,7 @@ class Models:
         if path is None:
             key: tuple = ("built", json.dumps(config, sort_keys=True))
         else:
-            info = Path(path).stat()
-            key = (str(Path(path).resolve()), info.st_mtime_ns, info.st_size)
+            key = ("file", cached_sha256(path, self._hash_cache))
         if self._head is None or self._head[0] != key:
             head = create_head(name, config, backbone) if path is None else load_head(path)
             self._head = (key, head)
@@ -79,6 +79,7 @@ def run_folder(
     threads: int | None = None,
     refused: dict[str, str] | None = None,
     models: Models | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Embeddings:
     """Embed one image folder, classify its images and write its HDF5 file.
 
@@ -95,9 +96,14 @@ def run_folder(
         refused: ``{name: reason}`` for images that discovery refused to read; they are
             recorded as failed.
         models: the network and head kept by a worker (default: built for this call).
+        cancelled: asked between batches and before the file is written (a worker: has the
+            job gone?); when it says so, nothing is written.
 
     Returns:
         The folder's embeddings.
+
+    Raises:
+        Cancelled: when ``cancelled`` said so.
 
     Example:
         >>> from snakembed.config import load_config
@@ -117,6 +123,7 @@ def run_folder(
         sources=[name if folder == "." else f"{folder}/{name}" for name in readable],
         label=folder,
         reuse=read_earlier(output, embedder.meta),
+        cancelled=cancelled,
     )
     for name, reason in refused.items():
         log.warning("%s: %s", name if folder == "." else f"{folder}/{name}", reason)
@@ -128,6 +135,8 @@ def run_folder(
         predictions = predict(
             classifier, settings["head"], result.ids, result.vectors, settings["topk"]
         )
+    if cancelled is not None and cancelled():
+        raise Cancelled(f"{folder}: the job has gone; its file was not written")
     scratch = scratch_folder(config["scratch"], output)
     if scratch is not None:
         log.info(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._files import atomic_path
 from ._registry import import_object
 from .backbones import (
     BACKBONES,
@@ -18,6 +23,7 @@ from .backbones import (
     is_local_weights,
 )
 from .config import ConfigError, numbers_fingerprint, validate_config
+from .devices import resolve_compute
 from .heads import HEADS, needs_labels
 from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
@@ -27,13 +33,18 @@ from .store import folder_stem
 #: Where the finetune rule writes its checkpoint, under the results folder.
 FINETUNE_CHECKPOINT = "finetune/checkpoint.safetensors"
 
+#: The rule of the folder jobs, whose logs and benchmarks are kept per folder.
+FOLDER_RULE = "embed_classify_store"
+
 # The errors are re-exported so that callers can catch every planning error from here.
 __all__ = [
     "FINETUNE_CHECKPOINT",
+    "FOLDER_RULE",
     "ConfigError",
     "DiscoveryError",
     "Plan",
     "WeightsError",
+    "asks_for_gpu",
     "plan_run",
 ]
 
@@ -50,6 +61,8 @@ class Plan:
         stems: ``{file stem: folder key}`` (the ``{folder}`` wildcard's values).
         weights_file: the local checkpoint, when ``model.weights`` is one.
         numbers: everything that changes the embeddings (see ``numbers_fingerprint``).
+        compute: the resolved ``device`` and ``precision``, with what was configured.
+        change_detection: how the manifests identify an image's content.
         labelled: the labelled images of ``classify.labels``, when set.
     """
 
@@ -59,6 +72,8 @@ class Plan:
     stems: Mapping[str, str]
     weights_file: str | None
     numbers: dict
+    compute: dict
+    change_detection: str = "stat"
     labelled: Labelled | None = None
 
     @property
@@ -83,21 +98,75 @@ class Plan:
         return _manifest_folder(self.results) / f"{stem}.json"
 
     def write_manifests(self) -> int:
-        """Write each folder's manifest where what it holds changed, and remove the manifests
-        of folders that are gone.
+        """Write each folder's manifest where what it holds changed, remove the manifests of
+        folders that are gone, and record the resolved device and precision for the cluster
+        jobs' own Snakemake (``{results}/compute.json``).
 
         Returns:
-            How many were written.
+            How many manifests were written.
         """
         written = 0
-        for stem, key in self.stems.items():
-            manifest = folder_manifest(
-                self.images, key, self.folders[key], self.discovery.refused.get(key)
-            )
-            written += write_manifest(manifest, self.manifest_file(stem))
+        checksum = self.change_detection == "checksum"
+        with ThreadPoolExecutor(max_workers=8 if checksum else 1) as pool:
+            for stem, key in self.stems.items():
+                manifest = folder_manifest(
+                    self.images,
+                    key,
+                    self.folders[key],
+                    self.discovery.refused.get(key),
+                    change_detection=self.change_detection,
+                    map_=pool.map,
+                )
+                written += write_manifest(manifest, self.manifest_file(stem))
         for stem in set(_ManifestStems(self.results)) - set(self.stems):
             self.manifest_file(stem).unlink(missing_ok=True)
+        _remove_empty_folders(_manifest_folder(self.results))
+        text = json.dumps(self.compute, indent=1, sort_keys=True) + "\n"
+        path = _compute_file(self.results)
+        if not path.is_file() or path.read_text() != text:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
         return written
+
+    def stale_files(self) -> list[Path]:
+        """The results of folders that are no longer in the image tree: their ``.h5`` files,
+        logs and benchmarks (a deleted or renamed folder's), and temporary files that killed
+        writers left there.
+
+        Raises:
+            RuntimeError: in a plan read from the manifests, which does not know the tree.
+        """
+        if self.discovery is None:
+            raise RuntimeError("a plan read from the manifests cannot tell which folders are gone")
+        stale = []
+        for folder, suffix in (
+            (self.results / "embeddings", ".h5"),
+            (self.results / "logs" / FOLDER_RULE, ".log"),
+            (self.results / "benchmarks" / FOLDER_RULE, ".tsv"),
+        ):
+            for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+                target = path
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    # a killed writer's temporary file: .{name}.{pid}.tmp
+                    target = path.with_name(path.name[1:].rsplit(".", 2)[0])
+                relative = target.relative_to(folder).as_posix()
+                gone = relative.removesuffix(suffix) not in self.stems
+                if path.is_file() and relative.endswith(suffix) and gone:
+                    stale.append(path)
+        return stale
+
+    def prune(self) -> list[Path]:
+        """Remove :meth:`stale_files`, and the folders they leave empty.
+
+        Returns:
+            What was removed.
+        """
+        removed = self.stale_files()
+        for path in removed:
+            path.unlink(missing_ok=True)
+        for top in ("embeddings", f"logs/{FOLDER_RULE}", f"benchmarks/{FOLDER_RULE}"):
+            _remove_empty_folders(self.results / top)
+        return removed
 
     def manifest_digest(self, stem: str) -> str:
         """The sha256 of the folder's manifest file as written (see :meth:`write_manifests`).
@@ -136,6 +205,44 @@ class Plan:
 
 def _manifest_folder(results: Path) -> Path:
     return results / "manifests"
+
+
+def _compute_file(results: Path) -> Path:
+    return results / "compute.json"
+
+
+def _remove_empty_folders(top: Path) -> None:
+    """Remove the empty folders below ``top`` (not ``top`` itself), deepest first."""
+    if not top.is_dir():
+        return
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def asks_for_gpu(resources: Mapping[str, object]) -> bool:
+    """Whether a rule's resources (Snakemake's ``--set-resources`` for it, as the slurm
+    profile gives the folder jobs) ask for a GPU: ``gpu`` or ``gpus`` above 0, or a ``gres``
+    naming one.
+
+    Example:
+        >>> asks_for_gpu({"gpu": 1}), asks_for_gpu({"gres": "gpu:a100:2"}), asks_for_gpu({})
+        (True, True, False)
+    """
+    for name in ("gpu", "gpus", "gres"):
+        value = resources.get(name)
+        try:
+            value = getattr(value, "value", value)  # Snakemake's Resource
+        except Exception:  # noqa: BLE001 - a value computed per job: not known here
+            continue
+        if name == "gres":
+            if value and "gpu" in str(value):
+                return True
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            if value is not None and int(value) > 0:
+                return True
+    return False
 
 
 class _ManifestStems(Mapping[str, str]):
@@ -183,15 +290,25 @@ def _untrackable(paths: dict[str, str]) -> dict[str, list[int]]:
     return out
 
 
-def plan_run(config: dict, *, discover: bool = True) -> Plan:
-    """Validate ``config``, discover the image folders and check the named plugins.
+def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> Plan:
+    """Validate ``config``, resolve its device and precision, discover the image folders and
+    check the named plugins.
+
+    ``device: auto`` and ``precision: auto`` are resolved here, once for the whole run, and
+    written into ``config`` (so that every job, its worker and the fingerprint of the numbers
+    see the same concrete values): ``cuda`` and bf16 when the folder jobs ask for a GPU
+    (``gpu_jobs``) or torch sees one on this machine, else ``cpu`` and fp32. Jobs check that
+    the device they were planned for exists where they run.
 
     Args:
-        config: the workflow's configuration (defaults are filled in place).
+        config: the workflow's configuration (defaults are filled in, and device and
+            precision resolved, in place).
         discover: walk the image tree; False takes the folders from the manifests that the
             planning process wrote (:meth:`Plan.write_manifests`), as each cluster job's own
             Snakemake does: walking a tree of millions of files on a shared filesystem in every
-            job would cost more than the jobs.
+            job would cost more than the jobs. Such a plan takes the planning process's
+            device and precision from ``{results}/compute.json``.
+        gpu_jobs: whether the folder jobs ask the cluster for a GPU (see :func:`asks_for_gpu`).
 
     Returns:
         The plan.
@@ -213,6 +330,8 @@ def plan_run(config: dict, *, discover: bool = True) -> Plan:
         config["model"]["weights"] if is_local_weights(config["model"]["weights"]) else None
     )
     results = Path(config["results"])
+    compute = _resolve(config, results, planned=not discover, gpu_jobs=gpu_jobs)
+    config.update(device=compute["device"], precision=compute["precision"])
     discovery = _discover(config) if discover else None
     return Plan(
         images=Path(config["images"]),
@@ -221,8 +340,24 @@ def plan_run(config: dict, *, discover: bool = True) -> Plan:
         stems=_stems(discovery, config) if discovery else _ManifestStems(results),
         weights_file=weights_file,
         numbers=numbers_fingerprint(config),
+        compute=compute,
+        change_detection=config["change_detection"],
         labelled=_labelled(config),
     )
+
+
+def _resolve(config: dict, results: Path, *, planned: bool, gpu_jobs: bool) -> dict:
+    """The run's concrete device and precision, with what was configured: read from what the
+    planning process recorded (``planned``) when it was planned with the same settings, else
+    resolved here."""
+    configured = {"device": config["device"], "precision": config["precision"]}
+    if planned:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            recorded = json.loads(_compute_file(results).read_text())
+            if recorded["configured"] == configured:
+                return recorded
+    resolved = resolve_compute(**configured, gpu=True if gpu_jobs else None)
+    return {**resolved, "configured": configured}
 
 
 def _discover(config: dict) -> Discovery:

@@ -102,6 +102,7 @@ def write_folder(
             "embedding_dim": int(meta["embedding_dim"]),
             "preprocess": json.dumps(meta["preprocess"]),
             "patches": json.dumps(meta["patches"]),
+            "device": meta["device"],
             "precision": meta["precision"],
             "config_hash": meta["config_hash"],
             "versions": json.dumps(library_versions()),
@@ -194,9 +195,15 @@ def write_index(folders: list[str], images_root: str | Path, output: str | Path)
                 group[image_id] = h5py.ExternalLink(target, "/" + image_id)
 
 
+#: What must match for a folder file's embeddings to be reused: the fingerprint of the settings
+#: (see ``numbers_fingerprint``), the weights' content (a checkpoint rewritten in place), and the
+#: kind of device and the precision that computed them (never a mix of fp32 and bf16 vectors).
+_REUSE_KEYS = ("config_hash", "weights_sha256", "device", "precision")
+
+
 def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
     """The embeddings a folder file holds, when it was written with the same numbers: the same
-    config hash and the same weights checksum (a checkpoint rewritten in place).
+    config hash, weights checksum, kind of device and precision (see ``_REUSE_KEYS``).
 
     A folder's job reads its previous file to reuse the embeddings of unchanged images (a new
     head, or images added to the folder). Anything else (no file, another format, other
@@ -204,7 +211,8 @@ def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
 
     Args:
         path: the folder's ``.h5`` file.
-        meta: the current embeddings' ``meta`` (``config_hash``, ``weights_sha256``).
+        meta: the current embeddings' ``meta`` (``config_hash``, ``weights_sha256``,
+            ``device``, ``precision``).
 
     Returns:
         The stored embeddings, or None.
@@ -213,7 +221,7 @@ def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format_version") != FORMAT_VERSION:
                 return None
-            for key in ("config_hash", "weights_sha256"):
+            for key in _REUSE_KEYS:
                 if f.attrs.get(key) != meta[key]:
                     return None
             earlier = Embeddings(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,14 @@ FAST_CONFIG = {
     "threads": 1,
     "worker": {"enabled": True, "idle": 10},
 }
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip the test, saying why; with ``CI=true`` (as ``.ci/run`` sets), fail instead: CI
+    installs everything these tests need, so a skip there would hide a test that never ran."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
+    pytest.skip(reason)
 
 
 def make_image(path: Path, size=(64, 48), seed: int = 0, mode: str = "RGB", **save) -> Path:
@@ -163,3 +174,49 @@ def workflow_run(tmp_path_factory, resnet18_checkpoint):
         "bad": {"empty.jpg", "text.jpg", "truncated.jpg"},
         "proc": proc,
     }
+
+
+class Workers:
+    """A private temporary folder (``TMPDIR``) for the workflow's embed workers, short enough
+    for Unix socket paths: what the workers of a test logged, and which of them run."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))
+        self.env = {"TMPDIR": str(self.tmp)}
+
+    @property
+    def folder(self) -> Path:
+        return self.tmp / f"snakembed-workers-{os.getuid()}"
+
+    def logs(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.folder.glob("*.log")))
+
+    def started(self) -> int:
+        """How many workers have loaded their network."""
+        return self.logs().count(" ready: ")
+
+    def pids(self) -> set[int]:
+        """The workers that still run."""
+        from snakembed.worker import _alive
+
+        pids = set()
+        for path in self.folder.glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                pid = int(path.read_text())
+                if _alive(pid):
+                    pids.add(pid)
+        return pids
+
+    def kill(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def workers():
+    """Embed workers of this test only: started under their own TMPDIR, killed at its end."""
+    private = Workers()
+    yield private
+    private.kill()
+    shutil.rmtree(private.tmp, ignore_errors=True)

@@ -122,9 +122,10 @@ def one_pixel() -> bytes:
     return encode(Image.new("RGB", (1, 1), (200, 100, 50)), "PNG")
 
 
-def exif_expected(orientation: int) -> np.ndarray:
-    """The quadrants image as a viewer shows it, from the EXIF specification (not Pillow)."""
-    a = np.asarray(quadrants())
+def exif_expected(orientation: int, array: np.ndarray | None = None) -> np.ndarray:
+    """The quadrants image (or ``array``, as stored) as a viewer shows it, from the EXIF
+    specification (not Pillow)."""
+    a = np.asarray(quadrants()) if array is None else array
     return {
         1: a,
         2: a[:, ::-1],

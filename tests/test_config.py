@@ -98,8 +98,17 @@ def test_fingerprint_changes_with_what_changes_the_numbers():
         {"model": {"name": "resnet18"}},
         {"preprocess": {"resize": 300}},
         {"patches": {"enabled": True}},
+        {"precision": "bf16"},
+        {"device": "cuda"},
+        {"device": "cuda:1", "precision": "fp32"},
     ):
         assert numbers_fingerprint(validate_config(override))["hash"] != base["hash"]
+    # auto counts as what it resolves to (on this machine, without a GPU: cpu and fp32), and
+    # which GPU computes does not change the numbers
+    same = validate_config({"device": "cpu", "precision": "fp32"})
+    assert numbers_fingerprint(same)["hash"] == base["hash"]
+    cuda = numbers_fingerprint(validate_config({"device": "cuda"}))
+    assert numbers_fingerprint(validate_config({"device": "cuda:1"}))["hash"] == cuda["hash"]
     # the batch size and the head do not change the embeddings
     assert numbers_fingerprint(validate_config({"batch_size": 7}))["hash"] == base["hash"]
     assert numbers_fingerprint(validate_config({"classify": {"topk": 2}}))["hash"] == base["hash"]
@@ -129,7 +138,9 @@ def test_manifests_are_rewritten_only_where_images_changed(tmp_path):
     os.utime(path, ns=(1, 1))
     assert plan_run(dict(config)).write_manifests() == 1
     manifest = read_manifest(plan.manifest_file("b%7Bx%7D"))
-    assert manifest.folder == "b{x}" and manifest.images == {"{y}.jpg": [path.stat().st_size, 1]}
+    info = path.stat()
+    assert manifest.folder == "b{x}"
+    assert manifest.images == {"{y}.jpg": [info.st_size, 1, info.st_ino, info.st_ctime_ns]}
     assert plan.manifest_file("a").stat().st_mtime_ns == first["a"]
 
     # an image added, or one that cannot be read, is a change too
@@ -212,13 +223,67 @@ def test_plan_refuses_an_unusable_tree(tmp_path, images, message):
 
 
 def test_plan_allows_patches_that_pad_or_shift(tmp_path):
+    hashes = set()
     for border in ("pad", "shift"):
         patches = {"enabled": True, "resize": 100, "size": 224, "border": border}
-        plan_run(_config(tmp_path, patches=patches))
+        plan = plan_run(_config(tmp_path, patches=patches))
+        assert plan.stems == {"a": "a"} and plan.numbers["patches"]["border"] == border
+        hashes.add(plan.numbers["hash"])
+    assert len(hashes) == 2  # another border reruns every folder
 
 
 def test_plan_allows_no_classification(tmp_path):
-    plan_run(_config(tmp_path, classify={"head": "none"}))
+    config = _config(tmp_path, classify={"head": "none"})
+    plan = plan_run(config)
+    assert plan.stems == {"a": "a"} and plan.labelled is None
+    assert config["classify"] == {**validate_config({})["classify"], "head": "none"}
+
+
+def test_the_plan_resolves_device_and_precision_once_for_the_run(tmp_path):
+    """auto is what it resolves to where the run is planned; jobs that ask a cluster for a GPU
+    get cuda and bf16; a cluster job's own Snakemake takes what the planning process chose."""
+    auto = _config(tmp_path)
+    plan = plan_run(auto)
+    assert (auto["device"], auto["precision"]) == ("cpu", "fp32")  # this machine has no GPU
+    assert plan.compute["configured"] == {"device": "auto", "precision": "auto"}
+    explicit = plan_run(_config(tmp_path, device="cpu", precision="fp32"))
+    assert explicit.numbers["hash"] == plan.numbers["hash"]
+
+    gpu = _config(tmp_path)
+    on_gpu = plan_run(gpu, gpu_jobs=True)
+    assert (gpu["device"], gpu["precision"]) == ("cuda", "bf16")
+    assert on_gpu.numbers["hash"] != plan.numbers["hash"]
+    assert (on_gpu.numbers["device"], on_gpu.numbers["precision"]) == ("cuda", "bf16")
+    on_gpu.write_manifests()
+    job = _config(tmp_path)
+    plan_run(job, discover=False)  # a node that sees no GPU, and no resources asked for
+    assert (job["device"], job["precision"]) == ("cuda", "bf16")
+    bf16 = _config(tmp_path, precision="bf16")
+    assert plan_run(bf16, discover=False).compute["precision"] == "bf16"  # other settings
+
+
+def test_a_plan_names_the_results_of_folders_that_are_gone(tmp_path):
+    config = _config(tmp_path)
+    make_image(tmp_path / "images" / "b" / "deep" / "y.jpg")
+    results = tmp_path / "results"
+    kept = [results / "embeddings" / "a.h5", results / "logs" / "embed_classify_store" / "a.log"]
+    gone = [
+        results / "embeddings" / "old.h5",
+        results / "embeddings" / "b" / ".c.h5.123.tmp",
+        results / "embeddings" / "b" / "c.h5",
+        results / "logs" / "embed_classify_store" / "old.log",
+        results / "benchmarks" / "embed_classify_store" / "b" / "c.tsv",
+    ]
+    others = [results / "embeddings" / "notes.txt", results / "logs" / "index.log"]
+    for path in [*kept, *gone, *others]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    plan = plan_run(config)
+    assert sorted(plan.stale_files()) == sorted(gone)
+    assert sorted(plan.prune()) == sorted(gone)
+    assert all(p.exists() for p in [*kept, *others]) and not any(p.exists() for p in gone)
+    assert not (results / "benchmarks" / "embed_classify_store" / "b").exists()
+    assert not (results / "embeddings" / "b").exists()  # left empty
 
 
 def test_conda_environment_is_in_step_with_pyproject():

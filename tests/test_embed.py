@@ -181,6 +181,48 @@ def test_nothing_is_reused_when_the_numbers_change(tmp_path, caplog):
         assert stored.ids() == ["0.png"]
 
 
+def test_vectors_of_another_device_or_precision_are_never_reused(tmp_path, caplog):
+    from snakembed.store import read_earlier
+
+    make_image(tmp_path / "images" / "a" / "0.png")
+    config = load_config(overrides=FAST_CONFIG)  # auto: cpu and fp32 here
+    out, models = tmp_path / "a.h5", Models()
+    run_folder(tmp_path / "images", "a", ["0.png"], out, config, models=models)
+    meta = models.embedder(config).meta
+    assert (meta["device"], meta["precision"]) == ("cpu", "fp32")
+    assert read_earlier(out, meta) is not None
+    for key, value in (("precision", "bf16"), ("device", "cuda"), ("weights_sha256", "x")):
+        assert read_earlier(out, {**meta, key: value}) is None, key
+
+    bf16 = load_config(overrides={**FAST_CONFIG, "precision": "bf16"})
+    with caplog.at_level(logging.INFO, logger="snakembed"):
+        again = run_folder(tmp_path / "images", "a", ["0.png"], out, bf16, models=models)
+    assert "reused" not in caplog.text
+    fresh = run_folder(tmp_path / "images", "a", ["0.png"], tmp_path / "fresh.h5", bf16)
+    assert np.array_equal(again.vectors, fresh.vectors)
+    with Folder(out, "a") as stored:
+        assert (stored.attrs["device"], stored.attrs["precision"]) == ("cpu", "bf16")
+
+
+def test_a_folder_called_off_writes_nothing(tmp_path):
+    from snakembed.pipeline import Cancelled
+
+    for i in range(6):
+        make_image(tmp_path / "images" / "a" / f"{i}.png", seed=i)
+    config = load_config(overrides={**FAST_CONFIG, "batch_size": 2})
+    asked = []
+
+    def cancelled():
+        asked.append(True)
+        return len(asked) > 2  # after two batches
+
+    names = [f"{i}.png" for i in range(6)]
+    out = tmp_path / "a.h5"
+    with pytest.raises(Cancelled, match="called off after 4 of 6 images"):
+        run_folder(tmp_path / "images", "a", names, out, config, cancelled=cancelled)
+    assert not out.exists() and list(tmp_path.glob("*.tmp")) == []
+
+
 def test_patches_are_reused_with_their_images(tmp_path):
     root = tmp_path / "images"
     make_image(root / "a" / "0.png", size=(80, 60))

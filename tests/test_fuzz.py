@@ -117,6 +117,7 @@ def _folder_file_bytes(tmp_path_factory) -> bytes:
             "embedding_dim": 8,
             "preprocess": {"resize": 8},
             "patches": {"size": 4},
+            "device": "cpu",
             "precision": "fp32",
             "config_hash": "0" * 16,
         },

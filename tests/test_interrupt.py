@@ -29,23 +29,28 @@ def _tree(root: Path, folders: int = 6, per_folder: int = 4) -> list[str]:
     return keys
 
 
-def _start(workdir: Path, configfile: Path) -> subprocess.Popen:
+def _start(workdir: Path, configfile: Path, env: dict) -> subprocess.Popen:
     """The workflow in its own process group, so that one signal reaches all its jobs."""
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
     cmd += ["--configfile", str(configfile), "--cores", "2"]
     log = open(workdir / "run.log", "a")  # noqa: SIM115 - the child holds it
-    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    env = {**os.environ, **env}
+    return subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, env=env)
 
 
 def _output(workdir: Path) -> str:
     return (workdir / "run.log").read_text()[-5000:]
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen, workers) -> None:
+    """Kill everything the run started, as a crash or a power loss would: Snakemake, its jobs,
+    and the embed workers, which live in their own sessions."""
     with contextlib.suppress(ProcessLookupError):  # the workflow may have just finished
         os.killpg(proc.pid, signal.SIGKILL)
+    workers.kill()
     proc.wait()
     time.sleep(0.5)  # let the orphaned jobs' signals land before files are inspected
+    assert not workers.pids()
 
 
 def _check_nothing_partial(results: Path) -> int:
@@ -79,7 +84,7 @@ def _matrices(results: Path) -> dict[str, bytes]:
     return out
 
 
-def test_killed_runs_resume_to_the_same_results(tmp_path):
+def test_killed_runs_resume_to_the_same_results(tmp_path, workers):
     images = tmp_path / "images"
     keys = _tree(images)
     reference_dir, work_dir = tmp_path / "reference", tmp_path / "work"
@@ -87,7 +92,7 @@ def test_killed_runs_resume_to_the_same_results(tmp_path):
         directory.mkdir()
         write_config(directory / "config.yaml", images=str(images), results="results")
     start = time.monotonic()
-    run_snakemake(reference_dir, reference_dir / "config.yaml")
+    run_snakemake(reference_dir, reference_dir / "config.yaml", env=workers.env)
     duration = time.monotonic() - start
     reference = _matrices(reference_dir / "results")
     assert sorted(reference) == sorted(keys)
@@ -95,25 +100,25 @@ def test_killed_runs_resume_to_the_same_results(tmp_path):
     rng = random.Random(20261123)
     results = work_dir / "results"
     for _ in range(3):
-        proc = _start(work_dir, work_dir / "config.yaml")
+        proc = _start(work_dir, work_dir / "config.yaml", workers.env)
         time.sleep(rng.uniform(1.0, 0.8 * duration))
         finished = proc.poll() is not None
         assert proc.returncode in (None, 0), _output(work_dir)
-        _kill(proc)
+        _kill(proc, workers)
         _check_nothing_partial(results)
         if finished:
             break
         # Snakemake keeps its lock after a SIGKILL; --unlock is the documented way on
-        run_snakemake(work_dir, work_dir / "config.yaml", "--unlock")
+        run_snakemake(work_dir, work_dir / "config.yaml", "--unlock", env=workers.env)
 
-    run_snakemake(work_dir, work_dir / "config.yaml")
+    run_snakemake(work_dir, work_dir / "config.yaml", env=workers.env)
     assert _check_nothing_partial(results) >= len(keys)
     assert not list(results.rglob("*.tmp"))
     # bit-identical to the run that was never interrupted
     assert _matrices(results) == reference
 
 
-def test_reading_while_the_workflow_writes(tmp_path):
+def test_reading_while_the_workflow_writes(tmp_path, workers):
     images = tmp_path / "images"
     keys = _tree(images, folders=6, per_folder=3)
     config = write_config(tmp_path / "config.yaml", images=str(images), results="results")
@@ -139,14 +144,14 @@ def test_reading_while_the_workflow_writes(tmp_path):
                         assert np.array_equal(folder[image_id].embedding, matrix[row])
                 reads += 1
 
-    proc = _start(tmp_path, config)
+    proc = _start(tmp_path, config, workers.env)
     read_until(proc)
     assert proc.returncode == 0, _output(tmp_path)
     first = _matrices(results)
     assert sorted(first) == sorted(keys)
     # a second run rewrites every file (new preprocessing) while the old ones are being read
     write_config(config, images=str(images), results="results", preprocess={"resize": 72})
-    proc = _start(tmp_path, config)
+    proc = _start(tmp_path, config, workers.env)
     read_until(proc)
     assert proc.returncode == 0, _output(tmp_path)
     assert reads > len(keys)

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import run_snakemake, snakemake_command, write_config
+from conftest import run_snakemake, skip_unless_ci, snakemake_command, write_config
 from labelled import make_labelled_tree
 
 pytestmark = pytest.mark.slow
@@ -78,10 +78,13 @@ def test_the_pages_say_what_the_run_did(report):
 
 
 def test_the_report_shows_every_page_and_its_images_render_in_chromium(report):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        skip_unless_ci("needs playwright (pip install -e '.[test]')")
     browser_path = _browser_path()
     if browser_path is None:
-        pytest.skip("no Chromium here: apt-get install chromium (.ci/run does)")
+        skip_unless_ci("no Chromium here: apt-get install chromium (.ci/run does)")
     seen = {}
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import samples
 import torch
 from conftest import make_image, run_snakemake, write_config
+from PIL import Image
 
 import snakembed
 from snakembed.store import folder_file
@@ -53,6 +56,13 @@ def hostile(tmp_path_factory):
         (mixed / name).write_bytes(make())
     for name, (make, _) in samples.BAD.items():
         (mixed / name).write_bytes(make())
+    # each EXIF-oriented JPEG's pixels as stored, turned as the EXIF specification says, saved
+    # losslessly: what the oriented JPEG must be embedded as
+    for k in range(1, 9):
+        stored = np.asarray(Image.open(io.BytesIO(samples.exif_jpeg(k))).convert("RGB"))
+        upright = np.ascontiguousarray(samples.exif_expected(k, stored))
+        (images / "upright").mkdir(exist_ok=True)
+        Image.fromarray(upright).save(images / "upright" / f"exif{k}.png")
     for name in ("empty.jpg", "text.jpg", "truncated.jpg"):
         (images / "all bad" / name).parent.mkdir(exist_ok=True)
         (images / "all bad" / name).write_bytes(samples.BAD[name][0]())
@@ -93,11 +103,19 @@ def test_each_bad_file_is_recorded_with_its_reason(hostile, name):
 
 
 def test_the_stored_pixels_follow_exif_orientation(hostile):
-    with snakembed.open_store(hostile["results"])["mixed"] as folder:
+    """An oriented JPEG is embedded as the same pixels truly turned, and as no other turn."""
+    store = snakembed.open_store(hostile["results"])
+    with store["mixed"] as mixed, store["upright"] as upright:
         for k in range(1, 9):
             expected = samples.exif_expected(k)
-            record = folder[f"exif{k}.jpg"]
+            record = mixed[f"exif{k}.jpg"]
             assert (record.height, record.width) == expected.shape[:2]
+            truth = upright[f"exif{k}.png"].embedding
+            assert np.allclose(record.embedding, truth, rtol=1e-4, atol=1e-5), k
+            for other in range(1, 9):
+                if other != k:
+                    wrong = upright[f"exif{other}.png"].embedding
+                    assert not np.allclose(record.embedding, wrong, rtol=1e-3, atol=1e-3), k
 
 
 def test_a_folder_where_everything_failed_still_gets_a_file(hostile):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_image, run_snakemake, snakemake_command, write_config
+from conftest import (
+    REPO,
+    make_image,
+    run_snakemake,
+    skip_unless_ci,
+    snakemake_command,
+    write_config,
+)
 
 import snakembed
 from snakembed.store import folder_file
@@ -30,12 +38,12 @@ SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+)")
 def slurm(tmp_path_factory):
     """A running single-node cluster; skipped, with the reason, where it cannot be started."""
     if shutil.which("bash") is None or os.geteuid() != 0:
-        pytest.skip("the test cluster's daemons run as root; run the tests as root")
+        skip_unless_ci("the test cluster's daemons run as root; run the tests as root")
     state = tmp_path_factory.mktemp("slurm")
     up = subprocess.run([CLUSTER, "up", state], capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
         subprocess.run([CLUSTER, "down", state], capture_output=True, timeout=60)
-        pytest.skip(f"no SLURM cluster here: {up.stderr.strip() or up.stdout.strip()}")
+        skip_unless_ci(f"no SLURM cluster here: {up.stderr.strip() or up.stdout.strip()}")
     yield state
     subprocess.run([CLUSTER, "down", state], capture_output=True, timeout=60)
 
@@ -87,9 +95,14 @@ def runs(slurm, tmp_path_factory):
     for i in range(20):
         for j in range(2):
             make_image(images / "gen" / f"f{i:02d}" / f"{j}.jpg", seed=i * 10 + j)
-    local = write_config(base / "local.yaml", images=str(images), results=str(base / "local"))
+    # The test cluster's GPU is fake: the folder jobs, which ask for one, compute on the CPU.
+    local = write_config(
+        base / "local.yaml", images=str(images), results=str(base / "local"), device="cpu"
+    )
     run_snakemake(base, local)
-    cluster = write_config(base / "slurm.yaml", images=str(images), results=str(base / "slurm"))
+    cluster = write_config(
+        base / "slurm.yaml", images=str(images), results=str(base / "slurm"), device="cpu"
+    )
     # The jobs' $TMPDIR: node-local scratch (a tmpfs), as clusters give jobs.
     scratch = _scratch(base)
     proc = _run_slurm(base, cluster, env={"TMPDIR": str(scratch)} if scratch else None)
@@ -211,9 +224,30 @@ def small_tree(slurm, tmp_path):
         for j in range(2):
             make_image(tmp_path / "images" / f"f{i}" / f"{j}.jpg", seed=i * 10 + j)
     config = write_config(
-        tmp_path / "c.yaml", images=str(tmp_path / "images"), results=str(tmp_path / "out")
+        tmp_path / "c.yaml",
+        images=str(tmp_path / "images"),
+        results=str(tmp_path / "out"),
+        device="cpu",
     )
     return tmp_path, config
+
+
+def test_a_cluster_job_computes_on_the_device_planned_for_it(slurm, tmp_path):
+    """The slurm profile's folder jobs ask for a GPU, so `device: auto` is planned as cuda and
+    bf16 where the run starts; the job's own Snakemake on the node takes that plan instead of
+    resolving auto again (which here, without a real GPU, would silently give fp32 on the CPU).
+    This cluster's GPU is fake: the job says so and stops."""
+    make_image(tmp_path / "images" / "a" / "0.jpg")
+    config = write_config(
+        tmp_path / "c.yaml", images=str(tmp_path / "images"), results=str(tmp_path / "out")
+    )
+    proc = _run_slurm(tmp_path, config, "--retries", "0", check=False)
+    assert proc.returncode != 0
+    compute = json.loads((tmp_path / "out" / "compute.json").read_text())
+    assert (compute["device"], compute["precision"]) == ("cuda", "bf16")
+    log = (tmp_path / "out" / "logs" / "embed_classify_store" / "a.log").read_text()
+    assert "device 'cuda' asked for, but torch sees no GPU here" in log
+    assert not (tmp_path / "out" / "embeddings" / "a.h5").exists()
 
 
 def test_a_cancelled_job_is_submitted_again(small_tree):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -110,12 +112,37 @@ def test_open_store_on_a_folder_without_results(tmp_path):
         snakembed.open_store(tmp_path)
 
 
-def test_files_are_never_left_half_written(workflow_run):
-    """Atomic writes: no temporary file remains next to the results."""
-    results = workflow_run["results"]
-    assert not [p for p in results.rglob("*.tmp")]
-    with h5py.File(folder_file(results, "alpha"), "r") as f:
-        assert f.attrs["format_version"] == 1
+def test_files_are_never_left_half_written(tmp_path, monkeypatch):
+    """A writer that fails leaves the old file whole; one that succeeds puts its data on the
+    disk before the rename, and the rename before it returns."""
+    from snakembed import _files
+
+    target = tmp_path / "out" / "a.h5"
+    target.parent.mkdir()
+    target.write_text("old")
+    with pytest.raises(RuntimeError), _files.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and list(target.parent.iterdir()) == [target]
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with _files.atomic_path(target) as tmp:
+        tmp.write_text("new")
+        written = str(tmp)
+    assert target.read_text() == "new"
+    assert events == [("fsync", written), ("replace", str(target)), ("fsync", str(target.parent))]
 
 
 def test_a_damaged_file_names_itself_and_the_fix(workflow_run, tmp_path):

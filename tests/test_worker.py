@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image, run_snakemake, write_config
+from conftest import FAST_CONFIG, make_image, run_snakemake, write_config
 
 import snakembed
-from snakembed.worker import WorkerUnavailable, _relay
+import snakembed.reader
 
 
 def _tree(root, folders=3):
@@ -97,25 +99,76 @@ def test_a_worker_leaves_when_idle(tmp_path):
     assert not sock.exists()
 
 
-def test_a_worker_that_stops_midway_makes_the_job_embed_itself(tmp_path):
+def _fake_worker(sock_path: Path, hello: dict, then) -> threading.Thread:
+    """A worker that says ``hello`` to one job, then does ``then(connection)``."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(tmp_path / "w.sock"))
+    server.bind(str(sock_path))
     server.listen(1)
 
-    def accept_and_hang_up():
+    def serve_once():
         conn, _ = server.accept()
-        conn.recv(1 << 16)
-        conn.sendall(b'{"log": "started"}\n')
-        conn.close()  # as a worker killed mid-folder would
+        conn.sendall(json.dumps({"identity": hello}).encode() + b"\n")
+        then(conn)
+        conn.close()
+        server.close()
 
-    thread = threading.Thread(target=accept_and_hang_up)
+    thread = threading.Thread(target=serve_once)
     thread.start()
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(str(tmp_path / "w.sock"))
-    with pytest.raises(WorkerUnavailable, match="stopped before it finished"):
-        _relay(client, {"folder": "f0"})
-    thread.join()
-    server.close()
+    return thread
+
+
+def _hang_up_midway(conn):
+    conn.recv(1 << 16)
+    conn.sendall(b'{"log": "started"}\n')  # as a worker killed mid-folder would
+
+
+def _changed_weights(ident: dict) -> dict:
+    return {**ident, "weights_sha256": "0" * 64}
+
+
+@pytest.mark.parametrize(
+    "hello,then,said",
+    [
+        (dict, _hang_up_midway, "the worker stopped before it finished the folder"),
+        (_changed_weights, lambda conn: None, "the worker computes with another weights_sha256"),
+    ],
+    ids=["stops midway", "other weights"],
+)
+def test_a_job_that_no_worker_can_serve_embeds_its_folder_itself(
+    tmp_path, monkeypatch, caplog, resnet18_checkpoint, hello, then, said
+):
+    from snakembed.config import load_config
+    from snakembed.manifest import folder_manifest, write_manifest
+    from snakembed.pipeline import run_folder
+    from snakembed.worker import _sock_stem, identity, run_folder_served
+
+    _tree(tmp_path / "images", folders=1)
+    short = Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    try:
+        overrides = {"model": {"name": "resnet18", "weights": str(resnet18_checkpoint)}}
+        config = load_config(overrides={**FAST_CONFIG, **overrides})
+        names = ["0.jpg", "1.jpg", "2.jpg"]
+        manifest = tmp_path / "f0.json"
+        write_manifest(folder_manifest(tmp_path / "images", "f0", names), manifest)
+        ident = identity(config, 1)
+        sock = Path(f"{_sock_stem(ident)}-0.sock")
+        thread = _fake_worker(sock, hello(ident), then)
+        errors = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", errors)
+        with caplog.at_level(logging.INFO, logger="snakembed"):
+            run_folder_served(manifest, tmp_path / "served.h5", config, head=None, threads=1)
+        thread.join()
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert f"snakembed: running in this job instead: {said}" in errors.getvalue()
+    assert "f0: 3 images embedded" in caplog.text  # then the job embedded the folder
+    run_folder(tmp_path / "images", "f0", names, tmp_path / "alone.h5", config)
+    with (
+        snakembed.reader.Folder(tmp_path / "served.h5", "f0") as served,
+        snakembed.reader.Folder(tmp_path / "alone.h5", "f0") as alone,
+    ):
+        assert served.ids() == names and np.array_equal(served.matrix(), alone.matrix())
 
 
 def test_a_temporary_folder_too_deep_for_sockets_is_said_and_the_job_runs_itself(tmp_path):

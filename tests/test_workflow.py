@@ -68,20 +68,35 @@ def test_every_folder_gets_a_file_with_the_contract(workflow_run):
                 assert boxes[:, 2].max() == w and boxes[:, 3].max() == h  # shift covers the border
 
 
-def test_labels_come_from_the_networks_own_classifier(workflow_run):
-    """The pretrained head is the network's final layer: it gives each image its labels."""
-    from snakembed.config import load_config
-    from snakembed.heads import create_head
+def test_labels_come_from_the_networks_own_classifier(tmp_path):
+    """The pretrained head is the network's final layer, named by the weights' categories: a
+    classifier that favours ImageNet class 281 by a logit of 10 labels every image `tabby`
+    (torchvision's name for it) with probability e^10 / (e^10 + 999)."""
+    import torch
+    import torchvision
 
-    results = workflow_run["results"]
-    config = load_config(workflow_run["config"])
-    head = create_head("pretrained", config)
-    assert len(head.categories) == 1000 and head.categories[0] == "tench"
-    with h5py.File(folder_file(results, "alpha"), "r") as f:
-        probabilities = head.predict(f["_embeddings"][()])
-        labels = [head.categories[i] for i in probabilities.argmax(axis=1)]
-        assert labels == [v.decode() for v in f["_labels"][()]]
-        assert np.allclose(probabilities.max(axis=1), f["_scores"][()], atol=1e-5)
+    model = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+        model.fc.bias[281] = 10.0
+        model.fc.bias[7] = 2.0  # the runner-up: `cock`
+    torch.save(model.state_dict(), tmp_path / "tabby.pth")
+    for i in range(3):
+        make_image(tmp_path / "images" / "a" / f"{i}.jpg", seed=i)
+    config = write_config(
+        tmp_path / "config.yaml",
+        images="images",
+        results="results",
+        model={"name": "resnet18", "weights": str(tmp_path / "tabby.pth")},
+    )
+    run_snakemake(tmp_path, config)
+    score = np.exp(10) / (np.exp(10) + np.exp(2) + 998)
+    with h5py.File(tmp_path / "results" / "embeddings" / "a.h5", "r") as f:
+        for name in ("0.jpg", "1.jpg", "2.jpg"):
+            assert f[name].attrs["label"] == "tabby"
+            assert np.isclose(f[name].attrs["score"], score, rtol=1e-5)
+            assert [v.decode() for v in f[name]["topk_labels"][:2]] == ["tabby", "cock"]
 
 
 def test_images_in_the_root_and_odd_names_are_folders(workflow_run):
@@ -127,6 +142,7 @@ def test_one_job_per_folder_leaves_no_intermediates_and_keeps_logs(workflow_run)
     results = workflow_run["results"]
     assert sorted(p.name for p in results.iterdir()) == [
         "benchmarks",
+        "compute.json",  # the device and precision the run was planned for
         "embeddings",
         "index.h5",
         "logs",

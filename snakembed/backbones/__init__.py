@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._files import file_sha256
 from .._registry import PluginError, Registry
 from ..images import Preprocess
 
@@ -257,15 +258,6 @@ def is_local_weights(weights: str | None) -> bool:
     return "/" in weights or weights.endswith((".pth", ".pt", ".safetensors", ".bin", ".ckpt"))
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict without ever unpickling code.
 
@@ -276,21 +268,37 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     Raises:
         WeightsError: naming the file, when it is missing or not a plain state dict.
     """
+    return _read_checkpoint(path)[0]
+
+
+def _read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """:func:`load_checkpoint`, and the sha256 of the very bytes it loaded (a file rewritten
+    while it is read never gets the other version's checksum)."""
+    import io
+
     import torch
 
     path = Path(path)
-    if not path.is_file():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         raise WeightsError(
             f"checkpoint {str(path)!r} does not exist; set model.weights to an existing "
             "file, a weights name, `default` or `none`"
-        )
+        ) from None
+    except OSError as exc:
+        raise WeightsError(
+            f"checkpoint {str(path)!r} cannot be read ({exc.strerror or exc}); set model.weights "
+            "to an existing file, a weights name, `default` or `none`"
+        ) from None
+    sha256 = hashlib.sha256(data).hexdigest()
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            state = load_file(str(path))
+            state = load(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(
             f"cannot load checkpoint {str(path)!r} as plain tensors ({type(exc).__name__}: {exc}); "
@@ -303,7 +311,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    return state, sha256
 
 
 def checkpoint_categories(path: str | Path) -> list[str] | None:
@@ -335,11 +343,11 @@ def load_weights(model: torch.nn.Module, path: str | Path, adapt=None) -> str:
     Returns:
         The file's sha256, for the provenance.
     """
-    state = load_checkpoint(path)
+    state, sha256 = _read_checkpoint(path)
     if adapt is not None:
         state = adapt(model, state)
     load_state(model, state, str(path))
-    return file_sha256(path)
+    return sha256
 
 
 def load_state(model: torch.nn.Module, state: dict, source: str) -> None:

@@ -6,16 +6,24 @@ from snakemake.utils import validate
 
 from snakembed.backbones import is_local_weights, needs_fetch
 from snakembed.heads import needs_labels
-from snakembed.plan import FINETUNE_CHECKPOINT, plan_run
+from snakembed.plan import FINETUNE_CHECKPOINT, FOLDER_RULE, asks_for_gpu, plan_run
 from snakembed.worker import prestart
 
 # envs/snakembed.yaml installs the library from this checkout (for --sdm conda).
 os.environ.setdefault("SNAKEMBED_REPO", workflow.basedir)
 
 # Checks the config (naming every bad key, its value and what is allowed), the plugins and the
-# image tree before any job runs; Snakemake's own validation then fills the defaults. A cluster
-# job's Snakemake reads the folders from the manifests instead of walking the tree again.
-PLAN = plan_run(config, discover=workflow.is_main_process)
+# image tree before any job runs, and resolves device and precision (`auto`) for the whole run;
+# Snakemake's own validation then fills the defaults. A cluster job's Snakemake reads the
+# folders from the manifests instead of walking the tree again, and the device and precision
+# from what the planning process resolved.
+PLAN = plan_run(
+    config,
+    discover=workflow.is_main_process,
+    gpu_jobs=asks_for_gpu(
+        workflow.resource_settings.overwrite_resources.get(FOLDER_RULE, {})
+    ),
+)
 validate(config, schema="../schemas/config.schema.yaml")
 for line in PLAN.warnings():
     logger.warning(line)
@@ -26,19 +34,31 @@ RESULTS = str(PLAN.results)
 if workflow.is_main_process:
     PLAN.write_manifests()
 
-# On a local run, the embed worker loads its network while Snakemake plans the jobs. (The
-# executor is not known yet while the Snakefile is read; a cluster run has no --cores.)
-if (
-    workflow.is_main_process
-    and workflow.resource_settings.cores is not None
-    and not workflow.dryrun
-    and PLAN.stems
-):
-    prestart(config, min(config["threads"], workflow.cores))
-
 
 wildcard_constraints:
     folder=".+",
+
+
+# Only when jobs are about to run: never for a dry run, --lint, --unlock, --summary, --report
+# or a run with nothing to do.
+onstart:
+    start_run()
+
+
+def start_run():
+    """Remove the results of folders that are no longer in the image tree, and on a local run
+    start the embed worker when folder jobs will run, so that it loads its network while
+    Snakemake starts them."""
+    if not workflow.is_main_process:
+        return
+    for path in PLAN.prune():
+        logger.info(f"removed {path}: its folder is no longer in {PLAN.images}")
+    if workflow.local_exec and folder_jobs_will_run():
+        prestart(config, min(config["threads"], workflow.cores))
+
+
+def folder_jobs_will_run():
+    return any(job.rule.name == FOLDER_RULE for job in workflow.dag.needrun_jobs())
 
 
 def get_final_outputs():
@@ -189,4 +209,5 @@ def get_folder_runtime(wildcards, attempt):
 
 
 def get_gpus(wildcards):
+    """One GPU for a job on a GPU (device is resolved: `auto` has become cuda or cpu)."""
     return 1 if config["device"].startswith("cuda") else 0

@@ -1,7 +1,9 @@
 # Optional (reduce.method): PCA fitted on every folder's embeddings, reduced vectors beside them.
 rule reduce:
     input:
-        get_folder_files(),
+        # the folders come from the index: it must be up to date first
+        index=f"{RESULTS}/index.h5",
+        folders=get_folder_files(),
     output:
         f"{RESULTS}/reduced.h5",
     log:

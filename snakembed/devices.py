@@ -1,0 +1,93 @@
+"""Where the numbers are computed: ``device`` and ``precision`` made concrete.
+
+``device: auto`` and ``precision: auto`` give different numbers on a GPU (bf16) and on a CPU
+(fp32), so they are resolved once, before anything is computed, and the concrete values are what
+every folder file records, what decides whether earlier embeddings may be reused, and what
+reruns a folder when they change. The workflow resolves them where it is planned (see
+:func:`resolve_compute`); the library and the CLI resolve them where they run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["AUTO", "device_type", "gpu_visible", "resolve_compute", "resolve_precision"]
+
+#: The configured value that leaves the choice to snakembed.
+AUTO = "auto"
+
+#: Device files whose absence means that torch cannot see a GPU on Linux (NVIDIA; AMD ROCm;
+#: WSL2's GPU paravirtualisation).
+_GPU_DEVICE_FILES = ("nvidia[0-9]*", "kfd", "dxg")
+
+
+def device_type(device: str) -> str:
+    """The kind of a concrete ``device`` value, which is what changes the numbers.
+
+    Example:
+        >>> device_type("cuda:1"), device_type("cpu")
+        ('cuda', 'cpu')
+    """
+    if device == AUTO:
+        raise ValueError("device: auto must be resolved first (see resolve_compute)")
+    return device.split(":", 1)[0]
+
+
+def resolve_precision(device: str, precision: str) -> str:
+    """A ``precision`` made concrete for ``device``: ``auto`` is bf16 on a GPU, else fp32.
+
+    Example:
+        >>> resolve_precision("cuda:0", "auto"), resolve_precision("cpu", "auto")
+        ('bf16', 'fp32')
+    """
+    if precision != AUTO:
+        return precision
+    return "bf16" if device_type(device) == "cuda" else "fp32"
+
+
+def gpu_visible() -> bool:
+    """Whether torch sees a CUDA (or ROCm) GPU here.
+
+    Torch is imported only where a GPU may exist: ``CUDA_VISIBLE_DEVICES`` hides them all, or
+    (on Linux) no GPU device file exists, is answered without it, so that planning stays fast on
+    machines without a GPU.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    if sys.platform.startswith("linux") and not any(
+        any(Path("/dev").glob(pattern)) for pattern in _GPU_DEVICE_FILES
+    ):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_compute(device: str, precision: str, *, gpu: bool | None = None) -> dict[str, str]:
+    """Concrete ``device`` and ``precision`` values for configured ones.
+
+    Args:
+        device: the config's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+        precision: the config's ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``).
+        gpu: whether the computing machine has a GPU, where the caller knows better than this
+            machine (the workflow: folder jobs that ask a cluster for a GPU get one); None asks
+            torch here (:func:`gpu_visible`).
+
+    Returns:
+        ``{"device": ..., "precision": ...}``, with ``auto`` replaced: the device is ``cuda``
+        when there is a GPU, else ``cpu``; the precision bf16 on a GPU, else fp32.
+
+    Example:
+        >>> resolve_compute("auto", "auto", gpu=False)
+        {'device': 'cpu', 'precision': 'fp32'}
+        >>> resolve_compute("auto", "auto", gpu=True)
+        {'device': 'cuda', 'precision': 'bf16'}
+        >>> resolve_compute("cpu", "bf16")
+        {'device': 'cpu', 'precision': 'bf16'}
+    """
+    if device == AUTO:
+        device = "cuda" if (gpu_visible() if gpu is None else gpu) else "cpu"
+    return {"device": device, "precision": resolve_precision(device, precision)}

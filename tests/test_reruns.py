@@ -1,0 +1,326 @@
+"""Reruns you can trust: after any change, the results equal a clean run's on the same inputs.
+
+Each test changes something between real `snakemake` runs (a checkpoint, images, folders, the
+precision, a killed job) and compares the results with a clean run, or checks what ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import REPO, SNAKEMAKE, make_image, run_snakemake, write_config
+from PIL import Image
+
+import snakembed
+from snakembed.reduce import read_reduced
+
+NOTHING = "Nothing to be done"
+
+
+def _images(root: Path, *folders: str, per_folder: int = 2) -> None:
+    """``per_folder`` JPEGs in each folder under ``root``, each image other than all others."""
+    for folder in folders:
+        for i in range(per_folder):
+            seed = int.from_bytes(f"{folder}/{i}".encode()) % 100_000
+            make_image(root / folder / f"{i:03d}.jpg", seed=seed)
+
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def _folders(results: Path) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Every folder's image ids and matrix."""
+    store = snakembed.open_store(results)
+    out = {}
+    for key in store:
+        with store[key] as folder:
+            out[key] = (folder.ids(), folder.matrix())
+    return out
+
+
+def _assert_same(results: Path, clean: Path) -> None:
+    """The same folders, images and embeddings (up to float rounding: an image embedded in
+    another batch than in the clean run may differ in the last bits)."""
+    got, expected = _folders(results), _folders(clean)
+    assert sorted(got) == sorted(expected)
+    for key, (ids, matrix) in expected.items():
+        assert got[key][0] == ids, key
+        assert np.allclose(got[key][1], matrix, rtol=1e-4, atol=1e-5), key
+
+
+def _attrs(results: Path, stem: str) -> dict:
+    with h5py.File(results / "embeddings" / f"{stem}.h5", "r") as f:
+        return dict(f.attrs)
+
+
+def _out(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def _ran(proc: subprocess.CompletedProcess, stem: str) -> bool:
+    """Whether the run ran (or, dry, would run) the folder's job."""
+    pattern = rf"output: [^\n]*/embeddings/{re.escape(stem)}\.h5[ \n]"
+    return re.search(pattern, _out(proc)) is not None
+
+
+def test_a_checkpoint_rewritten_in_place_is_used_by_every_folder(tmp_path, workers):
+    _images(tmp_path / "images", *(f"f{f}" for f in range(6)))
+    ckpt = _checkpoint(tmp_path / "ckpt.pt", seed=1)
+    model = {"name": "resnet18", "weights": str(ckpt)}
+    # one thread per job on two cores: two workers, each serving folders, alive between runs
+    settings = {"images": "images", "model": model, "worker": {"idle": 60}}
+    config = write_config(tmp_path / "c.yaml", results="results", **settings)
+    run_snakemake(tmp_path, config, env=workers.env)
+    assert workers.started() == 2
+
+    shutil.copyfile(_checkpoint(tmp_path / "other.pt", seed=2), ckpt)  # same path, new weights
+    proc = run_snakemake(tmp_path, config, env=workers.env)
+    assert all(_ran(proc, f"f{f}") for f in range(6))
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for f in range(6):
+        assert _attrs(tmp_path / "results", f"f{f}")["weights_sha256"] == sha
+
+    clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
+    run_snakemake(tmp_path, clean, env=workers.env)
+    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert NOTHING in _out(run_snakemake(tmp_path, config, env=workers.env))
+
+
+def test_reduced_vectors_follow_the_index(tmp_path, workers):
+    _images(tmp_path / "images", "a", "b", per_folder=3)
+    settings = {"images": "images", "reduce": {"method": "pca", "dim": 2}}
+    settings["report"] = {"enabled": False}
+    config = write_config(tmp_path / "c.yaml", results="results", **settings)
+
+    def run():
+        # one job at a time: reduce must not run before the index it reads
+        run_snakemake(tmp_path, config, "--cores", "1", env=workers.env)
+        with h5py.File(tmp_path / "results" / "index.h5", "r") as index:
+            indexed = sorted(json.loads(index.attrs["folders"]))
+        reduced = read_reduced(tmp_path / "results")
+        assert sorted(reduced.folders()) == indexed
+        return reduced
+
+    run()
+    _images(tmp_path / "images", "c", per_folder=3)
+    assert sorted(run().folders()) == ["a", "b", "c"]
+    shutil.rmtree(tmp_path / "images" / "a")
+    reduced = run()
+    assert sorted(reduced.folders()) == ["b", "c"]
+
+    clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
+    run_snakemake(tmp_path, clean, env=workers.env)
+    expected = read_reduced(tmp_path / "clean")
+    for key in ("b", "c"):
+        assert reduced.ids(key) == expected.ids(key)
+        assert np.allclose(reduced.matrix(key), expected.matrix(key), atol=1e-5)
+    assert NOTHING in _out(run_snakemake(tmp_path, config, "--cores", "1", env=workers.env))
+
+
+def test_workers_start_only_for_jobs_that_run(tmp_path, workers):
+    _images(tmp_path / "images", "a")
+    config = write_config(
+        tmp_path / "c.yaml", images="images", results="results", threads=2, worker={"idle": 60}
+    )
+    for flags in (["--dry-run"], ["--lint"], ["--unlock"], ["--summary"]):
+        run_snakemake(tmp_path, config, *flags, env=workers.env)
+        assert workers.started() == 0 and not workers.pids(), flags
+    run_snakemake(tmp_path, config, env=workers.env)
+    assert workers.started() == 1
+    report = tmp_path / "report.html"
+    for flags in ([], ["--dry-run"], ["--report", str(report)]):
+        proc = run_snakemake(tmp_path, config, *flags, env=workers.env)
+        assert NOTHING in _out(proc) or flags
+        assert workers.started() == 1, flags
+    assert report.is_file()
+
+
+def test_a_probe_never_harms_a_worker_and_its_log_is_true(tmp_path, workers):
+    _images(tmp_path / "images", "a", "b")
+    config = write_config(
+        tmp_path / "c.yaml", images="images", results="results", threads=2, worker={"idle": 60}
+    )
+    run_snakemake(tmp_path, config, env=workers.env)
+    (pid,) = workers.pids()
+    make_image(tmp_path / "images" / "a" / "new.jpg", seed=99)
+    # the run probes the live worker before its job, which that worker then serves
+    run_snakemake(tmp_path, config, env=workers.env)
+    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "a.log").read_text()
+    assert f"worker {pid} runs folder a" in log
+    assert workers.pids() == {pid} and workers.started() == 1
+    lines = workers.logs()
+    assert "Traceback" not in lines and "Error" not in lines and " leaves " not in lines
+
+
+def test_a_deleted_or_renamed_folder_leaves_nothing_behind(tmp_path, workers):
+    _images(tmp_path / "images", "a", "b", "nest/c")
+    config = write_config(tmp_path / "c.yaml", images="images", results="results")
+    run_snakemake(tmp_path, config, env=workers.env)
+    (tmp_path / "images" / "a").rename(tmp_path / "images" / "a2")
+    shutil.rmtree(tmp_path / "images" / "nest")
+    proc = run_snakemake(tmp_path, config, env=workers.env)
+    assert "removed results/embeddings/a.h5" in _out(proc)
+
+    results = tmp_path / "results"
+    for top, suffix in (
+        ("embeddings", ".h5"),
+        ("logs/embed_classify_store", ".log"),
+        ("benchmarks/embed_classify_store", ".tsv"),
+        ("manifests", ".json"),
+    ):
+        left = sorted(p.relative_to(results / top).as_posix() for p in (results / top).rglob("*"))
+        assert left == [f"a2{suffix}", f"b{suffix}"], top
+    os.unlink(results / "index.h5")  # a store read without its index lists the files
+    assert sorted(snakembed.open_store(results)) == ["a2", "b"]
+
+    run_snakemake(tmp_path, config, env=workers.env)
+    clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
+    run_snakemake(tmp_path, clean, env=workers.env)
+    _assert_same(results, tmp_path / "clean")
+
+
+def _bmp(path: Path, seed: int) -> None:
+    """A 40x30 BMP: every such file has the same size."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("detection", ["stat", "checksum"])
+def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, workers, detection):
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    _bmp(tmp_path / "images" / "a" / "x.bmp", seed=1)
+    make_image(tmp_path / "images" / "a" / "y.jpg", seed=2)
+    make_image(tmp_path / "images" / "b" / "z.jpg", seed=3)
+    settings = {"images": "images", "change_detection": detection}
+    config = write_config(tmp_path / "c.yaml", results="results", **settings)
+    run_snakemake(tmp_path, config, env=workers.env)
+
+    target = tmp_path / "images" / "a" / "x.bmp"
+    before = target.stat()
+    _bmp(tmp_path / "new.bmp", seed=4)
+    shutil.copyfile(tmp_path / "new.bmp", target)  # as cp -p or rsync -a would leave it
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    proc = run_snakemake(tmp_path, config, env=workers.env)
+    assert _ran(proc, "a") and not _ran(proc, "b")
+    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "a.log").read_text()
+    assert "1 unchanged images reused" in log  # y.jpg was not embedded again
+    with snakembed.open_store(tmp_path / "results")["a"] as folder:
+        assert folder["x.bmp"].sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
+
+    clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
+    run_snakemake(tmp_path, clean, env=workers.env)
+    _assert_same(tmp_path / "results", tmp_path / "clean")
+
+    # what does not change an image's content: a false alarm costs reading, never embedding
+    os.chmod(target, 0o600)
+    os.utime(target)
+    proc = run_snakemake(tmp_path, config, env=workers.env)
+    if detection == "checksum":
+        assert NOTHING in _out(proc)
+    else:
+        assert _ran(proc, "a") and not _ran(proc, "b")
+        log = (tmp_path / "results" / "logs" / "embed_classify_store" / "a.log").read_text()
+        assert "2 unchanged images reused" in log
+    _assert_same(tmp_path / "results", tmp_path / "clean")
+
+
+def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, workers):
+    _images(tmp_path / "images", "a", "b")
+    config = write_config(tmp_path / "c.yaml", images="images", results="results")
+    run_snakemake(tmp_path, config, env=workers.env)  # device and precision: auto
+    fp32 = _folders(tmp_path / "results")
+    for stem in ("a", "b"):
+        attrs = _attrs(tmp_path / "results", stem)
+        assert (attrs["device"], attrs["precision"]) == ("cpu", "fp32")
+    # auto is what it resolves to: naming it changes nothing
+    proc = run_snakemake(tmp_path, config, "--config", "device=cpu", "precision=fp32")
+    assert NOTHING in _out(proc)
+
+    # bf16 (as auto is on a GPU): every folder again, none reusing fp32 vectors
+    make_image(tmp_path / "images" / "a" / "new.jpg", seed=50)
+    proc = run_snakemake(tmp_path, config, "--config", "precision=bf16", env=workers.env)
+    assert _ran(proc, "a") and _ran(proc, "b")
+    bf16 = _folders(tmp_path / "results")
+    for stem in ("a", "b"):
+        assert _attrs(tmp_path / "results", stem)["precision"] == "bf16"
+        log = (tmp_path / "results" / "logs" / "embed_classify_store" / f"{stem}.log").read_text()
+        assert "reused" not in log
+    assert not np.array_equal(bf16["b"][1], fp32["b"][1])
+    clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
+    run_snakemake(tmp_path, clean, "--config", "precision=bf16", env=workers.env)
+    _assert_same(tmp_path / "results", tmp_path / "clean")
+
+    # Folder jobs that ask a cluster for a GPU resolve auto to cuda (bf16) where the run is
+    # planned, though this machine has none: every folder would be computed again...
+    gpu = ("--set-resources", "embed_classify_store:gpu=1")
+    proc = run_snakemake(tmp_path, config, *gpu, "--dry-run")
+    assert _ran(proc, "a") and _ran(proc, "b")
+    # ... and where a job finds no GPU it says so and leaves the folder's file as it was
+    proc = run_snakemake(tmp_path, config, *gpu, check=False, env=workers.env)
+    assert proc.returncode != 0
+    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "b.log").read_text()
+    assert "device 'cuda' asked for, but torch sees no GPU here" in log
+    assert _attrs(tmp_path / "results", "b")["precision"] == "bf16"
+    _assert_same(tmp_path / "results", tmp_path / "clean")
+
+
+@pytest.mark.slow
+def test_a_killed_job_is_dropped_by_its_worker(tmp_path, workers):
+    _images(tmp_path / "images", "big", per_folder=600)
+    config = write_config(
+        tmp_path / "c.yaml",
+        images="images",
+        results="results",
+        preprocess={"resize": 128, "crop": 112},
+        batch_size=2,
+        threads=2,
+        worker={"idle": 60},
+    )
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path)]
+    cmd += ["--configfile", str(config), "--cores", "2"]
+    with open(tmp_path / "run.log", "w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=out, start_new_session=True, env={**os.environ, **workers.env}
+        )
+    log = tmp_path / "results" / "logs" / "embed_classify_store" / "big.log"
+    deadline = time.monotonic() + 120
+    while "runs folder big" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            tmp_path / "run.log"
+        ).read_text()
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and its jobs, as Ctrl-C or a lost node would
+    proc.wait()
+    (pid,) = workers.pids()  # the worker lives in its own session: it outlives them
+    deadline = time.monotonic() + 60
+    while "dropped folder big" not in workers.logs():
+        assert time.monotonic() < deadline, workers.logs()
+        time.sleep(0.1)
+    assert "big: 600 images embedded" not in workers.logs()
+    time.sleep(1.0)
+    results = tmp_path / "results" / "embeddings"
+    assert not results.exists() or not list(results.iterdir())
+    assert workers.pids() == {pid}  # and it serves the next run
+    run_snakemake(tmp_path, config, "--unlock", env=workers.env)
+    run_snakemake(tmp_path, config, env=workers.env)
+    assert f"worker {pid} runs folder big" in log.read_text()
+    assert len(_folders(tmp_path / "results")["big"][0]) == 600
