@@ -255,7 +255,8 @@ def workflow(
         text = log.read_text()
         for match in re.finditer(r"peak memory (\d+) MiB", text):
             peak = max(peak, float(match.group(1)))
-        done = re.finditer(r"(\d+) images embedded, (\d+) failed, in ([\d.]+) s", text)
+        stored = r"(\d+) images stored \(\d+ embedded, \d+ reused\), (\d+) failed, in ([\d.]+) s"
+        done = re.finditer(stored, text)
         for match in done:
             folders.append({"images": int(match.group(1)), "seconds": float(match.group(3))})
     return {

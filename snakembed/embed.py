@@ -60,6 +60,8 @@ class Embeddings:
     patch_boxes: np.ndarray | None = None
     patch_counts: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    #: How many of ``ids`` kept their earlier embeddings instead of being embedded again.
+    reused: int = 0
 
 
 def resolve_device(name: str = "auto"):
@@ -501,6 +503,7 @@ class Embedder:
             vectors=np.concatenate(vectors) if vectors else empty,
             failed=failed,
             meta=dict(self.meta),
+            reused=known.used,
         )
         if self.grid is not None:
             result.patch_counts = np.array([len(b) for _, b in patches], np.int64)

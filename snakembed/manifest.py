@@ -24,6 +24,7 @@ It also spares image paths Snakemake's wildcard syntax: a brace in a file name i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ __all__ = [
     "FolderManifest",
     "folder_manifest",
     "read_manifest",
+    "read_manifest_with_digest",
+    "started_file",
     "write_manifest",
 ]
 
@@ -54,12 +57,17 @@ class FolderManifest:
             time in ns, inode, status-change time in ns]``, or ``[size, sha256]`` with
             ``change_detection: checksum``.
         refused: ``{name: reason}`` of the image files that will be recorded as failed.
+        settings: what else decides the folder's file (the fingerprint of the settings that
+            change the numbers, the weights' checksum, the classification settings), so that
+            the manifest's checksum, which the folder's file records, stands for everything it
+            was computed from.
     """
 
     root: str
     folder: str
-    images: dict[str, list[int]]
+    images: dict[str, list]
     refused: dict[str, str] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -73,6 +81,7 @@ class FolderManifest:
                 "folder": self.folder,
                 "images": self.images,
                 "refused": self.refused,
+                "settings": self.settings,
             },
             indent=0,
             sort_keys=True,
@@ -87,6 +96,7 @@ def folder_manifest(
     *,
     change_detection: str = "stat",
     map_=map,
+    settings: dict | None = None,
 ) -> FolderManifest:
     """The manifest of one folder, what identifies its readable images' content read now.
 
@@ -98,6 +108,7 @@ def folder_manifest(
         change_detection: ``stat`` or ``checksum`` (see the module's documentation).
         map_: the ``map`` that hashes files with ``checksum`` (a thread pool's, to read
             several at once).
+        settings: see :class:`FolderManifest`.
 
     Returns:
         The manifest. A file that vanished since it was listed, or cannot be read to be
@@ -130,7 +141,8 @@ def folder_manifest(
                 refused[name] = f"cannot read the file: {digest.strerror or digest}"
             else:
                 images[name] = [images[name][0], digest]
-    return FolderManifest(str(root), folder, images, dict(sorted(refused.items())))
+    refused = dict(sorted(refused.items()))
+    return FolderManifest(str(root), folder, images, refused, dict(settings or {}))
 
 
 def _digest(path: Path) -> str | OSError:
@@ -175,11 +187,41 @@ def read_manifest(path: str | Path) -> FolderManifest:
     Raises:
         ValueError: when the file is not a manifest, naming it and how to get a new one.
     """
+    return read_manifest_with_digest(path)[0]
+
+
+def read_manifest_with_digest(path: str | Path) -> tuple[FolderManifest, str]:
+    """The manifest at ``path`` and the sha256 of the very bytes it was read from (what the
+    folder's file records as ``manifest_sha256``).
+
+    Raises:
+        ValueError: when the file is not a manifest, naming it and how to get a new one.
+    """
     try:
-        data = json.loads(Path(path).read_text())
-        return FolderManifest(data["root"], data["folder"], data["images"], data["refused"])
+        data = Path(path).read_bytes()
+        fields = json.loads(data)
+        manifest = FolderManifest(
+            fields["root"],
+            fields["folder"],
+            fields["images"],
+            fields["refused"],
+            fields.get("settings", {}),
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"{path}: not a folder manifest ({exc}); delete it and run snakemake again, "
             "which writes it anew"
         ) from exc
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def started_file(manifest: str | Path) -> Path:
+    """Where a folder's job notes the checksum of the manifest it started on, and removes it
+    when it has written the folder's file: what a job that failed leaves behind.
+
+    Example:
+        >>> started_file("results/manifests/a.json").name
+        'a.json.started'
+    """
+    manifest = Path(manifest)
+    return manifest.with_name(manifest.name + ".started")

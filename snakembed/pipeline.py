@@ -22,7 +22,7 @@ from ._files import cached_sha256, scratch_folder
 from .classify import predict
 from .embed import Cancelled, Embedder, Embeddings, log_to_stderr
 from .heads import Head, create_head, load_head
-from .store import read_earlier, write_folder
+from .store import read_earlier, stale_copy, write_folder
 
 __all__ = ["Cancelled", "Models", "run_folder"]
 
@@ -80,6 +80,7 @@ def run_folder(
     refused: dict[str, str] | None = None,
     models: Models | None = None,
     cancelled: Callable[[], bool] | None = None,
+    manifest_sha256: str | None = None,
 ) -> Embeddings:
     """Embed one image folder, classify its images and write its HDF5 file.
 
@@ -87,8 +88,8 @@ def run_folder(
         images_root: the image root.
         folder: the folder's key (its path relative to the root, ``.`` for the root itself).
         names: the folder's image file names.
-        output: the folder's ``.h5`` file; an earlier file there lends its unchanged images'
-            embeddings.
+        output: the folder's ``.h5`` file; an earlier file there (or moved aside by the plan,
+            see :func:`~snakembed.store.stale_copy`) lends its unchanged images' embeddings.
         config: a validated configuration.
         head: the trained head's file (the ``train_head`` rule's); None for a head built from
             the config (``pretrained``), or none with ``classify.head: none``.
@@ -98,6 +99,7 @@ def run_folder(
         models: the network and head kept by a worker (default: built for this call).
         cancelled: asked between batches and before the file is written (a worker: has the
             job gone?); when it says so, nothing is written.
+        manifest_sha256: the checksum of the folder's manifest, recorded in the file.
 
     Returns:
         The folder's embeddings.
@@ -122,7 +124,8 @@ def run_folder(
         ids=readable,
         sources=[name if folder == "." else f"{folder}/{name}" for name in readable],
         label=folder,
-        reuse=read_earlier(output, embedder.meta),
+        reuse=read_earlier(output, embedder.meta)
+        or read_earlier(stale_copy(output), embedder.meta),
         cancelled=cancelled,
     )
     for name, reason in refused.items():
@@ -135,19 +138,34 @@ def run_folder(
         predictions = predict(
             classifier, settings["head"], result.ids, result.vectors, settings["topk"]
         )
-    if cancelled is not None and cancelled():
-        raise Cancelled(f"{folder}: the job has gone; its file was not written")
+
+    def check() -> None:
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"{folder}: the job has gone; its file was not written")
+
+    check()
     scratch = scratch_folder(config["scratch"], output)
     if scratch is not None:
         log.info(
             "%s: building its file in %s (scratch), then copying it to %s", folder, scratch, output
         )
-    write_folder(result, predictions, output, folder, scratch=scratch)
+    write_folder(
+        result,
+        predictions,
+        output,
+        folder,
+        scratch=scratch,
+        manifest_sha256=manifest_sha256,
+        check=check,  # once more just before the rename: a job gone while it was written
+    )
+    stale_copy(output).unlink(missing_ok=True)
     seconds = time.monotonic() - start
     log.info(
-        "%s: %d images embedded, %d failed, in %.1f s (%.1f images/s)",
+        "%s: %d images stored (%d embedded, %d reused), %d failed, in %.1f s (%.1f images/s)",
         folder,
         len(result.ids),
+        len(result.ids) - result.reused,
+        result.reused,
         len(result.failed),
         seconds,
         len(names) / max(seconds, 1e-9),

@@ -9,7 +9,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._files import atomic_path
@@ -21,14 +21,15 @@ from .backbones import (
     WeightsError,
     backbone_from_config,
     is_local_weights,
+    model_file_hashes,
 )
 from .config import ConfigError, numbers_fingerprint, validate_config
 from .devices import resolve_compute
 from .heads import HEADS, needs_labels
 from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
-from .manifest import folder_manifest, read_manifest, write_manifest
-from .store import folder_stem
+from .manifest import folder_manifest, read_manifest, started_file, write_manifest
+from .store import computed_from, folder_file, folder_stem, stale_copy
 
 #: Where the finetune rule writes its checkpoint, under the results folder.
 FINETUNE_CHECKPOINT = "finetune/checkpoint.safetensors"
@@ -63,7 +64,11 @@ class Plan:
         numbers: everything that changes the embeddings (see ``numbers_fingerprint``).
         compute: the resolved ``device`` and ``precision``, with what was configured.
         change_detection: how the manifests identify an image's content.
+        settings: what besides its images decides a folder's file (recorded in each
+            manifest, see :class:`~snakembed.manifest.FolderManifest`).
         labelled: the labelled images of ``classify.labels``, when set.
+        missed: the folders whose file :meth:`write_manifests` found computed from other
+            images or settings than their unchanged manifest says, and moved aside.
     """
 
     images: Path
@@ -74,7 +79,9 @@ class Plan:
     numbers: dict
     compute: dict
     change_detection: str = "stat"
+    settings: dict = field(default_factory=dict)
     labelled: Labelled | None = None
+    missed: list[str] = field(default_factory=list)
 
     @property
     def folders(self) -> dict[str, list[str]]:
@@ -102,24 +109,40 @@ class Plan:
         folders that are gone, and record the resolved device and precision for the cluster
         jobs' own Snakemake (``{results}/compute.json``).
 
+        A folder whose manifest did not change, whose job started on it and failed (Snakemake
+        then restores the previous file of an ``update()`` output and still records the job as
+        done), and whose file was not computed from it, is *missed*: its file is moved aside
+        (see :func:`snakembed.store.stale_copy`), so that Snakemake sees it missing and
+        recomputes it, reusing the embeddings of its unchanged images from the moved file.
+
         Returns:
             How many manifests were written.
         """
         written = 0
+        self.missed.clear()
         checksum = self.change_detection == "checksum"
+        root = os.path.abspath(self.images)
         with ThreadPoolExecutor(max_workers=8 if checksum else 1) as pool:
             for stem, key in self.stems.items():
                 manifest = folder_manifest(
-                    self.images,
+                    root,
                     key,
                     self.folders[key],
                     self.discovery.refused.get(key),
                     change_detection=self.change_detection,
                     map_=pool.map,
+                    settings=self.settings,
                 )
-                written += write_manifest(manifest, self.manifest_file(stem))
+                path = self.manifest_file(stem)
+                if write_manifest(manifest, path):
+                    written += 1
+                elif self._moved_aside(stem, path):
+                    self.missed.append(key)
         for stem in set(_ManifestStems(self.results)) - set(self.stems):
             self.manifest_file(stem).unlink(missing_ok=True)
+        for note in _manifest_folder(self.results).rglob("*.json.started"):
+            if not note.with_suffix("").exists():
+                note.unlink(missing_ok=True)
         _remove_empty_folders(_manifest_folder(self.results))
         text = json.dumps(self.compute, indent=1, sort_keys=True) + "\n"
         path = _compute_file(self.results)
@@ -127,6 +150,20 @@ class Plan:
             with atomic_path(path) as tmp:
                 tmp.write_text(text)
         return written
+
+    def _moved_aside(self, stem: str, manifest: Path) -> bool:
+        """Move the folder's file aside when a job started on its manifest (and left its note:
+        it failed) but the file was not computed from it."""
+        output = folder_file(self.results, self.stems[stem])
+        try:
+            started = started_file(manifest).read_text()
+        except OSError:
+            return False  # no job failed on it (a dry run may have written the manifest)
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        if started != digest or not output.is_file() or computed_from(output) == digest:
+            return False
+        os.replace(output, stale_copy(output))
+        return True
 
     def stale_files(self) -> list[Path]:
         """The results of folders that are no longer in the image tree: their ``.h5`` files,
@@ -146,9 +183,13 @@ class Plan:
         ):
             for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
                 target = path
-                if path.name.startswith(".") and path.name.endswith(".tmp"):
-                    # a killed writer's temporary file: .{name}.{pid}.tmp
-                    target = path.with_name(path.name[1:].rsplit(".", 2)[0])
+                if path.name.startswith(".") and path.name.endswith((".tmp", ".stale")):
+                    # a killed writer's temporary file (.{name}.{pid}.tmp) or a file moved
+                    # aside to be recomputed (.{name}.stale)
+                    stripped = path.name[1:].removesuffix(".stale")
+                    if stripped.endswith(".tmp"):
+                        stripped = stripped.rsplit(".", 2)[0]
+                    target = path.with_name(stripped)
                 relative = target.relative_to(folder).as_posix()
                 gone = relative.removesuffix(suffix) not in self.stems
                 if path.is_file() and relative.endswith(suffix) and gone:
@@ -332,6 +373,11 @@ def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> 
     results = Path(config["results"])
     compute = _resolve(config, results, planned=not discover, gpu_jobs=gpu_jobs)
     config.update(device=compute["device"], precision=compute["precision"])
+    numbers = _numbers(config)
+    settings = {
+        "numbers": hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest(),
+        "classify": config["classify"],
+    }
     discovery = _discover(config) if discover else None
     return Plan(
         images=Path(config["images"]),
@@ -339,11 +385,25 @@ def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> 
         discovery=discovery,
         stems=_stems(discovery, config) if discovery else _ManifestStems(results),
         weights_file=weights_file,
-        numbers=numbers_fingerprint(config),
+        numbers=numbers,
         compute=compute,
         change_detection=config["change_detection"],
+        settings=settings,
         labelled=_labelled(config),
     )
+
+
+def _numbers(config: dict) -> dict:
+    """What changes the numbers: the config's fingerprint and, by content, the checkpoint and
+    a custom network's source (a checkpoint replaced by ``mv`` or ``cp -p`` keeps an old
+    modification time, which Snakemake's own input check would take as unchanged). The
+    finetune rule's checkpoint is Snakemake's to track: it is written during the run."""
+    from .worker import hash_cache
+
+    model = config["model"]
+    if is_local_weights(model["weights"]) and _is_finetune_output(model["weights"], config):
+        model = {**model, "weights": "none"}
+    return {**numbers_fingerprint(config), **model_file_hashes(model, hash_cache())}
 
 
 def _resolve(config: dict, results: Path, *, planned: bool, gpu_jobs: bool) -> dict:
@@ -370,13 +430,16 @@ def _discover(config: dict) -> Discovery:
 
 
 def _stems(discovery: Discovery, config: dict) -> dict[str, str]:
-    stems = {folder_stem(key): key for key in discovery.folders}
-    if len(stems) != len(discovery.folders):
-        raise DiscoveryError(
-            f"two folders under {config['images']!r} would share a results file (images directly "
-            f"in the root are stored as {folder_stem(ROOT_FOLDER)!r}, and braces as %7B and %7D); "
-            "rename one of them"
-        )
+    stems: dict[str, str] = {}
+    for key in discovery.folders:
+        stem = folder_stem(key)
+        if stem in stems:
+            raise DiscoveryError(
+                f"folders {stems[stem]!r} and {key!r} under {config['images']!r} would share the "
+                f"results file {stem}.h5 (images directly in the root are stored as "
+                f"{folder_stem(ROOT_FOLDER)!r}, and braces as %7B and %7D); rename one of them"
+            )
+        stems[stem] = key
     return stems
 
 

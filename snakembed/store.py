@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -28,9 +28,11 @@ from .images import ROOT_FOLDER
 
 __all__ = [
     "FORMAT_VERSION",
+    "computed_from",
     "folder_file",
     "folder_stem",
     "read_earlier",
+    "stale_copy",
     "write_folder",
     "write_index",
 ]
@@ -59,11 +61,40 @@ def folder_file(results: str | Path, folder: str) -> Path:
     return Path(results) / "embeddings" / f"{folder_stem(folder)}.h5"
 
 
+def stale_copy(path: str | Path) -> Path:
+    """Where a folder file that no longer matches its folder is moved aside to be recomputed
+    (``.{name}.stale`` beside it): out of every reader's sight, still lending the embeddings
+    of its unchanged images to the folder's next job, which removes it.
+
+    Example:
+        >>> stale_copy("results/embeddings/a/b.h5").name
+        '.b.h5.stale'
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.stale")
+
+
+def computed_from(path: str | Path) -> str | None:
+    """The sha256 of the manifest a folder file was computed from, or None (a file written
+    before snakembed recorded it, or one that cannot be read)."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("manifest_sha256")
+    except (OSError, ValueError):
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @contextlib.contextmanager
-def _atomic_h5(path: str | Path, scratch: str | Path | None = None) -> Iterator[h5py.File]:
+def _atomic_h5(
+    path: str | Path, scratch: str | Path | None = None, check: Callable[[], None] | None = None
+) -> Iterator[h5py.File]:
     """An HDF5 file written under a temporary name (in ``scratch``, when given) and renamed into
-    place on success."""
-    with atomic_path(path, scratch) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+    place on success (``check`` is called first, and may raise to keep the old file)."""
+    with (
+        atomic_path(path, scratch, check=check) as tmp,
+        h5py.File(tmp, "w", libver="latest") as f,
+    ):
         yield f
 
 
@@ -74,6 +105,8 @@ def write_folder(
     folder: str,
     *,
     scratch: str | Path | None = None,
+    manifest_sha256: str | None = None,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Write one folder's final HDF5 file.
 
@@ -84,12 +117,16 @@ def write_folder(
         folder: the folder's key.
         scratch: a folder on a fast local disk to build the file in before it is copied to
             ``output`` (see :func:`snakembed._files.scratch_folder`); None builds it beside.
+        manifest_sha256: the checksum of the folder's manifest, which the file records: the
+            plan checks it against the folder's current manifest (see :func:`computed_from`).
+        check: called just before the file is renamed into place; may raise to leave the
+            previous file as it was (a worker whose job has gone).
     """
     n = len(embeddings.ids)
     if predictions is not None and list(predictions.ids) != list(embeddings.ids):
         raise ValueError(f"predictions and embeddings of folder {folder!r} list different images")
     meta = embeddings.meta
-    with _atomic_h5(output, scratch) as f:
+    with _atomic_h5(output, scratch, check) as f:
         attrs = {
             "format_version": FORMAT_VERSION,
             "snakembed_version": library_versions()["snakembed"],
@@ -111,6 +148,8 @@ def write_folder(
             "num_failed": len(embeddings.failed),
             "failed": json.dumps(embeddings.failed, ensure_ascii=False),
         }
+        if manifest_sha256 is not None:
+            attrs["manifest_sha256"] = manifest_sha256
         f.attrs.update(attrs)
 
         f.create_dataset("_ids", data=np.asarray(embeddings.ids, dtype=object), dtype=_STR)

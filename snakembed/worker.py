@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from pathlib import Path
 
 __all__ = [
     "WorkerUnavailable",
+    "hash_cache",
     "identity",
     "prestart",
     "run_folder_served",
@@ -130,23 +130,21 @@ def identity(
         >>> identity(config, 2)["device"], identity(config, 2)["precision"]
         ('cpu', 'fp32')
     """
-    from .backbones import is_local_weights
+    from .backbones import is_local_weights, model_file_hashes
     from .config import resolved
     from .devices import device_type
 
     config = resolved(config)
     model = config["model"]
-    if weights_sha256 is None and is_local_weights(model["weights"]):
-        from ._files import cached_sha256
-
-        with contextlib.suppress(OSError):
-            weights_sha256 = cached_sha256(model["weights"], _hash_cache())
+    files = model_file_hashes(model, hash_cache())
+    if weights_sha256 is None:
+        weights_sha256 = files["weights_sha256"]
     return {
         "config": config,
         "threads": threads,
         "python": sys.executable,
         "code": _code_sha256(),
-        "module": _module_sha256(model.get("module")),
+        "module": files["module_sha256"],
         "weights_sha256": weights_sha256 if is_local_weights(model["weights"]) else None,
         "device": device or device_type(config["device"]),
         "precision": config["precision"],
@@ -168,19 +166,9 @@ def _code_sha256() -> str:
     return _CODE[0]
 
 
-def _module_sha256(module: str | None) -> str | None:
-    """The sha256 of a custom network's source file (``model.module``), or None."""
-    if not module:
-        return None
-    try:
-        spec = importlib.util.find_spec(module.partition(":")[0])
-        origin = spec.origin if spec else None
-        return hashlib.sha256(Path(origin).read_bytes()).hexdigest() if origin else None
-    except (ImportError, OSError, ValueError):
-        return None  # the worker fails to import it too, and says so
-
-
-def _hash_cache() -> Path | None:
+def hash_cache() -> Path | None:
+    """The private folder of cached file checksums (see
+    :func:`snakembed._files.cached_sha256`), or None where there is no private folder."""
     folder = worker_dir()
     return folder / "sha256" if folder is not None else None
 
@@ -209,11 +197,15 @@ def run_folder_served(
         head: the head file, or None to not classify.
         threads: CPU threads for this job.
     """
-    from .manifest import read_manifest
-    from .pipeline import run_folder
+    from .manifest import read_manifest_with_digest, started_file
 
-    folder = read_manifest(manifest)
+    folder, digest = read_manifest_with_digest(manifest)
+    # Left behind if the job fails: Snakemake then restores the folder's previous file and
+    # still records the job as done; the next plan sees this and computes the folder again.
+    started = started_file(manifest)
+    started.write_text(digest)
     request = {
+        "manifest_sha256": digest,
         "images_root": os.path.abspath(folder.root),
         "folder": folder.folder,
         "names": folder.names,
@@ -221,6 +213,13 @@ def run_folder_served(
         "head": os.path.abspath(head) if head else None,
         "refused": folder.refused,
     }
+    _run_served(request, config, threads)
+    started.unlink(missing_ok=True)
+
+
+def _run_served(request: dict, config: dict, threads: int) -> None:
+    from .pipeline import run_folder
+
     if config["worker"]["enabled"]:
         try:
             ident = identity(config, threads)
@@ -233,7 +232,7 @@ def run_folder_served(
 
 
 def _arguments(request: dict) -> dict:
-    keys = ("images_root", "folder", "names", "output", "head", "refused")
+    keys = ("images_root", "folder", "names", "output", "head", "refused", "manifest_sha256")
     return {key: request[key] for key in keys}
 
 
@@ -286,8 +285,9 @@ def _connect(sock_path: Path, lock_path: Path, config: dict, ident: dict) -> soc
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if not _alive(pid):
-            tail = log_path.read_text(errors="replace")[-1500:]
-            raise WorkerUnavailable(f"the worker exited: {tail}")
+            lines = log_path.read_text(errors="replace").splitlines()
+            last = next((line for line in reversed(lines) if line.strip()), "no message")
+            raise WorkerUnavailable(f"the worker exited ({last.strip()}); see {log_path}")
         with contextlib.suppress(OSError):
             return _open(sock_path)
         time.sleep(0.05)
@@ -498,7 +498,7 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
     from .pipeline import Models
 
     log_to_stderr()
-    models = Models(hash_cache=_hash_cache())
+    models = Models(hash_cache=hash_cache())
     embedder = models.embedder(config, threads)
     own = identity(
         config,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -220,6 +221,51 @@ def test_plan_refuses_an_unusable_tree(tmp_path, images, message):
     results = tmp_path / "with_results" / "results" if images == "with_results" else "results"
     with pytest.raises(DiscoveryError, match=message):
         plan_run({"images": str(tmp_path / images), "results": str(results)})
+
+
+def test_two_folders_that_would_share_a_file_are_named(tmp_path):
+    from snakembed.plan import DiscoveryError
+
+    make_image(tmp_path / "images" / "x{1}" / "a.jpg")
+    make_image(tmp_path / "images" / "x%7B1}" / "a.jpg")
+    with pytest.raises(DiscoveryError, match=r"folders 'x%7B1}' and 'x\{1}'|'x\{1}' and 'x%7B1}'"):
+        plan_run({"images": str(tmp_path / "images"), "results": str(tmp_path / "results")})
+
+
+def test_a_folder_file_not_computed_from_its_manifest_is_moved_aside(tmp_path):
+    """What a failed job leaves (Snakemake restores the previous file of an update() output,
+    yet records the job as done, and the job's note that it started): the next plan moves the
+    file aside, so that it is computed again."""
+    import h5py
+
+    from snakembed.manifest import started_file
+    from snakembed.store import computed_from, stale_copy
+
+    config = _config(tmp_path)
+    make_image(tmp_path / "images" / "b" / "y.jpg")
+    plan = plan_run(dict(config))
+    plan.write_manifests()
+    files = {}
+    for stem in ("a", "b"):
+        digest = hashlib.sha256(plan.manifest_file(stem).read_bytes()).hexdigest()
+        files[stem] = tmp_path / "results" / "embeddings" / f"{stem}.h5"
+        files[stem].parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(files[stem], "w") as f:
+            f.attrs["manifest_sha256"] = digest if stem == "a" else "0" * 64
+    assert computed_from(files["a"]) != computed_from(files["b"])
+    # no job started on b's manifest (a dry run wrote it): Snakemake will rerun b by its params
+    assert plan_run(dict(config)).write_manifests() == 0 and files["b"].is_file()
+    for stem in ("a", "b"):  # the jobs of both started, and b's failed
+        started = started_file(plan.manifest_file(stem))
+        started.write_bytes(
+            hashlib.sha256(plan.manifest_file(stem).read_bytes()).digest().hex().encode()
+        )
+    again = plan_run(dict(config))
+    assert again.write_manifests() == 0 and again.missed == ["b"]
+    assert files["a"].is_file() and not files["b"].exists() and stale_copy(files["b"]).is_file()
+    assert stale_copy(files["b"]) not in again.stale_files()  # kept: its folder is still there
+    shutil.rmtree(tmp_path / "images" / "b")
+    assert plan_run(dict(config)).stale_files() == [stale_copy(files["b"])]
 
 
 def test_plan_allows_patches_that_pad_or_shift(tmp_path):

@@ -174,7 +174,7 @@ def test_nothing_is_reused_when_the_numbers_change(tmp_path, caplog):
     other = load_config(overrides={**FAST_CONFIG, "preprocess": {"resize": 72, "crop": 64}})
     with caplog.at_level(logging.INFO, logger="snakembed"):
         run_folder(tmp_path / "images", "a", ["0.png"], out, other)
-    assert "reused" not in caplog.text
+    assert "unchanged images reused" not in caplog.text
     out.write_bytes(b"damaged")  # an unreadable earlier file is no reason to fail
     run_folder(tmp_path / "images", "a", ["0.png"], out, other)
     with Folder(out, "a") as stored:
@@ -197,14 +197,19 @@ def test_vectors_of_another_device_or_precision_are_never_reused(tmp_path, caplo
     bf16 = load_config(overrides={**FAST_CONFIG, "precision": "bf16"})
     with caplog.at_level(logging.INFO, logger="snakembed"):
         again = run_folder(tmp_path / "images", "a", ["0.png"], out, bf16, models=models)
-    assert "reused" not in caplog.text
+    assert "unchanged images reused" not in caplog.text
     fresh = run_folder(tmp_path / "images", "a", ["0.png"], tmp_path / "fresh.h5", bf16)
     assert np.array_equal(again.vectors, fresh.vectors)
     with Folder(out, "a") as stored:
         assert (stored.attrs["device"], stored.attrs["precision"]) == ("cpu", "bf16")
 
 
-def test_a_folder_called_off_writes_nothing(tmp_path):
+@pytest.mark.parametrize(
+    "calls,said",
+    [(3, "called off after 4 of 6 images"), (5, "the job has gone; its file was not written")],
+    ids=["between batches", "just before the rename"],
+)
+def test_a_folder_called_off_writes_nothing(tmp_path, calls, said):
     from snakembed.pipeline import Cancelled
 
     for i in range(6):
@@ -212,15 +217,16 @@ def test_a_folder_called_off_writes_nothing(tmp_path):
     config = load_config(overrides={**FAST_CONFIG, "batch_size": 2})
     asked = []
 
-    def cancelled():
+    def cancelled():  # three batches, then before writing, then before the rename
         asked.append(True)
-        return len(asked) > 2  # after two batches
+        return len(asked) >= calls
 
     names = [f"{i}.png" for i in range(6)]
     out = tmp_path / "a.h5"
-    with pytest.raises(Cancelled, match="called off after 4 of 6 images"):
+    with pytest.raises(Cancelled, match=said):
         run_folder(tmp_path / "images", "a", names, out, config, cancelled=cancelled)
-    assert not out.exists() and list(tmp_path.glob("*.tmp")) == []
+    assert len(asked) == calls
+    assert not out.exists() and list(tmp_path.glob(".*")) == []
 
 
 def test_patches_are_reused_with_their_images(tmp_path):

@@ -96,7 +96,42 @@ def test_a_checkpoint_rewritten_in_place_is_used_by_every_folder(tmp_path, worke
     for f in range(6):
         assert _attrs(tmp_path / "results", f"f{f}")["weights_sha256"] == sha
 
+    # replaced by a file with an older modification time (mv keeps it): Snakemake's own check
+    # of the input's time would see nothing
+    third = _checkpoint(tmp_path / "third.pt", seed=3)
+    os.utime(third, (946_684_800, 946_684_800))  # 2000-01-01
+    os.replace(third, ckpt)
+    proc = run_snakemake(tmp_path, config, env=workers.env)
+    assert all(_ran(proc, f"f{f}") for f in range(6))
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert {_attrs(tmp_path / "results", f"f{f}")["weights_sha256"] for f in range(6)} == {sha}
+
     clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
+    run_snakemake(tmp_path, clean, env=workers.env)
+    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert NOTHING in _out(run_snakemake(tmp_path, config, env=workers.env))
+
+
+def test_a_folder_whose_job_failed_is_computed_again(tmp_path, workers):
+    """Snakemake restores the previous file of a failed job's update() output and records the
+    job as done; the next run must not take the old file for the new one."""
+    _images(tmp_path / "images", "a", "b")
+    config = write_config(tmp_path / "c.yaml", images="images", results="results")
+    run_snakemake(tmp_path, config, env=workers.env)
+    make_image(tmp_path / "images" / "a" / "new.jpg", seed=77)
+    # every folder job fails: there is no GPU here
+    failing = ("--config", "device=cuda")
+    for _ in range(2):
+        proc = run_snakemake(tmp_path, config, *failing, check=False, env=workers.env)
+        assert proc.returncode != 0 and NOTHING not in _out(proc)
+        assert _ran(proc, "a") and _ran(proc, "b")
+    # back on the CPU: both folders are computed again, and equal a clean run
+    proc = run_snakemake(tmp_path, config, env=workers.env)
+    assert _ran(proc, "a") and _ran(proc, "b")
+    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "b.log").read_text()
+    assert "2 unchanged images reused" in log  # from the file moved aside
+    assert not list((tmp_path / "results" / "embeddings").glob(".*"))
+    clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
     run_snakemake(tmp_path, clean, env=workers.env)
     _assert_same(tmp_path / "results", tmp_path / "clean")
     assert NOTHING in _out(run_snakemake(tmp_path, config, env=workers.env))
@@ -262,7 +297,7 @@ def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, wo
     for stem in ("a", "b"):
         assert _attrs(tmp_path / "results", stem)["precision"] == "bf16"
         log = (tmp_path / "results" / "logs" / "embed_classify_store" / f"{stem}.log").read_text()
-        assert "reused" not in log
+        assert "unchanged images reused" not in log
     assert not np.array_equal(bf16["b"][1], fp32["b"][1])
     clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
     run_snakemake(tmp_path, clean, "--config", "precision=bf16", env=workers.env)
@@ -315,7 +350,7 @@ def test_a_killed_job_is_dropped_by_its_worker(tmp_path, workers):
     while "dropped folder big" not in workers.logs():
         assert time.monotonic() < deadline, workers.logs()
         time.sleep(0.1)
-    assert "big: 600 images embedded" not in workers.logs()
+    assert "big: 600 images stored" not in workers.logs()
     time.sleep(1.0)
     results = tmp_path / "results" / "embeddings"
     assert not results.exists() or not list(results.iterdir())

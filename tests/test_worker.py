@@ -56,7 +56,7 @@ def test_one_worker_serves_every_folder_with_the_same_results(tmp_path):
     for folder in ("f0", "f1", "f2"):
         log = (tmp_path / "served" / "logs" / "embed_classify_store" / f"{folder}.log").read_text()
         pids.update(re.findall(r"worker (\d+) runs folder " + folder, log))
-        assert f"{folder}: 3 images embedded" in log  # progress reaches the job's log
+        assert f"{folder}: 3 images stored" in log  # progress reaches the job's log
         assert (
             "worker"
             not in (
@@ -78,7 +78,7 @@ def test_without_a_private_temporary_folder_each_job_embeds_itself(tmp_path):
     run_snakemake(tmp_path, config, env={"TMPDIR": str(tmp_path / "tmp")})
     log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f0.log").read_text()
     assert "running in this job instead" in log and "has no private folder" in log
-    assert "f0: 3 images embedded" in log
+    assert "f0: 3 images stored" in log
     assert list(shared.iterdir()) == []
 
 
@@ -162,7 +162,7 @@ def test_a_job_that_no_worker_can_serve_embeds_its_folder_itself(
     finally:
         shutil.rmtree(short, ignore_errors=True)
     assert f"snakembed: running in this job instead: {said}" in errors.getvalue()
-    assert "f0: 3 images embedded" in caplog.text  # then the job embedded the folder
+    assert "f0: 3 images stored" in caplog.text  # then the job embedded the folder
     run_folder(tmp_path / "images", "f0", names, tmp_path / "alone.h5", config)
     with (
         snakembed.reader.Folder(tmp_path / "served.h5", "f0") as served,
@@ -179,7 +179,7 @@ def test_a_temporary_folder_too_deep_for_sockets_is_said_and_the_job_runs_itself
     run_snakemake(tmp_path, config, env={"TMPDIR": str(deep)})
     log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f0.log").read_text()
     assert "too long for Unix sockets; set TMPDIR to a shorter folder" in log
-    assert "f0: 3 images embedded" in log
+    assert "f0: 3 images stored" in log
 
 
 def test_a_pid_taken_by_another_program_is_no_starting_worker(tmp_path):

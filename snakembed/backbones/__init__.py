@@ -9,6 +9,7 @@ preprocessing and class names, as torchvision's ``Weights`` and timm's ``pretrai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "load_state",
     "load_weights",
+    "model_file_hashes",
     "needs_fetch",
     "split_classifier",
 ]
@@ -256,6 +258,40 @@ def is_local_weights(weights: str | None) -> bool:
     if weights in NO_WEIGHTS or not isinstance(weights, str):
         return False
     return "/" in weights or weights.endswith((".pth", ".pt", ".safetensors", ".bin", ".ckpt"))
+
+
+def model_file_hashes(model: dict, cache: Path | None = None) -> dict[str, str | None]:
+    """The sha256 of the files a config's ``model:`` block names, by content: its checkpoint
+    (None for named weights, none, or a file that does not exist yet) and a custom network's
+    source file (``model.module``; None otherwise).
+
+    Args:
+        model: a config's ``model:`` block.
+        cache: a private folder of checksums cached by the files' stat (see
+            :func:`snakembed._files.cached_sha256`); None reads the files.
+
+    Returns:
+        ``{"weights_sha256": ..., "module_sha256": ...}``.
+
+    Example:
+        >>> model_file_hashes({"weights": "none", "module": None})
+        {'weights_sha256': None, 'module_sha256': None}
+    """
+    import importlib.util
+
+    from .._files import cached_sha256
+
+    weights = model["weights"]
+    hashes: dict[str, str | None] = {"weights_sha256": None, "module_sha256": None}
+    if is_local_weights(weights):
+        with contextlib.suppress(OSError):
+            hashes["weights_sha256"] = cached_sha256(weights, cache)
+    if model.get("module"):
+        with contextlib.suppress(ImportError, OSError, ValueError, TypeError):
+            spec = importlib.util.find_spec(model["module"].partition(":")[0])
+            if spec is not None and spec.origin:
+                hashes["module_sha256"] = cached_sha256(spec.origin, cache)
+    return hashes
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

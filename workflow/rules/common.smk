@@ -29,10 +29,20 @@ for line in PLAN.warnings():
     logger.warning(line)
 RESULTS = str(PLAN.results)
 
-# Each folder's manifest is rewritten where its images changed (a dry run too, so that it
-# reports those folders); its checksum is a parameter of the folder's job.
+# Each folder's manifest is rewritten where its images or settings changed (a dry run too, so
+# that it reports those folders); its checksum is a parameter of the folder's job. The file of a
+# folder whose job failed on its unchanged manifest is moved aside, to be computed again.
 if workflow.is_main_process:
     PLAN.write_manifests()
+    for key in PLAN.missed:
+        logger.warning(
+            f"{key}: its job failed, and Snakemake kept its previous file: moved aside, to "
+            "be computed again"
+        )
+    for path in PLAN.stale_files():
+        logger.info(
+            f"{path} goes when jobs run: its folder is no longer in {PLAN.images}"
+        )
 
 
 wildcard_constraints:
