@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import Backbone, backbone_from_config
+from .backbones import Backbone, backbone_from_config, model_file_hashes
 from .config import numbers_fingerprint, resolved
 from .devices import device_type, resolve_precision
 from .images import ImageError, Preprocess, decode_image, read_image_bytes
@@ -601,6 +601,8 @@ def _meta(backbone: Backbone, config: dict) -> dict:
         "device": device_type(config["device"]),
         "precision": config["precision"],
         "config_hash": numbers_fingerprint(config)["hash"],
+        # a custom network's source file, by content (its code changes the numbers)
+        "module_sha256": model_file_hashes(config["model"])["module_sha256"] or "",
     }
 
 

@@ -24,9 +24,12 @@ It also spares image paths Snakemake's wildcard syntax: a brace in a file name i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +38,9 @@ from ._files import atomic_path, file_sha256
 __all__ = [
     "CHANGE_DETECTION",
     "FolderManifest",
+    "failed_job",
     "folder_manifest",
+    "job_started",
     "read_manifest",
     "read_manifest_with_digest",
     "started_file",
@@ -216,8 +221,8 @@ def read_manifest_with_digest(path: str | Path) -> tuple[FolderManifest, str]:
 
 
 def started_file(manifest: str | Path) -> Path:
-    """Where a folder's job notes the checksum of the manifest it started on, and removes it
-    when it has written the folder's file: what a job that failed leaves behind.
+    """Where a folder's job notes the checksum of the manifest it started on (see
+    :func:`job_started`).
 
     Example:
         >>> started_file("results/manifests/a.json").name
@@ -225,3 +230,34 @@ def started_file(manifest: str | Path) -> Path:
     """
     manifest = Path(manifest)
     return manifest.with_name(manifest.name + ".started")
+
+
+@contextlib.contextmanager
+def job_started(manifest: str | Path, digest: str) -> Iterator[None]:
+    """Note, for the block, that a job computes the folder of ``manifest`` (whose checksum is
+    ``digest``): the note is locked while the job runs, removed when the block succeeds, and
+    left behind (unlocked) when the job fails or dies.
+
+    Snakemake restores the previous file of a failed job's ``update()`` output and still
+    records the job as done; the note is how the next plan knows (see :func:`failed_job`).
+    """
+    path = started_file(manifest)
+    with open(path, "w") as note:
+        note.write(digest)
+        note.flush()
+        with contextlib.suppress(OSError):  # a filesystem without locks: notes still work
+            fcntl.flock(note, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+        path.unlink(missing_ok=True)
+
+
+def failed_job(manifest: str | Path) -> str | None:
+    """The checksum of the manifest that a job started on and did not finish (it failed, or
+    was killed), or None: no such job, or one that still runs (its note is locked; a second
+    ``snakemake`` started while the first one runs must not take it for a failed one)."""
+    try:
+        with open(started_file(manifest)) as note:
+            fcntl.flock(note, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return note.read() or None
+    except OSError:  # no note; a job that runs (BlockingIOError); no locks here: no guess
+        return None

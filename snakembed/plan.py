@@ -28,7 +28,7 @@ from .devices import resolve_compute
 from .heads import HEADS, needs_labels
 from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
-from .manifest import folder_manifest, read_manifest, started_file, write_manifest
+from .manifest import failed_job, folder_manifest, read_manifest, write_manifest
 from .store import computed_from, folder_file, folder_stem, stale_copy
 
 #: Where the finetune rule writes its checkpoint, under the results folder.
@@ -152,15 +152,14 @@ class Plan:
         return written
 
     def _moved_aside(self, stem: str, manifest: Path) -> bool:
-        """Move the folder's file aside when a job started on its manifest (and left its note:
-        it failed) but the file was not computed from it."""
+        """Move the folder's file aside when a job started on its manifest and failed (see
+        :func:`~snakembed.manifest.failed_job`), and the file was not computed from it."""
         output = folder_file(self.results, self.stems[stem])
-        try:
-            started = started_file(manifest).read_text()
-        except OSError:
+        failed = failed_job(manifest)
+        if failed is None:
             return False  # no job failed on it (a dry run may have written the manifest)
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
-        if started != digest or not output.is_file() or computed_from(output) == digest:
+        if failed != digest or not output.is_file() or computed_from(output) == digest:
             return False
         os.replace(output, stale_copy(output))
         return True
@@ -218,20 +217,35 @@ class Plan:
         return hashlib.sha256(self.manifest_file(stem).read_bytes()).hexdigest()
 
     def labelled_inputs(self) -> list[str]:
-        """The labelled images that Snakemake tracks as inputs.
+        """The labelled images that Snakemake tracks as inputs (which orders the jobs).
 
         Snakemake reads ``{name}`` in a path as a wildcard, so files whose path holds a brace
-        are tracked by :meth:`labelled_untracked` instead.
+        are left out; :meth:`labelled_identity` covers every image.
         """
         return _trackable(str(p) for p in self.labelled.paths) if self.labelled else []
 
-    def labelled_untracked(self) -> dict[str, list[int]]:
-        """``{path: [size, mtime in ns]}`` of labelled images with a brace in their path.
+    def labelled_identity(self) -> str:
+        """The sha256 of the labelled images and their labels: each image's path, label,
+        split, size, modification time, inode and status-change time (see
+        :mod:`.manifest`), so that a labels file or image replaced by one with an older
+        modification time (``cp -p``, ``mv``), which Snakemake's own check of the inputs'
+        times would miss, still trains the head again.
 
-        Passed as a rule parameter, so that a change to one of them still reruns its job.
+        The workflow passes it as a parameter of the jobs that read the labelled images.
         """
-        paths = self.labelled.paths if self.labelled else []
-        return _untrackable({str(p): str(p) for p in paths})
+        if self.labelled is None:
+            return ""
+        rows = []
+        for path, label, split in zip(
+            self.labelled.paths, self.labelled.labels, self.labelled.splits, strict=True
+        ):
+            try:
+                info = os.stat(path)
+                stat = [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
+            except OSError as exc:
+                stat = [str(exc.strerror)]
+            rows.append([str(path), label, split, stat])
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def warnings(self) -> list[str]:
         """One line per folder link that was not followed, and per folder with refused files
@@ -320,15 +334,6 @@ def _has_brace(path: str) -> bool:
 
 def _trackable(paths) -> list[str]:
     return [p for p in paths if not _has_brace(p)]
-
-
-def _untrackable(paths: dict[str, str]) -> dict[str, list[int]]:
-    out = {}
-    for key, path in paths.items():
-        if _has_brace(path):
-            stat = os.stat(path)
-            out[key] = [stat.st_size, stat.st_mtime_ns]
-    return out
 
 
 def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> Plan:

@@ -134,6 +134,7 @@ def write_folder(
             "model": meta["model"],
             "weights": meta["weights"],
             "weights_sha256": meta["weights_sha256"],
+            "module_sha256": meta.get("module_sha256", ""),
             "layer": meta["layer"],
             "pool": meta["pool"],
             "embedding_dim": int(meta["embedding_dim"]),
@@ -235,9 +236,10 @@ def write_index(folders: list[str], images_root: str | Path, output: str | Path)
 
 
 #: What must match for a folder file's embeddings to be reused: the fingerprint of the settings
-#: (see ``numbers_fingerprint``), the weights' content (a checkpoint rewritten in place), and the
-#: kind of device and the precision that computed them (never a mix of fp32 and bf16 vectors).
-_REUSE_KEYS = ("config_hash", "weights_sha256", "device", "precision")
+#: (see ``numbers_fingerprint``), the weights' and a custom network's source file's content (a
+#: checkpoint rewritten in place, an edited network), and the kind of device and the precision
+#: that computed them (never a mix of fp32 and bf16 vectors).
+_REUSE_KEYS = ("config_hash", "weights_sha256", "module_sha256", "device", "precision")
 
 
 def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
@@ -261,7 +263,7 @@ def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
             if f.attrs.get("format_version") != FORMAT_VERSION:
                 return None
             for key in _REUSE_KEYS:
-                if f.attrs.get(key) != meta[key]:
+                if f.attrs.get(key, "") != meta.get(key, ""):
                     return None
             earlier = Embeddings(
                 ids=texts(f["_ids"]),

@@ -197,13 +197,9 @@ def run_folder_served(
         head: the head file, or None to not classify.
         threads: CPU threads for this job.
     """
-    from .manifest import read_manifest_with_digest, started_file
+    from .manifest import job_started, read_manifest_with_digest
 
     folder, digest = read_manifest_with_digest(manifest)
-    # Left behind if the job fails: Snakemake then restores the folder's previous file and
-    # still records the job as done; the next plan sees this and computes the folder again.
-    started = started_file(manifest)
-    started.write_text(digest)
     request = {
         "manifest_sha256": digest,
         "images_root": os.path.abspath(folder.root),
@@ -213,8 +209,10 @@ def run_folder_served(
         "head": os.path.abspath(head) if head else None,
         "refused": folder.refused,
     }
-    _run_served(request, config, threads)
-    started.unlink(missing_ok=True)
+    # A note left behind if the job fails: Snakemake then restores the folder's previous file
+    # and still records the job as done; the next plan sees it and computes the folder again.
+    with job_started(manifest, digest):
+        _run_served(request, config, threads)
 
 
 def _run_served(request: dict, config: dict, threads: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -238,7 +239,7 @@ def test_a_folder_file_not_computed_from_its_manifest_is_moved_aside(tmp_path):
     file aside, so that it is computed again."""
     import h5py
 
-    from snakembed.manifest import started_file
+    from snakembed.manifest import job_started
     from snakembed.store import computed_from, stale_copy
 
     config = _config(tmp_path)
@@ -255,11 +256,14 @@ def test_a_folder_file_not_computed_from_its_manifest_is_moved_aside(tmp_path):
     assert computed_from(files["a"]) != computed_from(files["b"])
     # no job started on b's manifest (a dry run wrote it): Snakemake will rerun b by its params
     assert plan_run(dict(config)).write_manifests() == 0 and files["b"].is_file()
+    # b's job runs now (from another snakemake): its note is locked, nothing is moved
+    digest = hashlib.sha256(plan.manifest_file("b").read_bytes()).hexdigest()
+    with job_started(plan.manifest_file("b"), digest):
+        assert plan_run(dict(config)).write_manifests() == 0 and files["b"].is_file()
     for stem in ("a", "b"):  # the jobs of both started, and b's failed
-        started = started_file(plan.manifest_file(stem))
-        started.write_bytes(
-            hashlib.sha256(plan.manifest_file(stem).read_bytes()).digest().hex().encode()
-        )
+        digest = hashlib.sha256(plan.manifest_file(stem).read_bytes()).hexdigest()
+        with contextlib.suppress(RuntimeError), job_started(plan.manifest_file(stem), digest):
+            raise RuntimeError("killed")
     again = plan_run(dict(config))
     assert again.write_manifests() == 0 and again.missed == ["b"]
     assert files["a"].is_file() and not files["b"].exists() and stale_copy(files["b"]).is_file()

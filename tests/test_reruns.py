@@ -22,6 +22,7 @@ import pytest
 import torch
 import torchvision
 from conftest import REPO, SNAKEMAKE, make_image, run_snakemake, write_config
+from labelled import make_labelled_tree
 from PIL import Image
 
 import snakembed
@@ -135,6 +136,79 @@ def test_a_folder_whose_job_failed_is_computed_again(tmp_path, workers):
     run_snakemake(tmp_path, clean, env=workers.env)
     _assert_same(tmp_path / "results", tmp_path / "clean")
     assert NOTHING in _out(run_snakemake(tmp_path, config, env=workers.env))
+
+
+def _labels(results: Path) -> dict[str, list]:
+    """Every folder's labels and scores, in image order."""
+    store = snakembed.open_store(results)
+    out = {}
+    for key in store:
+        with store[key] as folder:
+            out[key] = [(folder[i].label, round(folder[i].score, 5)) for i in folder.ids()]
+    return out
+
+
+def test_labels_replaced_by_an_older_file_train_the_head_again(tmp_path, workers):
+    truth = make_labelled_tree(tmp_path / "images", train=3, val=2)
+    rows = [f"{path},{label},{split}" for split in truth for path, label in truth[split].items()]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    settings = {"images": "images", "classify": {"head": "knn", "labels": str(labels), "k": 1}}
+    settings["report"] = {"enabled": False}
+    config = write_config(tmp_path / "c.yaml", results="results", **settings)
+    run_snakemake(tmp_path, config, env=workers.env)
+
+    # other labels for two training images, in a file dated 2000 copied over with its date
+    swapped = rows[:]
+    for i in (0, 1):
+        path, label, split = swapped[i].split(",")
+        swapped[i] = f"{path},{'green' if label != 'green' else 'blue'},{split}"
+    older = tmp_path / "older.csv"
+    older.write_text("path,label,split\n" + "\n".join(swapped) + "\n")
+    os.utime(older, (946_684_800, 946_684_800))
+    shutil.copy2(older, labels)
+    proc = run_snakemake(tmp_path, config, env=workers.env)
+    assert "rule train_head" in _out(proc)
+
+    clean_labels = tmp_path / "clean.csv"
+    shutil.copy(older, clean_labels)
+    clean_settings = {**settings, "classify": {**settings["classify"], "labels": str(clean_labels)}}
+    clean = write_config(tmp_path / "clean.yaml", results="clean", **clean_settings)
+    run_snakemake(tmp_path, clean, env=workers.env)
+    assert _labels(tmp_path / "results") == _labels(tmp_path / "clean")
+    assert NOTHING in _out(run_snakemake(tmp_path, config, env=workers.env))
+
+
+def test_an_edited_custom_network_embeds_every_image_again(tmp_path, workers):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    source = """import torchvision
+
+
+def net():
+    model = torchvision.models.resnet18(num_classes=4)
+    model.conv1.weight.data *= {scale}
+    return model
+"""
+    (modules / "mynet.py").write_text(source.format(scale=1.0))
+    _images(tmp_path / "images", "a", "b")
+    settings = {"images": "images", "model": {"name": "custom", "module": "mynet:net"}}
+    config = write_config(tmp_path / "c.yaml", results="results", **settings)
+    env = {
+        **workers.env,
+        "PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")]),
+    }
+    run_snakemake(tmp_path, config, env=env)
+    (modules / "mynet.py").write_text(source.format(scale=0.5))
+    proc = run_snakemake(tmp_path, config, env=env)
+    for stem in ("a", "b"):
+        assert _ran(proc, stem)
+        log = (tmp_path / "results" / "logs" / "embed_classify_store" / f"{stem}.log").read_text()
+        assert "unchanged images reused" not in log
+    clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
+    run_snakemake(tmp_path, clean, env=env)
+    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert NOTHING in _out(run_snakemake(tmp_path, config, env=env))
 
 
 def test_reduced_vectors_follow_the_index(tmp_path, workers):

@@ -263,7 +263,8 @@ def is_local_weights(weights: str | None) -> bool:
 def model_file_hashes(model: dict, cache: Path | None = None) -> dict[str, str | None]:
     """The sha256 of the files a config's ``model:`` block names, by content: its checkpoint
     (None for named weights, none, or a file that does not exist yet) and a custom network's
-    source file (``model.module``; None otherwise).
+    source (``model.module``: every ``.py`` file of its package, or its own file outside a
+    package; None otherwise).
 
     Args:
         model: a config's ``model:`` block.
@@ -277,8 +278,6 @@ def model_file_hashes(model: dict, cache: Path | None = None) -> dict[str, str |
         >>> model_file_hashes({"weights": "none", "module": None})
         {'weights_sha256': None, 'module_sha256': None}
     """
-    import importlib.util
-
     from .._files import cached_sha256
 
     weights = model["weights"]
@@ -288,10 +287,29 @@ def model_file_hashes(model: dict, cache: Path | None = None) -> dict[str, str |
             hashes["weights_sha256"] = cached_sha256(weights, cache)
     if model.get("module"):
         with contextlib.suppress(ImportError, OSError, ValueError, TypeError):
-            spec = importlib.util.find_spec(model["module"].partition(":")[0])
-            if spec is not None and spec.origin:
-                hashes["module_sha256"] = cached_sha256(spec.origin, cache)
+            hashes["module_sha256"] = _source_sha256(model["module"].partition(":")[0], cache)
     return hashes
+
+
+def _source_sha256(module: str, cache: Path | None) -> str | None:
+    """The sha256 of a module's source: every ``.py`` file of the package it belongs to, or
+    its own file when it is not in a package."""
+    import importlib.util
+
+    from .._files import cached_sha256
+
+    top = importlib.util.find_spec(module.split(".")[0])
+    if top is not None and top.submodule_search_locations:
+        files = sorted(p for d in top.submodule_search_locations for p in Path(d).rglob("*.py"))
+    else:
+        spec = importlib.util.find_spec(module)
+        files = [Path(spec.origin)] if spec is not None and spec.origin else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path}\0{cached_sha256(path, cache)}\n".encode())
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

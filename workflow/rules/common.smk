@@ -179,8 +179,9 @@ def get_labelled_images(wildcards):
     return [*csv, *PLAN.labelled_inputs()]
 
 
-def get_labelled_untracked(wildcards):
-    return PLAN.labelled_untracked()
+def get_labelled_identity(wildcards):
+    """The labelled images and labels by content: a change retrains the head."""
+    return PLAN.labelled_identity()
 
 
 def get_labelled_embeddings():

@@ -15,7 +15,7 @@ rule embed_labels:
         gpu=get_gpus,
     params:
         numbers=get_numbers,
-        untracked=get_labelled_untracked,
+        labelled=get_labelled_identity,
     script:
         "../../scripts/embed_labels.py"
 
@@ -63,6 +63,6 @@ rule finetune:
         gpu=get_gpus,
     params:
         settings=get_finetune_settings,
-        untracked=get_labelled_untracked,
+        labelled=get_labelled_identity,
     script:
         "../../scripts/finetune.py"
