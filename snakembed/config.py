@@ -186,7 +186,7 @@ def library_versions() -> dict[str, str]:
 
 
 def resolved(config: dict, *, gpu: bool | None = None) -> dict:
-    """``config`` with ``device`` and ``precision`` concrete (see
+    """``config`` with ``device``, ``precision`` and ``decode`` concrete (see
     :func:`snakembed.devices.resolve_compute`): itself when they are, else a copy.
 
     Args:
@@ -200,7 +200,7 @@ def resolved(config: dict, *, gpu: bool | None = None) -> dict:
     """
     from .devices import resolve_compute
 
-    compute = resolve_compute(config["device"], config["precision"], gpu=gpu)
+    compute = resolve_compute(config["device"], config["precision"], config["decode"], gpu=gpu)
     if all(config[key] == value for key, value in compute.items()):
         return config
     return {**config, **compute}
@@ -210,10 +210,10 @@ def numbers_fingerprint(config: dict) -> dict[str, Any]:
     """Everything in a config that changes the stored embeddings, plus library versions.
 
     The workflow passes this as rule ``params`` so that Snakemake recomputes every folder when
-    the model, its weights, the preprocessing, the patches, the kind of device, the precision or
-    a library version change. ``auto`` device and precision count as what they resolve to here
-    (the workflow resolves them first, where it plans), so ``auto`` on a CPU and ``fp32`` give
-    the same fingerprint, and ``auto`` on a GPU another.
+    the model, its weights, the preprocessing, the patches, the kind of device, the precision, the
+    decoder or a library version change. ``auto`` device, precision and decoder count as what
+    they resolve to here (the workflow resolves them first, where it plans), so ``auto`` on a
+    CPU and ``fp32`` give the same fingerprint, and ``auto`` on a GPU another.
 
     Args:
         config: a validated configuration.
@@ -230,6 +230,7 @@ def numbers_fingerprint(config: dict) -> dict[str, Any]:
         "patches": config["patches"],
         "device": device_type(config["device"]),
         "precision": config["precision"],
+        "decode": config["decode"],
         "extensions": sorted(e.lower() for e in config["extensions"]),
         "max_pixels": config["max_pixels"],
         "versions": library_versions(),

@@ -1,10 +1,11 @@
-"""Where the numbers are computed: ``device`` and ``precision`` made concrete.
+"""Where the numbers are computed: ``device``, ``precision`` and ``decode`` made concrete.
 
-``device: auto`` and ``precision: auto`` give different numbers on a GPU (bf16) and on a CPU
-(fp32), so they are resolved once, before anything is computed, and the concrete values are what
-every folder file records, what decides whether earlier embeddings may be reused, and what
-reruns a folder when they change. The workflow resolves them where it is planned (see
-:func:`resolve_compute`); the library and the CLI resolve them where they run.
+``device: auto``, ``precision: auto`` and ``decode: auto`` give different numbers on a GPU
+(bf16, JPEGs decoded by nvJPEG) and on a CPU (fp32, Pillow), so they are resolved once, before
+anything is computed, and the concrete values are what every folder file records, what decides
+whether earlier embeddings may be reused, and what reruns a folder when they change. The
+workflow resolves them where it is planned (see :func:`resolve_compute`); the library and the
+CLI resolve them where they run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["AUTO", "device_type", "gpu_visible", "resolve_compute", "resolve_precision"]
+__all__ = [
+    "AUTO",
+    "device_type",
+    "gpu_visible",
+    "resolve_batch_size",
+    "resolve_compute",
+    "resolve_decode",
+    "resolve_precision",
+]
 
 #: The configured value that leaves the choice to snakembed.
 AUTO = "auto"
@@ -47,6 +56,32 @@ def resolve_precision(device: str, precision: str) -> str:
     return "bf16" if device_type(device) == "cuda" else "fp32"
 
 
+def resolve_decode(device: str, decode: str) -> str:
+    """A ``decode`` made concrete for ``device``: ``auto`` is torchvision's decoder on a GPU
+    (nvJPEG, in batches), else Pillow.
+
+    Example:
+        >>> resolve_decode("cuda", "auto"), resolve_decode("cpu", "auto")
+        ('torchvision', 'pillow')
+    """
+    if decode != AUTO:
+        return decode
+    return "torchvision" if device_type(device) == "cuda" else "pillow"
+
+
+def resolve_batch_size(device: str, batch_size: int | str) -> int:
+    """A ``batch_size`` made concrete for ``device``: ``auto`` is 512 on a GPU (halved where it
+    runs out of memory), 32 elsewhere.
+
+    Example:
+        >>> resolve_batch_size("cuda:0", "auto"), resolve_batch_size("cpu", "auto")
+        (512, 32)
+    """
+    if batch_size != AUTO:
+        return int(batch_size)
+    return 512 if device_type(device) == "cuda" else 32
+
+
 def gpu_visible() -> bool:
     """Whether torch sees a CUDA (or ROCm) GPU here.
 
@@ -66,28 +101,36 @@ def gpu_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_compute(device: str, precision: str, *, gpu: bool | None = None) -> dict[str, str]:
-    """Concrete ``device`` and ``precision`` values for configured ones.
+def resolve_compute(
+    device: str, precision: str, decode: str = AUTO, *, gpu: bool | None = None
+) -> dict[str, str]:
+    """Concrete ``device``, ``precision`` and ``decode`` values for configured ones.
 
     Args:
         device: the config's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
         precision: the config's ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``).
+        decode: the config's ``decode`` (``auto``, ``pillow``, ``torchvision``).
         gpu: whether the computing machine has a GPU, where the caller knows better than this
             machine (the workflow: folder jobs that ask a cluster for a GPU get one); None asks
             torch here (:func:`gpu_visible`).
 
     Returns:
-        ``{"device": ..., "precision": ...}``, with ``auto`` replaced: the device is ``cuda``
-        when there is a GPU, else ``cpu``; the precision bf16 on a GPU, else fp32.
+        ``{"device": ..., "precision": ..., "decode": ...}``, with ``auto`` replaced: the
+        device is ``cuda`` when there is a GPU, else ``cpu``; the precision bf16 on a GPU,
+        else fp32; the decoder torchvision's on a GPU, else Pillow.
 
     Example:
         >>> resolve_compute("auto", "auto", gpu=False)
-        {'device': 'cpu', 'precision': 'fp32'}
+        {'device': 'cpu', 'precision': 'fp32', 'decode': 'pillow'}
         >>> resolve_compute("auto", "auto", gpu=True)
-        {'device': 'cuda', 'precision': 'bf16'}
-        >>> resolve_compute("cpu", "bf16")
-        {'device': 'cpu', 'precision': 'bf16'}
+        {'device': 'cuda', 'precision': 'bf16', 'decode': 'torchvision'}
+        >>> resolve_compute("cpu", "bf16", "torchvision")
+        {'device': 'cpu', 'precision': 'bf16', 'decode': 'torchvision'}
     """
     if device == AUTO:
         device = "cuda" if (gpu_visible() if gpu is None else gpu) else "cpu"
-    return {"device": device, "precision": resolve_precision(device, precision)}
+    return {
+        "device": device,
+        "precision": resolve_precision(device, precision),
+        "decode": resolve_decode(device, decode),
+    }

@@ -7,20 +7,20 @@ gets the same vector either way.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .backbones import Backbone, backbone_from_config, model_file_hashes
+from .batches import DecodeCounts, Decoder, pillow_batches, tensor_batches
 from .config import numbers_fingerprint, resolved
-from .devices import device_type, resolve_precision
-from .images import ImageError, Preprocess, decode_image, read_image_bytes
+from .devices import device_type, resolve_batch_size, resolve_precision
+from .images import Preprocess
 from .patches import PatchGrid
 
 __all__ = [
@@ -177,83 +177,6 @@ def _traced(model, size: int):
     return traced
 
 
-class _Decoder:
-    """Reads one image into the network's pixels (and patches); runs in DataLoader workers.
-
-    An image whose bytes hash to one of ``known`` is not decoded: its embedding is reused.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        preprocess: Preprocess,
-        grid: PatchGrid | None,
-        max_pixels: int | None,
-        known: frozenset[str] = frozenset(),
-    ):
-        self.paths = list(paths)
-        self.preprocess = preprocess
-        self.grid = grid
-        self.max_pixels = max_pixels
-        self.known = known
-        # JPEG draft mode may shrink an image while it stays twice as large as what needs it.
-        self.min_side = preprocess.resize if preprocess.draft else None
-        if self.min_side and grid is not None:
-            self.min_side = max(self.min_side, grid.resize) if grid.resize else None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        item: dict = {"index": index}
-        try:
-            data = read_image_bytes(self.paths[index])
-            if self.known:  # decode_image hashes the bytes too; only hash first to match
-                digest = hashlib.sha256(data).hexdigest()
-                if digest in self.known:
-                    return {**item, "sha256": digest, "known": True}
-            decoded = decode_image(data, self.min_side, self.max_pixels)
-            item.update(sha256=decoded.sha256, width=decoded.width, height=decoded.height)
-            item["pixels"] = self.preprocess.pixels(decoded.image)
-            if self.grid is not None:
-                item["patches"], item["boxes"] = self.grid.cut(
-                    decoded.image, decoded.width, decoded.height
-                )
-        except ImageError as exc:
-            item["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the folder
-            item["error"] = f"cannot preprocess image: {type(exc).__name__}: {exc}"
-        return item
-
-
-def _collate(items: list[dict]) -> dict:
-    """A batch: the items' facts, and the decoded items' pixels as one tensor, stacked where
-    they were decoded (one shared-memory block per batch, not one per image)."""
-    import torch
-
-    decoded = [item for item in items if "pixels" in item]
-    pixels = torch.stack([item.pop("pixels") for item in decoded]) if decoded else None
-    return {"items": items, "pixels": pixels}
-
-
-def _batches(decoder: _Decoder, batch_size: int, workers: int, pin: bool) -> Iterator[dict]:
-    if workers == 0:
-        for start in range(0, len(decoder), batch_size):
-            end = min(start + batch_size, len(decoder))
-            yield _collate([decoder[i] for i in range(start, end)])
-        return
-    from torch.utils.data import DataLoader
-
-    yield from DataLoader(
-        decoder,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin,
-        prefetch_factor=4,
-    )
-
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
@@ -390,6 +313,7 @@ class Embedder:
         self.threads = threads or config["threads"]
         torch.set_num_threads(self.threads)
         self.device = resolve_device(config["device"])
+        self.batch_size = resolve_batch_size(config["device"], config["batch_size"])
         self.backbone = backbone or load_backbone(config)
         patches = config["patches"]
         self.grid = None
@@ -411,7 +335,7 @@ class Embedder:
             self.backbone.preprocess,
             self.device,
             config["precision"],
-            config["batch_size"],
+            self.batch_size,
         )
         self.meta = _meta(self.backbone, config)
 
@@ -446,17 +370,22 @@ class Embedder:
         ids = list(ids) if ids is not None else [p.name for p in paths]
         sources = list(sources) if sources is not None else [str(p) for p in paths]
         known = _Known(reuse)
-        batch_size = self.config["batch_size"]
-        decoder = _Decoder(
+        batch_size = self.batch_size
+        decoder = Decoder(
             paths, self.backbone.preprocess, self.grid, self.config["max_pixels"], known.keys
         )
-        workers = 0 if len(paths) <= batch_size or self.threads < 2 else min(self.threads, 16)
+        counts = DecodeCounts()
+        if self.config["decode"] == "torchvision":
+            batches = tensor_batches(decoder, batch_size, self.threads, self.device, counts)
+        else:
+            workers = 0 if len(paths) <= batch_size or self.threads < 2 else min(self.threads, 16)
+            batches = pillow_batches(decoder, batch_size, workers, self.device.type == "cuda")
         kept: list[dict] = []
         vectors: list[np.ndarray] = []
         patches: list[tuple[np.ndarray, np.ndarray]] = []
         failed: dict[str, str] = {}
         progress = _Progress(len(paths), label)
-        for batch in _batches(decoder, batch_size, workers, pin=self.device.type == "cuda"):
+        for batch in batches:
             if cancelled is not None and cancelled():
                 raise Cancelled(f"{label}: called off after {progress.done} of {len(paths)} images")
             good = []
@@ -492,6 +421,14 @@ class Embedder:
             progress.update(len(batch["items"]))
         if known.used:
             log.info("%s: %d unchanged images reused from the previous run", label, known.used)
+        if counts.device:
+            log.info(
+                "%s: %d images decoded on %s, %d by Pillow",
+                label,
+                counts.device,
+                self.device,
+                counts.pillow,
+            )
 
         empty = np.zeros((0, *_row_shape(self.backbone)), np.float32)
         result = Embeddings(
@@ -600,6 +537,7 @@ def _meta(backbone: Backbone, config: dict) -> dict:
         else None,
         "device": device_type(config["device"]),
         "precision": config["precision"],
+        "decode": config["decode"],
         "config_hash": numbers_fingerprint(config)["hash"],
         # a custom network's source file, by content (its code changes the numbers)
         "module_sha256": model_file_hashes(config["model"])["module_sha256"] or "",

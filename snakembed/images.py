@@ -26,8 +26,10 @@ __all__ = [
     "ImageError",
     "Preprocess",
     "DecodedImage",
+    "check_size",
     "discover_folders",
     "decode_image",
+    "interpolation_mode",
     "read_image",
     "read_image_bytes",
 ]
@@ -267,7 +269,7 @@ class Preprocess:
         import torch
         import torchvision.transforms.v2.functional as F
 
-        mode = _mode(self.interpolation)
+        mode = interpolation_mode(self.interpolation)
         if self.interpolation == "lanczos":
             image = F.resize(image, [self.resize], interpolation=mode)
             return F.pil_to_tensor(F.center_crop(image, [self.crop]))
@@ -285,7 +287,13 @@ class Preprocess:
         return pixels.sub_(mean).mul_(scale)
 
 
-def _mode(name: str):
+def interpolation_mode(name: str):
+    """torchvision's ``InterpolationMode`` of a ``preprocess.interpolation`` name.
+
+    Example:
+        >>> interpolation_mode("bicubic").value
+        'bicubic'
+    """
     from torchvision.transforms import InterpolationMode
 
     return InterpolationMode(name)
@@ -359,7 +367,7 @@ def decode_image(
     try:
         with _quiet_pillow():
             image = Image.open(io.BytesIO(data))
-            _check_size(image.size, max_pixels)
+            check_size(image.size, max_pixels)
             orientation = image.getexif().get(0x0112, 1)
             width, height = image.size
             if orientation in (5, 6, 7, 8):
@@ -381,7 +389,7 @@ def decode_image(
 
 @contextlib.contextmanager
 def _quiet_pillow() -> Iterator[None]:
-    """Lift Pillow's process-wide pixel limit (:func:`_check_size` applies ours instead), and
+    """Lift Pillow's process-wide pixel limit (:func:`check_size` applies ours instead), and
     quiet its warnings about odd metadata in files that still decode."""
     saved = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
@@ -413,7 +421,15 @@ def _unidentified_reason(data: bytes) -> str:
     return "not an image file (unknown or unsupported format)"
 
 
-def _check_size(size: tuple[int, int], max_pixels: int | None) -> None:
+def check_size(size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse an image of ``size`` (width, height) with no pixels or more than ``max_pixels``.
+
+    Raises:
+        ImageError: with the reason and the config key that lifts the limit.
+
+    Example:
+        >>> check_size((100, 100), 10_000)
+    """
     width, height = size
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")

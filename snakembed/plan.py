@@ -377,7 +377,7 @@ def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> 
     )
     results = Path(config["results"])
     compute = _resolve(config, results, planned=not discover, gpu_jobs=gpu_jobs)
-    config.update(device=compute["device"], precision=compute["precision"])
+    config.update({key: compute[key] for key in ("device", "precision", "decode")})
     numbers = _numbers(config)
     settings = {
         "numbers": hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest(),
@@ -415,7 +415,7 @@ def _resolve(config: dict, results: Path, *, planned: bool, gpu_jobs: bool) -> d
     """The run's concrete device and precision, with what was configured: read from what the
     planning process recorded (``planned``) when it was planned with the same settings, else
     resolved here."""
-    configured = {"device": config["device"], "precision": config["precision"]}
+    configured = {key: config[key] for key in ("device", "precision", "decode")}
     if planned:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             recorded = json.loads(_compute_file(results).read_text())

@@ -142,6 +142,7 @@ def write_folder(
             "patches": json.dumps(meta["patches"]),
             "device": meta["device"],
             "precision": meta["precision"],
+            "decode": meta.get("decode", ""),
             "config_hash": meta["config_hash"],
             "versions": json.dumps(library_versions()),
             "classify": json.dumps(predictions.head if predictions is not None else None),

@@ -289,25 +289,27 @@ def test_plan_allows_no_classification(tmp_path):
     assert config["classify"] == {**validate_config({})["classify"], "head": "none"}
 
 
-def test_the_plan_resolves_device_and_precision_once_for_the_run(tmp_path):
+def test_the_plan_resolves_device_precision_and_decoder_once_for_the_run(tmp_path):
     """auto is what it resolves to where the run is planned; jobs that ask a cluster for a GPU
-    get cuda and bf16; a cluster job's own Snakemake takes what the planning process chose."""
+    get cuda, bf16 and the device's JPEG decoder; a cluster job's own Snakemake takes what the
+    planning process chose."""
     auto = _config(tmp_path)
     plan = plan_run(auto)
-    assert (auto["device"], auto["precision"]) == ("cpu", "fp32")  # this machine has no GPU
-    assert plan.compute["configured"] == {"device": "auto", "precision": "auto"}
-    explicit = plan_run(_config(tmp_path, device="cpu", precision="fp32"))
+    # this machine has no GPU
+    assert (auto["device"], auto["precision"], auto["decode"]) == ("cpu", "fp32", "pillow")
+    assert plan.compute["configured"] == {"device": "auto", "precision": "auto", "decode": "auto"}
+    explicit = plan_run(_config(tmp_path, device="cpu", precision="fp32", decode="pillow"))
     assert explicit.numbers["hash"] == plan.numbers["hash"]
 
     gpu = _config(tmp_path)
     on_gpu = plan_run(gpu, gpu_jobs=True)
-    assert (gpu["device"], gpu["precision"]) == ("cuda", "bf16")
+    assert (gpu["device"], gpu["precision"], gpu["decode"]) == ("cuda", "bf16", "torchvision")
     assert on_gpu.numbers["hash"] != plan.numbers["hash"]
     assert (on_gpu.numbers["device"], on_gpu.numbers["precision"]) == ("cuda", "bf16")
     on_gpu.write_manifests()
     job = _config(tmp_path)
     plan_run(job, discover=False)  # a node that sees no GPU, and no resources asked for
-    assert (job["device"], job["precision"]) == ("cuda", "bf16")
+    assert (job["device"], job["precision"], job["decode"]) == ("cuda", "bf16", "torchvision")
     bf16 = _config(tmp_path, precision="bf16")
     assert plan_run(bf16, discover=False).compute["precision"] == "bf16"  # other settings
 
