@@ -16,7 +16,11 @@ time is recorded as such and the others still run):
   is fast);
 - **large**: the workflow on the 4000x3000 tree (ResNet-50);
 - **one changed folder**: after the default model's run, one folder's images are replaced by
-  other pictures and the workflow runs again.
+  other pictures and the workflow runs again;
+- **parity**: 226 images (photos, large photos, truncated, grayscale, CMYK, EXIF-rotated,
+  progressive, PNG) embedded by ResNet-50 through the device's JPEG decoder, through Pillow on
+  the device, and through Pillow in fp32 on the CPU: the same files kept and refused, and the
+  lowest cosine of each pair (the mark: >= 0.999).
 
 Prints a table and writes it, with every figure, to ``OUT/gpu.json`` (``$OUT`` or ``--out``).
 
@@ -90,35 +94,59 @@ def subtree(tree: Path, folders: int) -> Path:
     return sub
 
 
-def compiled(model: str, device: str, threads: int, batch: int, images: int) -> dict:
-    """The network alone, ``torch.compile``'d, bf16 and channels last; warm-up timed apart."""
-    import torch
+def parity(tree: Path, large: Path, device: str, out: Path) -> dict:
+    """The same images through the device's JPEG decoder and through Pillow (both on
+    ``device``), and through Pillow in fp32 on the CPU: the lowest cosine of each pair, and
+    whether the same files were refused for the same reasons (odd files included: truncated,
+    grayscale, CMYK, EXIF-rotated, PNG)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
 
     from snakembed.config import load_config
     from snakembed.embed import Embedder
 
-    config = load_config(
-        overrides={
-            "model": {"name": model, "weights": "none"},
-            "device": device,
-            "batch_size": batch,
-            "threads": threads,
+    odd = out / "odd"
+    odd.mkdir(parents=True, exist_ok=True)
+    photo = throughput.picture((640, 480), 42)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90)
+    (odd / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    photo.convert("L").save(odd / "gray.jpg")
+    photo.convert("CMYK").save(odd / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(odd / "rotated.jpg", exif=exif)
+    photo.save(odd / "drawing.png")
+    photo.save(odd / "progressive.jpg", progressive=True)
+    folders = sorted(p for p in tree.iterdir() if p.is_dir())
+    paths = sorted(folders[0].iterdir())[:200] + sorted(next(large.iterdir()).iterdir())[:20]
+    paths += sorted(odd.iterdir())
+    runs = {}
+    for name, settings in {
+        "device_decoder": {"device": device, "decode": "torchvision"},
+        "pillow": {"device": device, "decode": "pillow"},
+        "cpu_fp32": {"device": "cpu", "decode": "pillow", "precision": "fp32"},
+    }.items():
+        for model in ("resnet50",):
+            config = load_config(
+                overrides={"model": {"name": model, "weights": "none"}, "threads": 8, **settings}
+            )
+            runs[name] = Embedder(config)(paths)
+    base = runs["device_decoder"]
+    result = {"images": len(paths), "failed": base.failed}
+    for name in ("pillow", "cpu_fp32"):
+        other = runs[name]
+        same = base.ids == other.ids and base.failed == other.failed
+        a, b = base.vectors, other.vectors
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        result[name] = {
+            "same_images_and_failures": same,
+            "cosine_min": float(cosine.min()) if same else None,
+            "other_failed": other.failed,
         }
-    )
-    embedder = Embedder(config)
-    embedder.forward.model = torch.compile(embedder.forward.model)
-    crop = embedder.backbone.preprocess.crop
-    x = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8)
-    start = time.perf_counter()
-    embedder.forward(x)
-    embedder.forward(x)
-    warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    done = 0
-    while done < images:
-        embedder.forward(x)
-        done += batch
-    return {"images": done, "seconds": time.perf_counter() - start, "warmup_seconds": warmup}
+    return result
 
 
 def _step(name: str, args: list[str], timeout: float) -> dict:
@@ -158,8 +186,12 @@ def _part(args) -> None:
         result = throughput.ceiling(
             args.model, args.device, args.cores, args.batch, args.images, size
         )
+    elif args.part == "parity":
+        result = parity(tree, Path(args.results), args.device, Path(args.out))
     elif args.part == "compiled":
-        result = compiled(args.model, args.device, args.cores, args.batch, args.images)
+        result = throughput.ceiling(
+            args.model, args.device, args.cores, args.batch, args.images, size, compile=True
+        )
     else:
         result = throughput.workflow(
             tree,
@@ -235,6 +267,23 @@ def main(argv: list[str] | None = None) -> None:
         (out / "gpu.json").write_text(json.dumps(report, indent=1))
 
     common = ["--device", args.device, "--cores", str(args.cores), "--batch", str(args.batch)]
+    report["parity"] = _step(
+        "parity",
+        [
+            *common,
+            "--part",
+            "parity",
+            "--tree",
+            str(tree),
+            "--results",
+            str(large),
+            "--out",
+            str(work),
+        ],
+        3 * per_step,
+    )
+    save()
+    print(f"parity (resnet50): {json.dumps(report['parity'])}", flush=True)
     models = [m for m in args.models.split(",") if m]
     for model in models:
         figures: dict = {}

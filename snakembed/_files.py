@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +30,7 @@ SCRATCH_SETTINGS = ("auto", "tmpdir", "results")
 
 
 @contextlib.contextmanager
-def atomic_path(
-    path: str | Path,
-    scratch: str | Path | None = None,
-    check: Callable[[], None] | None = None,
-) -> Iterator[Path]:
+def atomic_path(path: str | Path, scratch: str | Path | None = None) -> Iterator[Path]:
     """A temporary name beside ``path``, renamed to ``path`` when the block succeeds.
 
     The parent folder is created; on failure the temporary file is removed and ``path`` is
@@ -45,8 +41,6 @@ def atomic_path(
     of earlier writers of ``path`` that were killed are removed.
     With ``scratch`` (a folder on a fast local disk), the file is written there instead, then
     copied beside ``path`` and renamed: a shared filesystem sees one sequential write.
-    ``check``, when given, is called just before the rename; what it raises leaves ``path`` as
-    it was.
 
     Example:
         >>> import tempfile
@@ -63,7 +57,7 @@ def atomic_path(
         built = Path(name)
         try:
             yield built
-            with atomic_path(path, check=check) as tmp:
+            with atomic_path(path) as tmp:
                 shutil.copyfile(built, tmp)
         finally:
             built.unlink(missing_ok=True)
@@ -77,8 +71,6 @@ def atomic_path(
     try:
         yield tmp
         fsync_path(tmp)
-        if check is not None:
-            check()
         os.replace(tmp, path)
         fsync_path(path.parent)
     finally:

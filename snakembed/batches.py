@@ -149,7 +149,13 @@ class DecodeCounts:
 
 
 def tensor_batches(
-    decoder: Decoder, batch_size: int, threads: int, device, counts: DecodeCounts | None = None
+    decoder: Decoder,
+    batch_size: int,
+    threads: int,
+    device,
+    counts: DecodeCounts | None = None,
+    *,
+    jpegs: bool = True,
 ) -> Iterator[dict]:
     """Batches whose JPEGs torchvision's decoder decodes on ``device``, the rest by Pillow.
 
@@ -159,6 +165,8 @@ def tensor_batches(
         threads: threads that read, hash and (the Pillow way) decode files.
         device: the torch device to decode on (a GPU: nvJPEG; the CPU: libjpeg-turbo).
         counts: incremented with how many images each way decoded.
+        jpegs: False sends every image the Pillow way (in threads, not processes: a shared
+            worker's, whose threads must not fork).
 
     Yields:
         As :func:`pillow_batches`, with ``pixels`` on ``device``.
@@ -169,7 +177,7 @@ def tensor_batches(
 
         def submit(start: int) -> list[Future]:
             end = min(start + batch_size, len(decoder))
-            return [pool.submit(_read, decoder, i) for i in range(start, end)]
+            return [pool.submit(_read, decoder, i, jpegs) for i in range(start, end)]
 
         pending = submit(0) if starts else []
         for n, _ in enumerate(starts):
@@ -179,7 +187,7 @@ def tensor_batches(
             yield _device_batch(items, decoder, device, pool, counts)
 
 
-def _read(decoder: Decoder, index: int) -> dict:
+def _read(decoder: Decoder, index: int, jpegs: bool) -> dict:
     """An item with its bytes and header facts, or its error, or its known sha256; an image the
     device decoder does not take is decoded by Pillow here."""
     item: dict = {"index": index}
@@ -190,7 +198,7 @@ def _read(decoder: Decoder, index: int) -> dict:
     digest = hashlib.sha256(data).hexdigest()
     if digest in decoder.known:
         return {**item, "sha256": digest, "known": True}
-    header = _jpeg_header(data, decoder)
+    header = _jpeg_header(data, decoder) if jpegs else None
     if header is None:
         return decoder.decode(item, data)
     if "error" in header:

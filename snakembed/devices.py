@@ -17,6 +17,7 @@ from pathlib import Path
 __all__ = [
     "AUTO",
     "device_type",
+    "gpu_count",
     "gpu_visible",
     "resolve_batch_size",
     "resolve_compute",
@@ -99,6 +100,21 @@ def gpu_visible() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def gpu_count() -> int:
+    """How many GPUs this machine's processes may use, without importing torch: the devices
+    listed in ``CUDA_VISIBLE_DEVICES`` when it is set, else (on Linux) the NVIDIA device files.
+
+    Example:
+        >>> gpu_count() >= 0
+        True
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        listed = [v for v in visible.split(",") if v.strip()]
+        return 0 if listed[:1] == ["-1"] else len(listed)
+    return len([p for p in Path("/dev").glob("nvidia*") if p.name[6:].isdigit()])
 
 
 def resolve_compute(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,6 +249,57 @@ class _Forward:
         return out.float().cpu().numpy()
 
 
+class _Batcher:
+    """Runs the network for several threads: each call waits for its rows, and the calls made
+    while the network runs on one batch are joined into the next (one call per input shape,
+    in chunks of the forward's batch size)."""
+
+    def __init__(self, forward: _Forward) -> None:
+        self.forward = forward
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.calls = 0  # network calls made, for the log and the tests
+        threading.Thread(target=self._run, name="snakembed-network", daemon=True).start()
+
+    @property
+    def limit(self) -> int:
+        return self.forward.limit
+
+    def __call__(self, pixels) -> np.ndarray:
+        done: Future = Future()
+        self._queue.put((pixels, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            waiting = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    waiting.append(self._queue.get_nowait())
+            shapes: dict[tuple, list] = {}
+            for pixels, done in waiting:
+                shapes.setdefault(tuple(pixels.shape[1:]), []).append((pixels, done))
+            for group in shapes.values():
+                self._run_group(group)
+
+    def _run_group(self, group: list) -> None:
+        import torch
+
+        try:
+            if len(group) == 1:
+                outputs = [self.forward(group[0][0])]
+            else:
+                rows = self.forward(torch.cat([pixels for pixels, _ in group]))
+                bounds = np.cumsum([0] + [len(pixels) for pixels, _ in group])
+                outputs = [rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+            self.calls += 1
+        except BaseException as exc:  # noqa: BLE001 - each caller gets the error
+            for _, done in group:
+                done.set_exception(exc)
+            return
+        for (_, done), out in zip(group, outputs, strict=True):
+            done.set_result(out)
+
+
 class _Progress:
     """Logs a progress bar with images done, images/s and the time left, every few seconds:
 
@@ -302,7 +356,11 @@ class Embedder:
     """
 
     def __init__(
-        self, config: dict, backbone: Backbone | None = None, threads: int | None = None
+        self,
+        config: dict,
+        backbone: Backbone | None = None,
+        threads: int | None = None,
+        device: str | None = None,
     ) -> None:
         import torch
 
@@ -312,7 +370,8 @@ class Embedder:
         self.config = config
         self.threads = threads or config["threads"]
         torch.set_num_threads(self.threads)
-        self.device = resolve_device(config["device"])
+        self.device = resolve_device(device or config["device"])
+        self.threaded = False
         self.batch_size = resolve_batch_size(config["device"], config["batch_size"])
         self.backbone = backbone or load_backbone(config)
         patches = config["patches"]
@@ -338,6 +397,14 @@ class Embedder:
             self.batch_size,
         )
         self.meta = _meta(self.backbone, config)
+
+    def share(self) -> None:
+        """Let several threads embed at once (a shared worker's jobs): images are read in each
+        caller's threads (no decoding processes), and what they submit while the network runs
+        is joined into its next batch."""
+        if not self.threaded:
+            self.forward = _Batcher(self.forward)
+            self.threaded = True
 
     def __call__(
         self,
@@ -375,8 +442,11 @@ class Embedder:
             paths, self.backbone.preprocess, self.grid, self.config["max_pixels"], known.keys
         )
         counts = DecodeCounts()
-        if self.config["decode"] == "torchvision":
-            batches = tensor_batches(decoder, batch_size, self.threads, self.device, counts)
+        on_device = self.config["decode"] == "torchvision"
+        if on_device or self.threaded:
+            batches = tensor_batches(
+                decoder, batch_size, self.threads, self.device, counts, jpegs=on_device
+            )
         else:
             workers = 0 if len(paths) <= batch_size or self.threads < 2 else min(self.threads, 16)
             batches = pillow_batches(decoder, batch_size, workers, self.device.type == "cuda")

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._files import cached_sha256, scratch_folder
-from .classify import predict
+from .classify import Predictions, predict
 from .embed import Cancelled, Embedder, Embeddings, log_to_stderr
 from .heads import Head, create_head, load_head
 from .store import read_earlier, stale_copy, write_folder
 
-__all__ = ["Cancelled", "Models", "run_folder"]
+__all__ = ["Cancelled", "Models", "compute_folder", "run_folder", "store_folder"]
 
 log = logging.getLogger("snakembed")
 
@@ -43,13 +44,18 @@ class Models:
         self._hash_cache = hash_cache  # see snakembed._files.cached_sha256
         self._embedder: tuple[str, Embedder] | None = None
         self._head: tuple[tuple, Head] | None = None
+        self._lock = threading.Lock()  # a shared worker's jobs ask from their threads
 
-    def embedder(self, config: dict, threads: int | None = None) -> Embedder:
-        """The config's :class:`~snakembed.embed.Embedder`, built on first use."""
+    def embedder(
+        self, config: dict, threads: int | None = None, device: str | None = None
+    ) -> Embedder:
+        """The config's :class:`~snakembed.embed.Embedder` (on ``device`` when given), built
+        on first use; a later call without ``device`` gets the same one."""
         key = json.dumps([config, threads], sort_keys=True)
-        if self._embedder is None or self._embedder[0] != key:
-            self._embedder = (key, Embedder(config, threads=threads))
-        return self._embedder[1]
+        with self._lock:
+            if self._embedder is None or self._embedder[0] != key:
+                self._embedder = (key, Embedder(config, threads=threads, device=device))
+            return self._embedder[1]
 
     def head(self, config: dict, path: str | Path | None = None, backbone=None) -> Head | None:
         """The config's head: the one saved at ``path`` (a trained head; reloaded when the
@@ -62,10 +68,11 @@ class Models:
             key: tuple = ("built", json.dumps(config, sort_keys=True))
         else:
             key = ("file", cached_sha256(path, self._hash_cache))
-        if self._head is None or self._head[0] != key:
-            head = create_head(name, config, backbone) if path is None else load_head(path)
-            self._head = (key, head)
-        return self._head[1]
+        with self._lock:
+            if self._head is None or self._head[0] != key:
+                head = create_head(name, config, backbone) if path is None else load_head(path)
+                self._head = (key, head)
+            return self._head[1]
 
 
 def run_folder(
@@ -79,7 +86,6 @@ def run_folder(
     threads: int | None = None,
     refused: dict[str, str] | None = None,
     models: Models | None = None,
-    cancelled: Callable[[], bool] | None = None,
     manifest_sha256: str | None = None,
 ) -> Embeddings:
     """Embed one image folder, classify its images and write its HDF5 file.
@@ -96,16 +102,11 @@ def run_folder(
         threads: CPU threads for this folder.
         refused: ``{name: reason}`` for images that discovery refused to read; they are
             recorded as failed.
-        models: the network and head kept by a worker (default: built for this call).
-        cancelled: asked between batches and before the file is written (a worker: has the
-            job gone?); when it says so, nothing is written.
+        models: the network and head kept across calls (default: built for this call).
         manifest_sha256: the checksum of the folder's manifest, recorded in the file.
 
     Returns:
         The folder's embeddings.
-
-    Raises:
-        Cancelled: when ``cancelled`` said so.
 
     Example:
         >>> from snakembed.config import load_config
@@ -114,6 +115,48 @@ def run_folder(
     """
     log_to_stderr()
     start = time.monotonic()
+    result, predictions = compute_folder(
+        images_root,
+        folder,
+        names,
+        output,
+        config,
+        head=head,
+        threads=threads,
+        refused=refused,
+        models=models,
+    )
+    store_folder(result, predictions, output, folder, config, manifest_sha256, start)
+    return result
+
+
+def compute_folder(
+    images_root: str | Path,
+    folder: str,
+    names: Sequence[str],
+    output: str | Path,
+    config: dict,
+    *,
+    head: str | Path | None = None,
+    threads: int | None = None,
+    refused: dict[str, str] | None = None,
+    models: Models | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> tuple[Embeddings, Predictions | None]:
+    """The embeddings and predictions of one image folder (what :func:`run_folder` stores).
+
+    Args:
+        cancelled: asked between batches (a worker: has the job gone?); when it says so,
+            :class:`Cancelled` is raised.
+        others: as :func:`run_folder`.
+
+    Returns:
+        The folder's embeddings (its refused images among the failed), and its predictions
+        (None with ``classify.head: none``).
+
+    Raises:
+        Cancelled: when ``cancelled`` said so.
+    """
     models = models or Models()
     embedder = models.embedder(config, threads)
     refused = dict(refused or {})
@@ -138,25 +181,27 @@ def run_folder(
         predictions = predict(
             classifier, settings["head"], result.ids, result.vectors, settings["topk"]
         )
+    return result, predictions
 
-    def check() -> None:
-        if cancelled is not None and cancelled():
-            raise Cancelled(f"{folder}: the job has gone; its file was not written")
 
-    check()
+def store_folder(
+    result: Embeddings,
+    predictions: Predictions | None,
+    output: str | Path,
+    folder: str,
+    config: dict,
+    manifest_sha256: str | None,
+    start: float,
+) -> None:
+    """Write a folder's file (in scratch first where the config says so), drop the copy the
+    plan moved aside, and log what was stored since ``start`` (``time.monotonic()``)."""
     scratch = scratch_folder(config["scratch"], output)
     if scratch is not None:
         log.info(
             "%s: building its file in %s (scratch), then copying it to %s", folder, scratch, output
         )
     write_folder(
-        result,
-        predictions,
-        output,
-        folder,
-        scratch=scratch,
-        manifest_sha256=manifest_sha256,
-        check=check,  # once more just before the rename: a job gone while it was written
+        result, predictions, output, folder, scratch=scratch, manifest_sha256=manifest_sha256
     )
     stale_copy(output).unlink(missing_ok=True)
     seconds = time.monotonic() - start
@@ -168,6 +213,5 @@ def run_folder(
         result.reused,
         len(result.failed),
         seconds,
-        len(names) / max(seconds, 1e-9),
+        (len(result.ids) + len(result.failed)) / max(seconds, 1e-9),
     )
-    return result

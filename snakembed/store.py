@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -86,13 +86,11 @@ def computed_from(path: str | Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _atomic_h5(
-    path: str | Path, scratch: str | Path | None = None, check: Callable[[], None] | None = None
-) -> Iterator[h5py.File]:
+def _atomic_h5(path: str | Path, scratch: str | Path | None = None) -> Iterator[h5py.File]:
     """An HDF5 file written under a temporary name (in ``scratch``, when given) and renamed into
-    place on success (``check`` is called first, and may raise to keep the old file)."""
+    place on success."""
     with (
-        atomic_path(path, scratch, check=check) as tmp,
+        atomic_path(path, scratch) as tmp,
         h5py.File(tmp, "w", libver="latest") as f,
     ):
         yield f
@@ -106,7 +104,6 @@ def write_folder(
     *,
     scratch: str | Path | None = None,
     manifest_sha256: str | None = None,
-    check: Callable[[], None] | None = None,
 ) -> None:
     """Write one folder's final HDF5 file.
 
@@ -119,14 +116,12 @@ def write_folder(
             ``output`` (see :func:`snakembed._files.scratch_folder`); None builds it beside.
         manifest_sha256: the checksum of the folder's manifest, which the file records: the
             plan checks it against the folder's current manifest (see :func:`computed_from`).
-        check: called just before the file is renamed into place; may raise to leave the
-            previous file as it was (a worker whose job has gone).
     """
     n = len(embeddings.ids)
     if predictions is not None and list(predictions.ids) != list(embeddings.ids):
         raise ValueError(f"predictions and embeddings of folder {folder!r} list different images")
     meta = embeddings.meta
-    with _atomic_h5(output, scratch, check) as f:
+    with _atomic_h5(output, scratch) as f:
         attrs = {
             "format_version": FORMAT_VERSION,
             "snakembed_version": library_versions()["snakembed"],

@@ -55,6 +55,8 @@ __all__ = [
     "prestart",
     "run_folder_served",
     "serve",
+    "services",
+    "shared",
     "worker_dir",
 ]
 
@@ -216,22 +218,66 @@ def run_folder_served(
 
 
 def _run_served(request: dict, config: dict, threads: int) -> None:
-    from .pipeline import run_folder
+    from .embed import log_to_stderr
+    from .pipeline import run_folder, store_folder
 
     if config["worker"]["enabled"]:
+        start = time.monotonic()
         try:
             ident = identity(config, threads)
-            with _slot(ident) as (sock_path, lock_path):
-                _relay(_connect(sock_path, lock_path, config, ident), request, ident)
-                return
+            with _slot(ident, config) as base:
+                result, predictions = _relay(_connect(base, config, ident), request, ident)
         except WorkerUnavailable as exc:
             print(f"snakembed: running in this job instead: {exc}", file=sys.stderr, flush=True)
+        else:
+            # the file is written here, in parallel with the worker's next folders
+            log_to_stderr()
+            store_folder(
+                result,
+                predictions,
+                request["output"],
+                request["folder"],
+                config,
+                request["manifest_sha256"],
+                start,
+            )
+            return
     run_folder(**_arguments(request), config=config, threads=threads)
 
 
 def _arguments(request: dict) -> dict:
     keys = ("images_root", "folder", "names", "output", "head", "refused", "manifest_sha256")
     return {key: request[key] for key in keys}
+
+
+def shared(config: dict) -> bool:
+    """Whether ``config``'s workers serve many jobs at once (``worker.shared``; ``auto``: on a
+    GPU), batching their images together, rather than one job at a time.
+
+    Example:
+        >>> from snakembed.config import load_config
+        >>> shared(load_config(overrides={"device": "cuda"})), shared(load_config())
+        (True, False)
+    """
+    from .config import resolved
+    from .devices import device_type
+
+    setting = config["worker"]["shared"]
+    if setting != "auto":
+        return bool(setting)
+    return device_type(resolved(config)["device"]) == "cuda"
+
+
+def services(config: dict) -> int:
+    """How many shared workers a machine runs for ``config`` (``worker.services``; ``auto``:
+    one per visible GPU, else one)."""
+    from .config import resolved
+    from .devices import device_type, gpu_count
+
+    setting = config["worker"]["services"]
+    if setting != "auto":
+        return int(setting)
+    return max(1, gpu_count()) if device_type(resolved(config)["device"]) == "cuda" else 1
 
 
 def _sock_stem(ident: dict) -> Path:
@@ -249,37 +295,57 @@ def _sock_stem(ident: dict) -> Path:
 
 
 @contextlib.contextmanager
-def _slot(ident: dict) -> Iterator[tuple[Path, Path]]:
-    """A free worker slot's socket and lock paths, held (locked) for the block."""
+def _slot(ident: dict, config: dict) -> Iterator[Path]:
+    """The worker this job goes to, as the stem of its files (``.sock``, ``.pid``, ``.log``),
+    with a slot held (locked) for the block.
+
+    Unshared workers serve one job each: up to the CPU count over the job's threads slots, one
+    worker each. Shared workers (one per GPU) serve every job of the machine: the job takes
+    the least busy one (slots held per worker, taken in turn).
+    """
     stem = _sock_stem(ident)
-    slots = max(1, (os.cpu_count() or 1) // max(1, ident["threads"]))
+    if shared(config):
+        count = services(config)
+        slots = [
+            (Path(f"{stem}-s{i}-{j}.lock"), Path(f"{stem}-s{i}"))
+            for j in range(os.cpu_count() or 1)
+            for i in range(count)
+        ]
+    else:
+        count = max(1, (os.cpu_count() or 1) // max(1, ident["threads"]))
+        slots = [(Path(f"{stem}-{i}.lock"), Path(f"{stem}-{i}")) for i in range(count)]
     handles = []
     try:
-        for slot in range(slots):
-            lock = Path(f"{stem}-{slot}.lock")
+        for lock, base in slots:
             handle = open(lock, "a+")  # noqa: SIM115 - held for the block
             handles.append(handle)
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            yield lock.with_suffix(".sock"), lock
+            yield base
             return
         fcntl.flock(handles[0], fcntl.LOCK_EX)  # every slot busy: wait for the first
-        yield Path(f"{stem}-0.sock"), Path(f"{stem}-0.lock")
+        yield slots[0][1]
     finally:
         for handle in handles:
             handle.close()
 
 
-def _connect(sock_path: Path, lock_path: Path, config: dict, ident: dict) -> socket.socket:
-    """A connection to the slot's worker, starting one if none is listening or starting."""
+def _connect(base: Path, config: dict, ident: dict) -> socket.socket:
+    """A connection to the worker at ``base``, starting one if none is listening or starting
+    (one job at a time decides, under the worker's start lock)."""
+    sock_path = base.with_suffix(".sock")
     with contextlib.suppress(OSError):
         return _open(sock_path)
-    pid = _starting(lock_path)
-    if pid is None:
-        pid = _spawn(sock_path, lock_path, config, ident["threads"])
-    log_path = lock_path.with_suffix(".log")
+    with open(base.with_suffix(".start"), "a+") as start:
+        fcntl.flock(start, fcntl.LOCK_EX)
+        pid = _starting(base)
+        if pid is None:
+            with contextlib.suppress(OSError):
+                return _open(sock_path)  # started while this job waited for the lock
+            pid = _spawn(base, config, ident["threads"])
+    log_path = base.with_suffix(".log")
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
         if not _alive(pid):
@@ -294,11 +360,12 @@ def _connect(sock_path: Path, lock_path: Path, config: dict, ident: dict) -> soc
     raise WorkerUnavailable(f"the worker did not start in {_START_TIMEOUT:.0f} s; see {log_path}")
 
 
-def _spawn(sock_path: Path, lock_path: Path, config: dict, threads: int) -> int:
-    """Start the slot's worker (in its own session, to outlive the job); returns its pid."""
-    config_path = lock_path.with_suffix(".json")
+def _spawn(base: Path, config: dict, threads: int) -> int:
+    """Start the worker at ``base`` (in its own session, to outlive the job); returns its pid."""
+    config_path = base.with_suffix(".json")
     config_path.write_text(json.dumps(config))
-    with open(lock_path.with_suffix(".log"), "a") as log_file:
+    service = base.name.rsplit("-s", 1)[1] if "-s" in base.name else "0"
+    with open(base.with_suffix(".log"), "a") as log_file:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -307,9 +374,11 @@ def _spawn(sock_path: Path, lock_path: Path, config: dict, threads: int) -> int:
                 "--config",
                 str(config_path),
                 "--socket",
-                str(sock_path),
+                str(base.with_suffix(".sock")),
                 "--threads",
                 str(threads),
+                "--service",
+                service,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -317,14 +386,15 @@ def _spawn(sock_path: Path, lock_path: Path, config: dict, threads: int) -> int:
             start_new_session=True,
         )
     _STARTED.append(process)
-    lock_path.with_suffix(".pid").write_text(str(process.pid))
+    base.with_suffix(".pid").write_text(str(process.pid))
     return process.pid
 
 
-def _starting(lock_path: Path) -> int | None:
-    """The pid of the slot's worker when one was started and still runs (loading its model)."""
+def _starting(base: Path) -> int | None:
+    """The pid of the worker at ``base`` when one was started and still runs (loading its
+    model)."""
     try:
-        pid = int(lock_path.with_suffix(".pid").read_text())
+        pid = int(base.with_suffix(".pid").read_text())
     except (OSError, ValueError):
         return None
     return pid if _alive(pid) else None
@@ -370,18 +440,18 @@ def prestart(config: dict, threads: int) -> bool:
         stem = _sock_stem(ident)
     except WorkerUnavailable:
         return False
-    sock_path, lock_path = Path(f"{stem}-0.sock"), Path(f"{stem}-0.lock")
-    with open(lock_path, "a+") as handle:
+    base = Path(f"{stem}-s0") if shared(config) else Path(f"{stem}-0")
+    with open(base.with_suffix(".start"), "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return False  # a job is being served there
+            return False  # a job is starting it
         with contextlib.suppress(OSError):
-            _open(sock_path).close()  # a probe: the worker closes it without a word
+            _open(base.with_suffix(".sock")).close()  # a probe: closed without a word
             return False
-        if _starting(lock_path) is not None:
+        if _starting(base) is not None:
             return False
-        _spawn(sock_path, lock_path, config, threads)
+        _spawn(base, config, threads)
         return True
 
 
@@ -395,9 +465,9 @@ def _open(sock_path: Path) -> socket.socket:
     return conn
 
 
-def _relay(conn: socket.socket, request: dict, ident: dict) -> None:
-    """Check the worker's identity against ``ident``, send the request, and copy the worker's
-    log lines to stderr until it says done.
+def _relay(conn: socket.socket, request: dict, ident: dict) -> tuple:
+    """Check the worker's identity against ``ident``, send the request, copy the worker's log
+    lines to stderr, and receive the folder's embeddings and predictions.
 
     Raises:
         WorkerUnavailable: when the worker computes with another identity (naming what
@@ -420,8 +490,11 @@ def _relay(conn: socket.socket, request: dict, ident: dict) -> None:
                 message = json.loads(line)
                 if "log" in message:
                     print(message["log"], file=sys.stderr, flush=True)
-                elif "done" in message:
-                    return
+                elif "result" in message:
+                    payload = stream.read(message["bytes"])
+                    if len(payload) != message["bytes"]:
+                        break
+                    return _unpack(message["result"], payload)
                 elif "error" in message:
                     raise RuntimeError(
                         f"embedding folder {request['folder']!r} failed:\n{message['error']}"
@@ -429,6 +502,59 @@ def _relay(conn: socket.socket, request: dict, ident: dict) -> None:
         except (OSError, ValueError) as exc:
             raise WorkerUnavailable(f"lost the worker ({exc})") from exc
     raise WorkerUnavailable("the worker stopped before it finished the folder")
+
+
+def _pack(result, predictions) -> tuple[dict, bytes]:
+    """A folder's embeddings and predictions as a JSON header and NumPy's ``.npz`` bytes."""
+    import io
+
+    import numpy as np
+
+    arrays = {"width": result.width, "height": result.height, "vectors": result.vectors}
+    for name in ("patch_vectors", "patch_boxes", "patch_counts"):
+        if getattr(result, name) is not None:
+            arrays[name] = getattr(result, name)
+    header = {key: getattr(result, key) for key in ("ids", "sources", "sha256", "failed", "meta")}
+    header["reused"] = result.reused
+    if predictions is not None:
+        arrays["labels"], arrays["scores"] = predictions.labels, predictions.scores
+        header["head"] = predictions.head
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return header, buffer.getvalue()
+
+
+def _unpack(header: dict, payload: bytes) -> tuple:
+    """What :func:`_pack` packed: ``(Embeddings, Predictions or None)``."""
+    import io
+
+    import numpy as np
+
+    from .classify import Predictions
+    from .embed import Embeddings
+
+    with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    result = Embeddings(
+        ids=header["ids"],
+        sources=header["sources"],
+        sha256=header["sha256"],
+        width=arrays["width"],
+        height=arrays["height"],
+        vectors=arrays["vectors"],
+        failed=header["failed"],
+        patch_vectors=arrays.get("patch_vectors"),
+        patch_boxes=arrays.get("patch_boxes"),
+        patch_counts=arrays.get("patch_counts"),
+        meta=header["meta"],
+        reused=header["reused"],
+    )
+    predictions = None
+    if "head" in header:
+        predictions = Predictions(
+            list(header["ids"]), arrays["labels"], arrays["scores"], header["head"]
+        )
+    return result, predictions
 
 
 def _identity_difference(served: dict | None, ident: dict) -> str:
@@ -439,12 +565,14 @@ def _identity_difference(served: dict | None, ident: dict) -> str:
 
 
 class _SocketLog(logging.Handler):
-    """Sends snakembed's log lines to the job being served."""
+    """Sends the log lines of the thread that serves a job to that job."""
 
     def __init__(self, stream) -> None:
         super().__init__()
         self.stream = stream
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        thread = threading.get_ident()
+        self.addFilter(lambda record: record.thread == thread)
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -485,9 +613,24 @@ class _Hangup:
         self._thread.join()
 
 
-def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None = None) -> int:
-    """Load the config's model once, then embed the folders that jobs send, one at a time,
-    until no job comes for ``idle`` seconds (``worker.idle``).
+def serve(
+    config: dict,
+    sock_path: str | Path,
+    threads: int,
+    idle: float | None = None,
+    service: int = 0,
+) -> int:
+    """Load the config's model once, then embed the folders that jobs send until no job comes
+    for ``idle`` seconds (``worker.idle``): one at a time, or, for a shared worker (see
+    :func:`shared`), all at once, each in its own thread, their images batched together.
+
+    Args:
+        config: a validated configuration.
+        sock_path: the Unix socket to listen on.
+        threads: the jobs' CPU threads.
+        idle: seconds without a job before leaving (default: ``worker.idle``).
+        service: which of a machine's shared workers this is: it runs on GPU
+            ``service`` modulo the GPUs there are (with ``device: cuda``).
 
     Returns:
         How many folders were served.
@@ -497,7 +640,10 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
 
     log_to_stderr()
     models = Models(hash_cache=hash_cache())
-    embedder = models.embedder(config, threads)
+    embedder = models.embedder(config, threads, device=_service_device(config, service))
+    together = shared(config)
+    if together:
+        embedder.share()
     own = identity(
         config,
         threads,
@@ -507,23 +653,37 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
     hello = json.dumps({"identity": own}).encode() + b"\n"
     idle = config["worker"]["idle"] if idle is None else idle
     sock_path = Path(sock_path)
-    sock_path.unlink(missing_ok=True)  # a dead worker's; the slot's lock keeps others out
+    sock_path.unlink(missing_ok=True)  # a dead worker's; the start lock keeps others out
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(sock_path))
-    server.listen(64)
+    server.listen(256)
     server.settimeout(idle)
-    log.info("worker %d ready: %s on %s", os.getpid(), embedder.backbone.name, sock_path)
-    served = 0
+    log.info(
+        "worker %d ready: %s on %s%s",
+        os.getpid(),
+        embedder.backbone.name,
+        embedder.device,
+        ", shared by every job" if together else "",
+    )
+    counts = _Served()
     why = f"no job came for {idle:g} s"
     try:
         while True:
             try:
                 conn, _ = server.accept()
             except TimeoutError:
+                if counts.busy():
+                    continue
                 break
             conn.settimeout(None)
-            with contextlib.suppress(OSError), conn:
-                served += _serve_one(conn, hello, config, threads, models)
+            if together:
+                counts.start()
+                threading.Thread(
+                    target=_serve_thread, args=(conn, hello, config, threads, models, counts)
+                ).start()
+            else:
+                with contextlib.suppress(OSError), conn:
+                    counts.done(_serve_one(conn, hello, config, threads, models))
     except BaseException as exc:
         why = f"{type(exc).__name__}: {exc}"
         raise
@@ -531,8 +691,67 @@ def serve(config: dict, sock_path: str | Path, threads: int, idle: float | None 
         server.close()
         sock_path.unlink(missing_ok=True)
         sock_path.with_suffix(".pid").unlink(missing_ok=True)
-        log.info("worker %d leaves after %d folder(s): %s", os.getpid(), served, why)
-    return served
+        counts.wait()
+        used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        log.info(
+            "worker %d leaves after %d folder(s), %.1f CPU seconds: %s",
+            os.getpid(),
+            counts.served,
+            sum(u.ru_utime + u.ru_stime for u in used),
+            why,
+        )
+    return counts.served
+
+
+def _service_device(config: dict, service: int) -> str | None:
+    """The GPU of a machine's ``service``-th shared worker (``cuda:N``), or None: the
+    config's device."""
+    from .config import resolved
+
+    device = resolved(config)["device"]
+    if device != "cuda" or not shared(config):
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{service % count}" if count > 1 else None
+
+
+class _Served:
+    """Counts the folders a worker served and the jobs it is serving (from their threads)."""
+
+    def __init__(self) -> None:
+        self.served = 0
+        self._active = 0
+        self._lock = threading.Condition()
+
+    def start(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def done(self, served: int, started: bool = False) -> None:
+        with self._lock:
+            self.served += served
+            if started:
+                self._active -= 1
+                self._lock.notify_all()
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._active > 0
+
+    def wait(self) -> None:
+        with self._lock:
+            self._lock.wait_for(lambda: self._active == 0)
+
+
+def _serve_thread(conn, hello, config, threads, models, counts: _Served) -> None:
+    served = 0
+    try:
+        with contextlib.suppress(OSError), conn:
+            served = _serve_one(conn, hello, config, threads, models)
+    finally:
+        counts.done(served, started=True)
 
 
 def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, models) -> int:
@@ -541,7 +760,7 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
     Raises:
         OSError: when the job's connection breaks (the caller drops it).
     """
-    from .pipeline import Cancelled, run_folder
+    from .pipeline import Cancelled, compute_folder
 
     conn.sendall(hello)
     with conn.makefile("rwb") as stream:
@@ -551,11 +770,12 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
         handler = _SocketLog(stream)
         log.addHandler(handler)
         hangup = _Hangup(conn)
+        payload = b""
         try:
             request = json.loads(line)
             log.info("worker %d runs folder %s", os.getpid(), request["folder"])
-            run_folder(
-                **_arguments(request),
+            result, predictions = compute_folder(
+                **{k: v for k, v in _arguments(request).items() if k != "manifest_sha256"},
                 config=config,
                 threads=threads,
                 models=models,
@@ -563,7 +783,8 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
             )
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             log.info("worker %d: peak memory %.0f MiB", os.getpid(), peak)
-            reply = {"done": True}
+            header, payload = _pack(result, predictions)
+            reply = {"result": header, "bytes": len(payload)}
         except Cancelled as exc:
             log.removeHandler(handler)
             log.warning("worker %d dropped folder %s: %s", os.getpid(), request["folder"], exc)
@@ -573,7 +794,7 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
         finally:
             hangup.close()
             log.removeHandler(handler)
-        stream.write(json.dumps(reply).encode() + b"\n")
+        stream.write(json.dumps(reply).encode() + b"\n" + payload)
         stream.flush()
     return 1
 
@@ -583,9 +804,10 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--socket", required=True)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--service", type=int, default=0)
     args = parser.parse_args(argv)
     config = json.loads(Path(args.config).read_text())
-    serve(config, args.socket, args.threads)
+    serve(config, args.socket, args.threads, service=args.service)
     return 0
 
 

@@ -196,3 +196,96 @@ def test_a_pid_taken_by_another_program_is_no_starting_worker(tmp_path):
         other.kill()
         other.wait()
     assert not _alive(other.pid)
+
+
+def test_a_shared_worker_joins_the_images_of_concurrent_jobs_into_one_batch():
+    """What jobs submit while the network runs is joined into its next call, and each job
+    gets back exactly its own rows."""
+    import torch
+
+    from snakembed.embed import _Batcher
+
+    class Network:
+        limit = 64
+
+        def __init__(self):
+            self.sizes, self.running, self.release = [], threading.Event(), threading.Event()
+
+        def __call__(self, pixels):
+            self.sizes.append(len(pixels))
+            self.running.set()
+            self.release.wait(10)
+            return pixels[:, 0, 0, 0].float().numpy()[:, None]
+
+    network = Network()
+    batcher = _Batcher(network)
+    got = {}
+
+    def job(tag, n):
+        got[tag] = batcher(torch.full((n, 3, 2, 2), tag, dtype=torch.uint8))
+
+    first = threading.Thread(target=job, args=(1, 5))
+    first.start()
+    network.running.wait(10)  # the network runs on job 1's batch ...
+    others = [threading.Thread(target=job, args=(tag, tag)) for tag in (2, 3, 4)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while batcher._queue.qsize() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    network.release.set()  # ... while jobs 2, 3 and 4 submit theirs
+    for thread in [first, *others]:
+        thread.join(10)
+    assert network.sizes == [5, 2 + 3 + 4]
+    for tag, n in ((1, 5), (2, 2), (3, 3), (4, 4)):
+        assert got[tag].tolist() == [[float(tag)]] * n
+
+
+def test_jobs_are_spread_over_the_shared_workers(tmp_path, monkeypatch):
+    from snakembed.config import load_config
+    from snakembed.worker import _slot, identity
+
+    monkeypatch.setattr(tempfile, "tempdir", str(Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))))
+    config = load_config(overrides={"worker": {"shared": True, "services": 2}})
+    ident = identity(config, 1)
+    with _slot(ident, config) as a, _slot(ident, config) as b, _slot(ident, config) as c:
+        assert [a.name[-3:], b.name[-3:], c.name[-3:]] == ["-s0", "-s1", "-s0"]
+    with _slot(ident, config) as again:
+        assert again == a  # the least busy first once the others have left
+    shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+
+
+def test_shared_workers_give_every_folder_the_results_of_jobs_alone(tmp_path, workers):
+    _tree(tmp_path / "images", folders=4)
+    shared = {"shared": True, "services": 2, "idle": 30}
+    served = write_config(
+        tmp_path / "served.yaml", images="images", results="served", threads=1, worker=shared
+    )
+    alone = write_config(
+        tmp_path / "alone.yaml",
+        images="images",
+        results="alone",
+        threads=1,
+        worker={"enabled": False},
+    )
+    run_snakemake(tmp_path, served, env=workers.env)
+    run_snakemake(tmp_path, alone, env=workers.env)
+    lines = [line for log in workers.folder.glob("*.log") for line in log.read_text().splitlines()]
+    ready = [line for line in lines if " ready: " in line]
+    assert 1 <= len(ready) <= 2 and all("shared by every job" in line for line in ready)
+    a, b = snakembed.open_store(tmp_path / "served"), snakembed.open_store(tmp_path / "alone")
+    assert sorted(a) == sorted(b) == ["f0", "f1", "f2", "f3"]
+    for folder in a:
+        log = (tmp_path / "served" / "logs" / "embed_classify_store" / f"{folder}.log").read_text()
+        assert re.search(rf"worker \d+ runs folder {folder}", log)
+        assert f"{folder}: 3 images stored (3 embedded, 0 reused)" in log
+        assert a[folder].ids() == b[folder].ids()
+        assert np.allclose(a[folder].matrix(), b[folder].matrix(), atol=1e-5)
+        assert (
+            a[folder].table(embeddings=False)["label"] == b[folder].table(embeddings=False)["label"]
+        )
+    # a rerun after one image changed: served again, the rest reused
+    make_image(tmp_path / "images" / "f2" / "1.jpg", size=(70, 50), seed=99)
+    run_snakemake(tmp_path, served, env=workers.env)
+    log = (tmp_path / "served" / "logs" / "embed_classify_store" / "f2.log").read_text()
+    assert "f2: 3 images stored (1 embedded, 2 reused)" in log
