@@ -66,7 +66,7 @@ def _config(shared: bool, threads: int) -> dict:
         "device": "cpu",
         "threads": threads,
         "report": {"enabled": False},
-        "worker": {"idle": 2, "shared": shared},
+        "worker": {"idle": 15, "shared": shared},
     }
 
 
