@@ -8,8 +8,9 @@ Two ways, chosen by the config's ``decode`` (see :func:`snakembed.devices.resolv
 - ``torchvision``: a thread pool reads and hashes the files and reads their headers; the JPEGs
   of a batch are decoded together by torchvision's decoder on the embedding device (nvJPEG on a
   GPU), and resized and cropped there, one call per image size. What that decoder does not take
-  (PNG, TIFF, CMYK, a patch grid, ``lanczos``, a file it fails on) takes the Pillow path in the
-  same threads, one image at a time, and is counted. A batch that fails to decode is decoded
+  (PNG, TIFF, CMYK, a patch grid, ``lanczos``, a file it fails on, a JPEG large enough for
+  Pillow's draft scaling with ``preprocess.draft``) takes the Pillow path in the same threads,
+  one image at a time, and is counted. A batch that fails to decode is decoded
   image by image, so one bad file never costs the others. The next batch is read while the
   network runs on this one.
 
@@ -229,6 +230,10 @@ def _jpeg_header(data: bytes, decoder: Decoder) -> dict | None:
         check_size((width, height), decoder.max_pixels)
     except ImageError as exc:
         return {"error": str(exc)}
+    if decoder.min_side and min(width, height) >= 4 * decoder.min_side:
+        # Pillow decodes this one at reduced scale (draft): other pixels than a full decode
+        # and resize, by more than rounding; so the Pillow way, for the same embedding
+        return None
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     return {"width": width, "height": height}

@@ -119,9 +119,25 @@ def validate_config(config: dict) -> dict:
         for err in errors:
             key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
             help_ = _description(schema, list(err.absolute_path))
-            lines.append(f"config key {key!r}: {err.message}" + (f" ({help_})" if help_ else ""))
+            message = _message(err)
+            lines.append(f"config key {key!r}: {message}" + (f" ({help_})" if help_ else ""))
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
+
+
+def _message(err) -> str:
+    """The validator's message, or for a key that takes ``auto`` or another type (``batch_size``,
+    ``worker.shared``) both choices, which the message of its pattern alone would hide."""
+    if err.validator == "pattern" and err.validator_value == "^auto$":
+        words = {"integer": ["an integer"], "boolean": ["true", "false"], "number": ["a number"]}
+        if "minimum" in err.schema:
+            words["integer"] = [f"an integer of at least {err.schema['minimum']}"]
+        choices = ["auto"]
+        for kind in err.schema.get("type", []):
+            choices += words.get(kind, [])
+        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        return f"{err.instance!r} is not allowed: use {listed}"
+    return err.message
 
 
 def _description(schema: dict, path: list) -> str:

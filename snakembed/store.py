@@ -178,8 +178,13 @@ def _write_image_groups(
     0.6-0.8 core-ms per image with top-k predictions, measured), and every image pays it."""
     from h5py import h5a, h5d, h5g, h5p, h5s, h5t
 
-    links = h5p.create(h5p.LINK_CREATE)
-    links.set_char_encoding(h5t.CSET_UTF8)  # image ids are any file name
+    # as h5py's high-level API makes them: ASCII names as ASCII, others as UTF-8; no times
+    # stored in the objects (a file is the same bytes for the same content)
+    utf8 = h5p.create(h5p.LINK_CREATE)
+    utf8.set_char_encoding(h5t.CSET_UTF8)
+    groups, datasets = h5p.create(h5p.GROUP_CREATE), h5p.create(h5p.DATASET_CREATE)
+    groups.set_obj_track_times(False)
+    datasets.set_obj_track_times(False)
     text = h5t.py_create(_STR, logical=True)
     scalar = h5s.create(h5s.SCALAR)
     types = {"str": text}
@@ -196,11 +201,13 @@ def _write_image_groups(
     def dataset(group, name: str, value: np.ndarray) -> None:
         value = np.ascontiguousarray(value)
         space = h5s.create_simple(value.shape)
-        h5d.create(group, name.encode(), kind(value), space).write(h5s.ALL, h5s.ALL, value)
+        made = h5d.create(group, name.encode(), kind(value), space, dcpl=datasets)
+        made.write(h5s.ALL, h5s.ALL, value)
 
     vectors = embeddings.vectors.astype(np.float32, copy=False)
     for i, image_id in enumerate(embeddings.ids):
-        group = h5g.create(f.id, image_id.encode("utf-8"), lcpl=links)
+        name = image_id.encode("utf-8")
+        group = h5g.create(f.id, name, lcpl=None if name.isascii() else utf8, gcpl=groups)
         dataset(group, "embedding", vectors[i])
         attribute(group, "source", embeddings.sources[i])
         attribute(group, "width", np.int64(embeddings.width[i]))

@@ -31,6 +31,15 @@ def _smooth(size: tuple[int, int], seed: int) -> Image.Image:
     return image
 
 
+def _noisy(size: tuple[int, int], seed: int) -> Image.Image:
+    """Gradients with strong per-pixel noise: what a decode at reduced scale changes most."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    x, y = np.linspace(0, 255, w)[None, :, None], np.linspace(0, 255, h)[:, None, None]
+    pixels = (x * rng.random(3) + y * rng.random(3) + rng.integers(0, 40, (h, w, 3))) % 256
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
 def _files(folder) -> dict[str, str]:
     """Every kind of file the tensor path routes; returns name -> the way it must take."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,8 +48,9 @@ def _files(folder) -> dict[str, str]:
     files = {
         "a.jpg": (_smooth((300, 200), 1).save, {"quality": 90}, "device"),
         "b_progressive.jpg": (_smooth((240, 180), 2).save, {"progressive": True}, "device"),
-        # large enough for Pillow's draft scaling, which the device decoder does not do
-        "c_large.jpg": (_smooth((1200, 900), 3).save, {"quality": 92}, "device"),
+        # large enough for Pillow's draft scaling, which the device decoder does not do: a
+        # noisy photo, whose embedding a reduced-scale decode moves most (cosine 0.9986)
+        "c_large.jpg": (_noisy((1200, 900), 3).save, {"quality": 90}, "pillow"),
         "d_gray.jpg": (_smooth((160, 120), 4).convert("L").save, {}, "device"),
         "e_rotated.jpg": (_smooth((200, 120), 5).save, {"exif": exif}, "device"),
         "f_drawing.png": (_smooth((90, 70), 6).save, {}, "pillow"),
@@ -93,10 +103,34 @@ def test_both_decoders_give_the_same_embeddings(embedded):
     a, b = results["pillow"].vectors, results["torchvision"].vectors
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() >= 0.999, dict(zip(results["pillow"].ids, cosine, strict=True))
-    # only the large photo, which Pillow decodes at reduced scale, may differ more than
-    # rounding: the rest are the same pixels through the same resize
-    same = [i for i, name in enumerate(results["pillow"].ids) if name != "c_large.jpg"]
-    assert np.allclose(a[same], b[same], atol=1e-4 * np.abs(a).max())
+    # the same pixels through the same resize: equal to rounding
+    assert np.allclose(a, b, atol=1e-4 * np.abs(a).max())
+
+
+def test_without_draft_scaling_the_device_decodes_large_photos_to_the_same_embedding(
+    tmp_path, caplog
+):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 5
+    _noisy((1200, 900), 7).save(folder / "large.jpg", quality=90)
+    _noisy((900, 600), 8).save(folder / "large_rotated.jpg", quality=90, exif=exif)
+    paths = sorted(folder.iterdir())
+    vectors = {}
+    for decode in ("pillow", "torchvision"):
+        overrides = {**FAST_CONFIG, "decode": decode, "device": "cpu"}
+        config = load_config(
+            overrides={**overrides, "preprocess": {**overrides["preprocess"], "draft": False}}
+        )
+        with caplog.at_level(logging.INFO, logger="snakembed"):
+            result = Embedder(config)(paths, label="large")
+        assert result.ids == ["large.jpg", "large_rotated.jpg"]
+        vectors[decode] = result.vectors
+    assert "large: 2 images decoded on cpu, 0 by Pillow" in caplog.text
+    a, b = vectors["pillow"], vectors["torchvision"]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= 0.999
 
 
 def test_the_log_counts_what_each_decoder_took(tmp_path, caplog):

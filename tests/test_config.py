@@ -57,6 +57,10 @@ def test_the_shipped_config_is_the_defaults():
         ({"model": {"nmae": "resnet18"}}, "model", "'nmae'", "not allowed"),
         ({"preprocess": {"mean": [0.5]}}, "preprocess.mean", r"\[0.5\]", "too short"),
         ({"max_pixels": 0}, "max_pixels", "0", "minimum of 1"),
+        ({"batch_size": "big"}, "batch_size", "'big'", "use auto or an integer of at least 1"),
+        ({"decode": "nvjpeg"}, "decode", "'nvjpeg'", "'auto', 'pillow', 'torchvision'"),
+        ({"worker": {"shared": "nope"}}, "worker.shared", "'nope'", "use auto, true or false"),
+        ({"worker": {"services": 0}}, "worker.services", "0", "minimum of 1"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, key, value, allowed):

@@ -30,17 +30,21 @@ def _tree(root, folders=3):
             make_image(root / f"f{f}" / f"{i}.jpg", size=(60 + 9 * i, 50), seed=10 * f + i)
 
 
+def _configs(tmp_path, threads: int, **worker) -> tuple[Path, Path]:
+    """Config files of a run served by workers (``results: served``) and of one without them
+    (``results: alone``), on ``images``."""
+    common = {"images": "images", "threads": threads}
+    served = write_config(tmp_path / "served.yaml", results="served", worker=worker, **common)
+    alone = write_config(
+        tmp_path / "alone.yaml", results="alone", worker={"enabled": False}, **common
+    )
+    return served, alone
+
+
 def test_one_worker_serves_every_folder_with_the_same_results(tmp_path):
     _tree(tmp_path / "images")
     # Two threads per job on two cores: one job at a time, so one worker slot.
-    served = write_config(tmp_path / "served.yaml", images="images", results="served", threads=2)
-    alone = write_config(
-        tmp_path / "alone.yaml",
-        images="images",
-        results="alone",
-        threads=2,
-        worker={"enabled": False},
-    )
+    served, alone = _configs(tmp_path, threads=2)
     short = Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))  # Unix socket paths are short
     env = {"TMPDIR": str(short)}
     try:
@@ -257,17 +261,7 @@ def test_jobs_are_spread_over_the_shared_workers(tmp_path, monkeypatch):
 
 def test_shared_workers_give_every_folder_the_results_of_jobs_alone(tmp_path, workers):
     _tree(tmp_path / "images", folders=4)
-    shared = {"shared": True, "services": 2, "idle": 30}
-    served = write_config(
-        tmp_path / "served.yaml", images="images", results="served", threads=1, worker=shared
-    )
-    alone = write_config(
-        tmp_path / "alone.yaml",
-        images="images",
-        results="alone",
-        threads=1,
-        worker={"enabled": False},
-    )
+    served, alone = _configs(tmp_path, threads=1, shared=True, services=2, idle=30)
     run_snakemake(tmp_path, served, env=workers.env)
     run_snakemake(tmp_path, alone, env=workers.env)
     lines = [line for log in workers.folder.glob("*.log") for line in log.read_text().splitlines()]
