@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 from conftest import run_snakemake, skip_unless_ci, snakemake_command, write_config
@@ -33,6 +34,24 @@ _IMAGES_DECODED = """async () => {
         probe.src = src;
     })));
 }"""
+
+
+_DECODED_WIDTH = """i => i.complete && i.naturalWidth ? i.naturalWidth : new Promise(done => {
+    i.addEventListener("load", () => done(i.naturalWidth));
+    i.addEventListener("error", () => done(0));
+})"""
+
+
+def _frame(page, name: str, seconds: float = 30.0):
+    """The report's frame showing ``name``, once it is there (a loaded machine is slow)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for frame in page.frames:
+            if frame.url.startswith("data:text/html") and f"filename={name}" in frame.url:
+                frame.wait_for_load_state()
+                return frame
+        assert time.monotonic() < deadline, f"no frame shows {name}"
+        page.wait_for_timeout(100)
 
 
 def _browser_path() -> str | None:
@@ -97,10 +116,8 @@ def test_the_report_shows_every_page_and_its_images_render_in_chromium(report):
             assert sorted(names) == sorted(files), (category, names)
             for i, name in enumerate(names):
                 rows.nth(i).locator("a[iconname=eye]").click()
-                page.wait_for_timeout(300)
-                frames = [f for f in page.frames if f.url.startswith("data:text/html")]
                 if name.endswith(".html"):
-                    frame = next(f for f in frames if f"filename={name}" in f.url)
+                    frame = _frame(page, name)
                     seen[name] = frame.evaluate(_IMAGES_DECODED)
                     assert frame.locator("h2").inner_text() in {
                         "Run summary",
@@ -114,7 +131,8 @@ def test_the_report_shows_every_page_and_its_images_render_in_chromium(report):
                         assert shown != "none"
                 else:
                     shown = page.locator(f"img[src*='filename={name}']")
-                    seen[name] = [shown.evaluate("i => i.naturalWidth")]
+                    shown.wait_for(timeout=30_000)
+                    seen[name] = [shown.evaluate(_DECODED_WIDTH)]
         browser.close()
     assert set(seen) == {name for files in CATEGORIES.values() for name in files}
     assert seen.pop("summary.html") == []  # a page of tables
