@@ -3,7 +3,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The defaults beside this Snakefile, wherever Snakemake runs (--directory, another folder that
+# holds a config.yaml of its own, an installed package); --configfile and --config override them.
+configfile: f"{workflow.current_basedir}/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

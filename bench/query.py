@@ -33,9 +33,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from snakembed.layout import FORMAT_VERSION, folder_file
 from snakembed.reader import open_store
 from snakembed.search import search
-from snakembed.store import FORMAT_VERSION, folder_file, write_index
+from snakembed.store import write_index
 
 _STR = h5py.string_dtype()
 

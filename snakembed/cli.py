@@ -17,13 +17,69 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="snakembed", description="CNN embeddings and class predictions for images."
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="snakembed",
+        description="CNN embeddings and class predictions for folders of images.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"snakembed {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    def results_option(p: argparse.ArgumentParser, help: str = "the results folder") -> None:
+        p.add_argument(
+            "--results", "-r", default="results", metavar="R", help=f"{help} (default: results)"
+        )
+
+    run = command(
+        "run",
+        "Run the workflow on an image tree: embed and classify every folder that changed.",
+    )
+    run.usage = "snakembed run IMAGES [options] [-- SNAKEMAKE_ARGS ...]"
+    run.epilog = (
+        "Arguments after -- go to Snakemake as they are, for example: snakembed run photos "
+        "-- --forceall --rerun-triggers mtime params. Exit status: Snakemake's."
+    )
+    run.add_argument("images", metavar="IMAGES", help="the root of the image tree")
+    results_option(run, "where the results go; Snakemake keeps its records there too")
+    run.add_argument("--cores", "-c", metavar="N", help="CPU cores to use (default: all)")
+    run.add_argument(
+        "--profile",
+        metavar="P",
+        help="local or slurm (the profiles that come with snakembed), or a profile's folder",
+    )
+    run.add_argument(
+        "--configfile",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a config file, again for more (`snakembed config` prints every key); IMAGES "
+        "and --results replace its images and results",
+    )
+    run.add_argument(
+        "--config",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config keys, as snakemake --config takes them (threads=4 'classify={head: none}')",
+    )
+    run.add_argument(
+        "--dry-run", "-n", action="store_true", help="show what would be computed, and why"
+    )
+    command("config", "Print the default configuration, every key with its description.")
 
     def images_command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = command(name, help)
         p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
         p.add_argument("--configfile", help="the workflow's config.yaml (model, preprocessing)")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -44,28 +100,53 @@ def _parser() -> argparse.ArgumentParser:
         "Print the stored images most similar to images (stored ones, or new ones embedded "
         "with the config's model), by cosine similarity.",
     )
-    query.add_argument("--results", required=True, metavar="R", help="the results folder")
+    results_option(query)
     query.add_argument("--top", type=int, default=10, metavar="K", help="hits per image (10)")
     query.add_argument(
         "--folder", metavar="F", help="search only folder F and the folders below it"
     )
-    info = sub.add_parser("info", help="Summarise a results folder.")
-    info.add_argument("results", metavar="RESULTS", help="the workflow's results folder")
-    export = sub.add_parser(
+    results_option(command("info", "Summarise a results folder."))
+    export = command(
         "export",
-        help="Write every stored image (path, folder, id, label, score, embedding) to one table.",
+        "Write every stored image (path, folder, id, label, score, embedding) to one table.",
     )
-    export.add_argument("results", metavar="RESULTS", help="the workflow's results folder")
+    results_option(export)
     export.add_argument(
         "--format", choices=["parquet", "npz", "csv"], default="parquet", help="default: parquet"
     )
-    export.add_argument("--output", "-o", metavar="FILE", help="default: RESULTS/export.FORMAT")
-    sub.add_parser("list", help="List the installed backbones and heads.")
-    layers = sub.add_parser(
-        "layers", help="List the layers of a backbone, as `model.layer` names them."
-    )
+    export.add_argument("--output", "-o", metavar="FILE", help="default: R/export.FORMAT")
+    command("list", "List the installed backbones and heads.")
+    layers = command("layers", "List the layers of a backbone, as `model.layer` names them.")
     layers.add_argument("name", metavar="NAME", help="a backbone name (`snakembed list`)")
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .run import run
+
+    return run(
+        args.images,
+        args.results,
+        cores=args.cores,
+        profile_name=args.profile,
+        configfiles=args.configfile,
+        config=args.config,
+        dry_run=args.dry_run,
+        snakemake_args=args.snakemake_args,
+    )
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    from .config import describe_defaults
+
+    print(describe_defaults(), end="")
+    return 0
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -212,11 +293,13 @@ def _info(args: argparse.Namespace) -> int:
     total = failed = 0
     lines = []
     attrs: dict = {}
+    heads: dict[str | None, int] = {}
     for key in store:
         folder = store[key]
         attrs = folder.attrs
         total += attrs["num_images"]
         failed += attrs["num_failed"]
+        heads[attrs.get("classify")] = heads.get(attrs.get("classify"), 0) + 1
         lines.append(f"  {key}: {attrs['num_images']} images, {attrs['num_failed']} failed")
     print(f"results: {store.results}")
     if store.images_root is not None:
@@ -225,14 +308,35 @@ def _info(args: argparse.Namespace) -> int:
     if attrs:
         print(
             f"model: {attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
-            f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d; "
-            f"classify: {attrs['classify']}"
+            f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d"
         )
+    for head, count in heads.items():
+        where = "" if len(heads) == 1 else f" ({count} of {len(store)} folders)"
+        print(f"classify: {_describe_head(head, store.results)}{where}")
     print("\n".join(lines))
     for key in store:
         for image_id, reason in store[key].failed.items():
             print(f"failed: {key}/{image_id}: {reason}")
     return 0
+
+
+def _describe_head(head: str | None, results) -> str:
+    """What classified the images: none, the model's own classifier, or a trained head with
+    its validation score (from the train_head rule's metrics file)."""
+    if head in (None, "none"):
+        return "none (classify.head: none; embeddings only)"
+    if head == "pretrained":
+        return "pretrained (the model's own classifier)"
+    metrics_file = results / "heads" / head / "metrics.json"
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except (OSError, ValueError):
+        return head
+    settings = ", ".join(f"{k}={v}" for k, v in metrics.get("settings", {}).items())
+    return (
+        f"{head} ({settings}; {len(metrics['categories'])} classes, val accuracy "
+        f"{metrics['accuracy']:.3f} on {metrics['val_images']} images; {metrics_file})"
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -270,19 +374,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI.
 
     Returns:
-        0 on success, 1 when an image could not be read, 2 for a usage or config error.
+        0 on success; 1 when an image could not be read, or for an unexpected error; 2 for an
+        error in what was asked (a config key, a missing file, a name that does not exist);
+        ``snakembed run``: Snakemake's status. Errors are one line; ``--debug`` shows the
+        traceback.
 
     Example:
         >>> main(["predict", "demo/images/animals/chelsea.jpg"])  # doctest: +SKIP
         demo/images/animals/chelsea.jpg	tabby, tabby cat	0.4790
         0
     """
-    from .backbones import WeightsError
-    from .config import ConfigError
-
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    snakemake_args: list[str] = []
+    if "--" in argv:  # what follows goes to Snakemake as it is
+        argv, snakemake_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if snakemake_args and args.command != "run":
+        parser.error(f"only `snakembed run` takes arguments after --, not {args.command}")
+    args.snakemake_args = snakemake_args
     logging.basicConfig(level=logging.WARNING, format="snakembed: %(message)s")
     commands = {
+        "run": _run,
+        "config": _print_config,
         "predict": _predict,
         "embed": _embed_command,
         "query": _query,
@@ -293,9 +407,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ConfigError, WeightsError, LookupError, FileNotFoundError, ValueError) as exc:
-        print(f"snakembed: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("snakembed: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every error is one line, unless --debug
+        if getattr(args, "debug", False):
+            raise
+        # Config errors, missing files, unknown names and unreadable results say what to fix.
+        asked = isinstance(exc, LookupError | OSError | ValueError)
+        hint = "" if asked else " (snakembed --debug shows where)"
+        print(f"snakembed: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return 2 if asked else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (a config error naming several keys: one after another)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    if isinstance(exc, LookupError | OSError | ValueError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """The configuration: defaults, validation, and the fingerprint of what changes the numbers.
 
-The schema lives beside the workflow (``workflow/schemas/config.schema.yaml``) and is shipped
-inside the package, so the CLI and the workflow read the very same defaults.
+The schema lives beside the workflow (``workflow/schemas/config.schema.yaml``), which the package
+carries (:mod:`snakembed.workflow`), so the CLI and the workflow read the very same defaults.
 """
 
 from __future__ import annotations
@@ -9,14 +9,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
+from .workflow import schema_file
+
 __all__ = [
     "ConfigError",
+    "describe_defaults",
     "library_versions",
     "load_config",
     "numbers_fingerprint",
@@ -30,7 +34,7 @@ class ConfigError(ValueError):
 
 
 def _schema() -> dict:
-    return yaml.safe_load(Path(__file__).with_name("config.schema.yaml").read_text())
+    return yaml.safe_load(schema_file().read_text())
 
 
 def _fill_defaults(schema: dict, instance: dict) -> None:
@@ -174,6 +178,42 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {config!r}")
     _merge(config, overrides or {})
     return validate_config(config)
+
+
+def describe_defaults(width: int = 96) -> str:
+    """The default configuration as YAML, each key under its description as a comment.
+
+    Args:
+        width: the longest comment line.
+
+    Returns:
+        A config file that, as it is, gives the defaults: a start for ``--configfile``.
+
+    Example:
+        >>> text = describe_defaults()
+        >>> yaml.safe_load(text) == validate_config({})
+        True
+        >>> "threads: 2" in text.splitlines()
+        True
+    """
+    schema = _schema()
+    lines = [f"# {line}" for line in textwrap.wrap(" ".join(schema["description"].split()), width)]
+    _describe(schema, lines, "", width)
+    return "\n".join(lines) + "\n"
+
+
+def _describe(schema: dict, lines: list[str], indent: str, width: int) -> None:
+    for key, sub in schema["properties"].items():
+        text = " ".join(sub.get("description", "").split())
+        if not indent:
+            lines.append("")
+        lines += [f"{indent}# {line}" for line in textwrap.wrap(text, width - len(indent))]
+        if sub.get("type") == "object" and "properties" in sub:
+            lines.append(f"{indent}{key}:")
+            _describe(sub, lines, indent + "  ", width)
+        else:
+            value = yaml.safe_dump(sub["default"], default_flow_style=True, width=10**6)
+            lines.append(f"{indent}{key}: {value.removesuffix(chr(10) + '...' + chr(10)).strip()}")
 
 
 def _merge(base: dict, extra: dict) -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .layout import ROOT_FOLDER
+
 __all__ = [
-    "ROOT_FOLDER",
     "DEFAULT_MAX_PIXELS",
     "Discovery",
     "DiscoveryError",
@@ -33,9 +34,6 @@ __all__ = [
     "read_image",
     "read_image_bytes",
 ]
-
-#: The folder key of images that lie directly in the image root.
-ROOT_FOLDER = "."
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 

@@ -26,10 +26,11 @@ from .backbones import (
 from .config import ConfigError, numbers_fingerprint, validate_config
 from .devices import resolve_compute
 from .heads import HEADS, needs_labels
-from .images import ROOT_FOLDER, Discovery, DiscoveryError, discover_folders
+from .images import Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
+from .layout import FOLDERS_DIR, ROOT_FOLDER, folder_file, folder_stem
 from .manifest import failed_job, folder_manifest, read_manifest, write_manifest
-from .store import computed_from, folder_file, folder_stem, stale_copy
+from .store import computed_from, stale_copy
 
 #: Where the finetune rule writes its checkpoint, under the results folder.
 FINETUNE_CHECKPOINT = "finetune/checkpoint.safetensors"
@@ -176,7 +177,7 @@ class Plan:
             raise RuntimeError("a plan read from the manifests cannot tell which folders are gone")
         stale = []
         for folder, suffix in (
-            (self.results / "embeddings", ".h5"),
+            (self.results / FOLDERS_DIR, ".h5"),
             (self.results / "logs" / FOLDER_RULE, ".log"),
             (self.results / "benchmarks" / FOLDER_RULE, ".tsv"),
         ):
@@ -204,7 +205,7 @@ class Plan:
         removed = self.stale_files()
         for path in removed:
             path.unlink(missing_ok=True)
-        for top in ("embeddings", f"logs/{FOLDER_RULE}", f"benchmarks/{FOLDER_RULE}"):
+        for top in (FOLDERS_DIR, f"logs/{FOLDER_RULE}", f"benchmarks/{FOLDER_RULE}"):
             _remove_empty_folders(self.results / top)
         return removed
 

@@ -20,7 +20,27 @@ import h5py
 import numpy as np
 
 from ._files import texts
-from .store import FORMAT_VERSION, folder_file
+from .layout import (
+    EMBEDDINGS,
+    FOLDERS_DIR,
+    FORMAT_VERSION,
+    HEIGHT,
+    IDS,
+    IMAGE_EMBEDDING,
+    IMAGE_PATCH_BOXES,
+    IMAGE_PATCH_EMBEDDINGS,
+    IMAGE_TOPK_LABELS,
+    IMAGE_TOPK_SCORES,
+    INDEX_FILE,
+    JSON_ATTRS,
+    LABELS,
+    REQUIRED_DATASETS,
+    SCORES,
+    SHA256,
+    SOURCES,
+    WIDTH,
+    folder_file,
+)
 
 __all__ = [
     "Folder",
@@ -31,9 +51,6 @@ __all__ = [
     "matrix_view",
     "open_store",
 ]
-
-_JSON_ATTRS = ("preprocess", "patches", "versions", "classify", "failed")
-_REQUIRED = ("_ids", "_sources", "_sha256", "_width", "_height", "_embeddings")
 
 
 class StoreError(OSError):
@@ -115,7 +132,7 @@ class Folder:
     def _check(self) -> None:
         f = self._file
         version = f.attrs.get("format_version")
-        if version is None or any(name not in f for name in _REQUIRED):
+        if version is None or any(name not in f for name in REQUIRED_DATASETS):
             raise StoreError(
                 f"{self.path} is not a snakembed folder file; delete it and run the workflow again"
             )
@@ -124,8 +141,8 @@ class Folder:
                 f"{self.path} has format version {int(version)}, newer than this snakembed "
                 f"reads ({FORMAT_VERSION}); upgrade snakembed"
             )
-        n = len(f["_ids"])
-        if f["_embeddings"].ndim not in (2, 3) or any(len(f[name]) != n for name in _REQUIRED):
+        n = len(f[IDS])
+        if f[EMBEDDINGS].ndim not in (2, 3) or any(len(f[name]) != n for name in REQUIRED_DATASETS):
             raise StoreError(f"{self.path} has bulk datasets of different lengths; rebuild it")
 
     def close(self) -> None:
@@ -145,7 +162,7 @@ class Folder:
             out = {}
             for key, value in self._file.attrs.items():
                 value = _text(value) if isinstance(value, bytes | str) else value
-                if key in _JSON_ATTRS:
+                if key in JSON_ATTRS:
                     value = json.loads(value)
                 out[key] = value.item() if isinstance(value, np.generic) else value
             return out
@@ -162,19 +179,19 @@ class Folder:
     def ids(self) -> list[str]:
         """The embedded images' ids, in the order of :meth:`matrix`'s rows."""
         with _reading(self.path):
-            return texts(self._file["_ids"])
+            return texts(self._file[IDS])
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of :meth:`matrix`, read without reading the embeddings."""
         with _reading(self.path):
-            return tuple(self._file["_embeddings"].shape)
+            return tuple(self._file[EMBEDDINGS].shape)
 
     def matrix(self) -> np.ndarray:
         """All embeddings as one float32 array, rows in :meth:`ids` order: ``[N, D]``, or
         ``[N, H*W, D]`` for a layer stored with ``pool: none``."""
         with _reading(self.path):
-            return np.asarray(self._file["_embeddings"][()], np.float32)
+            return np.asarray(self._file[EMBEDDINGS][()], np.float32)
 
     def view(self) -> np.ndarray:
         """:meth:`matrix` without reading it (see :func:`matrix_view`)."""
@@ -183,22 +200,22 @@ class Folder:
     def row(self, index: int) -> tuple[str, str]:
         """The image id and source path of row ``index`` of :meth:`matrix`."""
         with _reading(self.path):
-            return _text(self._file["_ids"][index]), _text(self._file["_sources"][index])
+            return _text(self._file[IDS][index]), _text(self._file[SOURCES][index])
 
     def table(self, *, embeddings: bool = True) -> dict[str, np.ndarray | list]:
         """The bulk columns: ids, sources, sha256, width, height, labels, scores, and unless
         ``embeddings`` is false the embeddings."""
         f = self._file
         with _reading(self.path):
-            n = len(f["_ids"])
+            n = len(f[IDS])
             table = {
-                "image_id": texts(f["_ids"]),
-                "source": texts(f["_sources"]),
-                "sha256": texts(f["_sha256"]),
-                "width": f["_width"][()],
-                "height": f["_height"][()],
-                "label": texts(f["_labels"]) if "_labels" in f else [None] * n,
-                "score": f["_scores"][()] if "_scores" in f else np.full(n, np.nan),
+                "image_id": texts(f[IDS]),
+                "source": texts(f[SOURCES]),
+                "sha256": texts(f[SHA256]),
+                "width": f[WIDTH][()],
+                "height": f[HEIGHT][()],
+                "label": texts(f[LABELS]) if LABELS in f else [None] * n,
+                "score": f[SCORES][()] if SCORES in f else np.full(n, np.nan),
             }
         if embeddings:
             table["embedding"] = self.matrix()
@@ -206,7 +223,7 @@ class Folder:
 
     def __len__(self) -> int:
         with _reading(self.path):
-            return len(self._file["_ids"])
+            return len(self._file[IDS])
 
     def __contains__(self, image_id: str) -> bool:
         with _reading(self.path):
@@ -228,7 +245,7 @@ class Folder:
                 folder=self.key,
                 image_id=image_id,
                 source=_text(attrs["source"]),
-                embedding=group["embedding"][()],
+                embedding=group[IMAGE_EMBEDDING][()],
                 width=int(attrs["width"]),
                 height=int(attrs["height"]),
                 sha256=_text(attrs["sha256"]),
@@ -239,11 +256,13 @@ class Folder:
                 record.topk = [
                     (_text(label), float(score))
                     for label, score in zip(
-                        group["topk_labels"][()], group["topk_scores"][()], strict=True
+                        group[IMAGE_TOPK_LABELS][()], group[IMAGE_TOPK_SCORES][()], strict=True
                     )
                 ]
-            if "patch_embeddings" in group:
-                record.patches = Patches(group["patch_embeddings"][()], group["patch_boxes"][()])
+            if IMAGE_PATCH_EMBEDDINGS in group:
+                record.patches = Patches(
+                    group[IMAGE_PATCH_EMBEDDINGS][()], group[IMAGE_PATCH_BOXES][()]
+                )
             return record
 
     def __repr__(self) -> str:
@@ -265,14 +284,14 @@ class Store:
 
     def __init__(self, results: str | Path) -> None:
         self.results = Path(results)
-        index = self.results / "index.h5"
+        index = self.results / INDEX_FILE
         self.images_root: Path | None = None
         if index.is_file():
             with _reading(index), h5py.File(index, "r") as f:
                 self._folders = [str(k) for k in json.loads(_text(f.attrs["folders"]))]
                 self.images_root = Path(_text(f.attrs["images_root"]))
             return
-        root = self.results / "embeddings"
+        root = self.results / FOLDERS_DIR
         if not root.is_dir():
             raise FileNotFoundError(
                 f"{self.results} holds no snakembed results (no index.h5, no embeddings/); "
@@ -380,7 +399,7 @@ def matrix_view(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     with _reading(path), h5py.File(path, "r") as f:
-        dataset = f["_embeddings"]
+        dataset = f[EMBEDDINGS]
         offset = dataset.id.get_offset()
         if offset is None or dataset.chunks is not None or dataset.compression:
             return np.asarray(dataset[()], np.float32)

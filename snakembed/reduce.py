@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 
 from ._files import atomic_path, texts
+from .layout import folder_file
 from .reader import Store, open_store
-from .store import folder_file
 
 __all__ = ["PCA", "Reduced", "fit_pca", "read_reduced", "reduce_store"]
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ._files import atomic_path
-from .images import ROOT_FOLDER, ImageError, decode_image, read_image_bytes
+from .images import ImageError, decode_image, read_image_bytes
+from .layout import ROOT_FOLDER
 from .reader import Store, open_store
 from .reduce import fit_pca
 from .search import search

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .layout import folder_file
 from .reader import Store
-from .store import folder_file
 
 __all__ = ["Hit", "search"]
 

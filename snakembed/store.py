@@ -1,12 +1,9 @@
 """Writing the HDF5 results: one file per image folder and an index of external links.
 
-A folder file holds a group per embedded image (``f[image_id]["embedding"]``: ``[D]``, or
-``[H*W, D]`` with ``pool: none``; attributes
-``label``, ``score``, ``source``, ``width``, ``height``, ``sha256``), provenance in root
-attributes, and bulk datasets whose names start with ``_`` (``_embeddings`` ``[N, D]`` or
-``[N, H*W, D]`` in ``_ids`` order) for fast reading. Image ids always end in an image
-extension, so they never clash with those names. Every file is written under a temporary name
-and renamed, so readers never see a half-written file. :mod:`snakembed.reader` reads them.
+The layout (a group per embedded image, provenance in root attributes, bulk ``_`` datasets for
+fast reading) and its names are in :mod:`snakembed.layout`, shared with the readers. Every file
+is written under a temporary name and renamed, so readers never see a half-written file.
+:mod:`snakembed.reader` reads them.
 """
 
 from __future__ import annotations
@@ -24,41 +21,37 @@ from ._files import atomic_path, texts
 from .classify import Predictions
 from .config import library_versions
 from .embed import Embeddings
-from .images import ROOT_FOLDER
+from .layout import (
+    EMBEDDINGS,
+    FORMAT_VERSION,
+    HEIGHT,
+    IDS,
+    IMAGE_EMBEDDING,
+    IMAGE_PATCH_BOXES,
+    IMAGE_PATCH_EMBEDDINGS,
+    IMAGE_TOPK_LABELS,
+    IMAGE_TOPK_SCORES,
+    LABELS,
+    PATCH_BOXES,
+    PATCH_EMBEDDINGS,
+    PATCH_OFFSETS,
+    ROOT_FOLDER,
+    SCORES,
+    SHA256,
+    SOURCES,
+    WIDTH,
+    folder_file,
+)
 
 __all__ = [
-    "FORMAT_VERSION",
     "computed_from",
-    "folder_file",
-    "folder_stem",
     "read_earlier",
     "stale_copy",
     "write_folder",
     "write_index",
 ]
 
-FORMAT_VERSION = 1
-_ROOT_STEM = "_root"
 _STR = h5py.string_dtype()
-
-
-def folder_stem(folder: str) -> str:
-    """The file stem of a folder key: the key itself, or ``_root`` for the image root.
-
-    Braces become ``%7B`` and ``%7D``: Snakemake would read ``{name}`` in a path as a wildcard.
-
-    Example:
-        >>> folder_stem("a/b"), folder_stem("."), folder_stem("x{1}")
-        ('a/b', '_root', 'x%7B1%7D')
-    """
-    if folder == ROOT_FOLDER:
-        return _ROOT_STEM
-    return folder.replace("{", "%7B").replace("}", "%7D")
-
-
-def folder_file(results: str | Path, folder: str) -> Path:
-    """Where a folder's HDF5 file lives: ``{results}/embeddings/{folder}.h5``."""
-    return Path(results) / "embeddings" / f"{folder_stem(folder)}.h5"
 
 
 def stale_copy(path: str | Path) -> Path:
@@ -149,23 +142,21 @@ def write_folder(
             attrs["manifest_sha256"] = manifest_sha256
         f.attrs.update(attrs)
 
-        f.create_dataset("_ids", data=np.asarray(embeddings.ids, dtype=object), dtype=_STR)
-        f.create_dataset("_sources", data=np.asarray(embeddings.sources, dtype=object), dtype=_STR)
-        f.create_dataset("_sha256", data=np.asarray(embeddings.sha256, dtype=object), dtype=_STR)
-        f.create_dataset("_width", data=embeddings.width)
-        f.create_dataset("_height", data=embeddings.height)
-        f.create_dataset("_embeddings", data=embeddings.vectors.astype(np.float32))
+        f.create_dataset(IDS, data=np.asarray(embeddings.ids, dtype=object), dtype=_STR)
+        f.create_dataset(SOURCES, data=np.asarray(embeddings.sources, dtype=object), dtype=_STR)
+        f.create_dataset(SHA256, data=np.asarray(embeddings.sha256, dtype=object), dtype=_STR)
+        f.create_dataset(WIDTH, data=embeddings.width)
+        f.create_dataset(HEIGHT, data=embeddings.height)
+        f.create_dataset(EMBEDDINGS, data=embeddings.vectors.astype(np.float32))
         if predictions is not None:
-            f.create_dataset(
-                "_labels", data=np.asarray(predictions.label, dtype=object), dtype=_STR
-            )
-            f.create_dataset("_scores", data=predictions.score.astype(np.float32))
+            f.create_dataset(LABELS, data=np.asarray(predictions.label, dtype=object), dtype=_STR)
+            f.create_dataset(SCORES, data=predictions.score.astype(np.float32))
         offsets = None
         if embeddings.patch_vectors is not None:
             offsets = np.concatenate([[0], np.cumsum(embeddings.patch_counts)]).astype(np.int64)
-            f.create_dataset("_patch_embeddings", data=embeddings.patch_vectors.astype(np.float32))
-            f.create_dataset("_patch_boxes", data=embeddings.patch_boxes)
-            f.create_dataset("_patch_offsets", data=offsets)
+            f.create_dataset(PATCH_EMBEDDINGS, data=embeddings.patch_vectors.astype(np.float32))
+            f.create_dataset(PATCH_BOXES, data=embeddings.patch_boxes)
+            f.create_dataset(PATCH_OFFSETS, data=offsets)
 
         _write_image_groups(f, embeddings, predictions, offsets)
 
@@ -208,7 +199,7 @@ def _write_image_groups(
     for i, image_id in enumerate(embeddings.ids):
         name = image_id.encode("utf-8")
         group = h5g.create(f.id, name, lcpl=None if name.isascii() else utf8, gcpl=groups)
-        dataset(group, "embedding", vectors[i])
+        dataset(group, IMAGE_EMBEDDING, vectors[i])
         attribute(group, "source", embeddings.sources[i])
         attribute(group, "width", np.int64(embeddings.width[i]))
         attribute(group, "height", np.int64(embeddings.height[i]))
@@ -216,12 +207,14 @@ def _write_image_groups(
         if predictions is not None:
             attribute(group, "label", str(predictions.labels[i, 0]))
             attribute(group, "score", np.float64(predictions.scores[i, 0]))
-            dataset(group, "topk_labels", np.asarray(predictions.labels[i], dtype=object))
-            dataset(group, "topk_scores", predictions.scores[i].astype(np.float32))
+            dataset(group, IMAGE_TOPK_LABELS, np.asarray(predictions.labels[i], dtype=object))
+            dataset(group, IMAGE_TOPK_SCORES, predictions.scores[i].astype(np.float32))
         if offsets is not None:
             lo, hi = offsets[i], offsets[i + 1]
-            dataset(group, "patch_embeddings", embeddings.patch_vectors[lo:hi].astype(np.float32))
-            dataset(group, "patch_boxes", embeddings.patch_boxes[lo:hi])
+            dataset(
+                group, IMAGE_PATCH_EMBEDDINGS, embeddings.patch_vectors[lo:hi].astype(np.float32)
+            )
+            dataset(group, IMAGE_PATCH_BOXES, embeddings.patch_boxes[lo:hi])
 
 
 def write_index(folders: list[str], images_root: str | Path, output: str | Path) -> None:
@@ -259,7 +252,7 @@ def write_index(folders: list[str], images_root: str | Path, output: str | Path)
                 continue
             group = f if key == ROOT_FOLDER else f.require_group(key)
             with h5py.File(folder_file(results, key), "r") as source:
-                ids = texts(source["_ids"])
+                ids = texts(source[IDS])
             for image_id in ids:
                 group[image_id] = h5py.ExternalLink(target, "/" + image_id)
 
@@ -295,17 +288,17 @@ def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
                 if f.attrs.get(key, "") != meta.get(key, ""):
                     return None
             earlier = Embeddings(
-                ids=texts(f["_ids"]),
-                sources=texts(f["_sources"]),
-                sha256=texts(f["_sha256"]),
-                width=f["_width"][()],
-                height=f["_height"][()],
-                vectors=f["_embeddings"][()],
+                ids=texts(f[IDS]),
+                sources=texts(f[SOURCES]),
+                sha256=texts(f[SHA256]),
+                width=f[WIDTH][()],
+                height=f[HEIGHT][()],
+                vectors=f[EMBEDDINGS][()],
             )
-            if "_patch_embeddings" in f:
-                earlier.patch_vectors = f["_patch_embeddings"][()]
-                earlier.patch_boxes = f["_patch_boxes"][()]
-                earlier.patch_counts = np.diff(f["_patch_offsets"][()])
+            if PATCH_EMBEDDINGS in f:
+                earlier.patch_vectors = f[PATCH_EMBEDDINGS][()]
+                earlier.patch_boxes = f[PATCH_BOXES][()]
+                earlier.patch_counts = np.diff(f[PATCH_OFFSETS][()])
             return earlier
     except (OSError, KeyError, ValueError):
         return None

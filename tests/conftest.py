@@ -117,13 +117,37 @@ def run_snakemake(
 ) -> subprocess.CompletedProcess:
     """Run the real workflow, with --configfile and --directory given explicitly."""
     cmd = snakemake_command(workdir, configfile, "--cores", "2", *extra)
+    return run_command(cmd, check=check, env=env)
+
+
+def run_command(
+    cmd: list, *, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command (a snakemake) to its end; with ``check``, its failure shows its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+            f"{Path(str(cmd[0])).name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-6000:]}"
         )
     return proc
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A running single-node SLURM cluster (tests/slurm/cluster.sh); skipped, with the reason,
+    where it cannot be started."""
+    cluster = REPO / "tests" / "slurm" / "cluster.sh"
+    if shutil.which("bash") is None or os.geteuid() != 0:
+        skip_unless_ci("the test cluster's daemons run as root; run the tests as root")
+    state = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run([cluster, "up", state], capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        subprocess.run([cluster, "down", state], capture_output=True, timeout=60)
+        skip_unless_ci(f"no SLURM cluster here: {up.stderr.strip() or up.stdout.strip()}")
+    yield state
+    subprocess.run([cluster, "down", state], capture_output=True, timeout=60)
 
 
 @pytest.fixture

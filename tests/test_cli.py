@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import yaml
 
 import snakembed
@@ -72,11 +73,76 @@ def test_config_errors_name_the_key(tmp_path, capsys):
 
 
 def test_info(workflow_run, capsys):
-    assert main(["info", str(workflow_run["results"])]) == 0
+    assert main(["info", "--results", str(workflow_run["results"])]) == 0
     out = capsys.readouterr().out
     n = sum(len(v) for v in workflow_run["folders"].values())
     assert f"folders: {len(workflow_run['folders'])}, images: {n}, failed: 3" in out
     assert "resnet18" in out and "failed: alpha/empty.jpg: empty file" in out
+    assert "classify: pretrained (the model's own classifier)" in out.splitlines()
+
+
+def test_every_command_takes_the_results_folder_the_same_way(workflow_run, capsys, monkeypatch):
+    """--results R everywhere, default ./results; a positional results folder is refused."""
+    monkeypatch.chdir(workflow_run["base"])  # holds results/
+    image = str(workflow_run["images"] / "alpha" / "a1.jpg")
+    for argv in (["info"], ["query", image, "--top", "1"], ["export", "--format", "npz"]):
+        assert main(argv) == 0, argv
+    out = capsys.readouterr().out
+    assert "alpha/a1.jpg" in out and f"folders: {len(workflow_run['folders'])}" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "results"])
+    assert exit_.value.code == 2
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    assert main(["info", "--results", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("snakembed: error: ") and missing in err
+    assert "Traceback" not in err
+    with pytest.raises(OSError, match="nowhere"):
+        main(["--debug", "info", "--results", missing])
+    with pytest.raises(OSError, match="nowhere"):
+        main(["info", "--results", missing, "--debug"])
+    assert main(["layers", "no_such_model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_model" in err and "resnet50" in err
+
+
+def test_unexpected_errors_exit_1_and_point_to_debug(monkeypatch, capsys):
+    from snakembed import cli
+
+    def broken(args):
+        raise RuntimeError("out of\nluck")
+
+    monkeypatch.setattr(cli, "_list", broken)
+    assert main(["list"]) == 1
+    assert capsys.readouterr().err == (
+        "snakembed: error: RuntimeError: out of; luck (snakembed --debug shows where)\n"
+    )
+
+
+def test_version_and_config(capsys):
+    from snakembed.config import validate_config
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"snakembed {snakembed.__version__}\n"
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text) == validate_config({})
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # every key comes under its description
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert lines[i - 1].lstrip().startswith("#"), line
+
+
+def test_arguments_after_a_double_dash_are_only_for_run(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "--", "--forceall"])
+    assert exit_.value.code == 2
+    assert "only `snakembed run`" in capsys.readouterr().err
 
 
 def test_list(capsys):

@@ -56,7 +56,7 @@ def test_export_command_writes_beside_the_results_by_default(workflow_run, tmp_p
     results = tmp_path / "results"
     shutil.copytree(workflow_run["results"], results)
     n = sum(len(names) for names in workflow_run["folders"].values())
-    assert main(["export", str(results), "--format", "csv"]) == 0
+    assert main(["export", "-r", str(results), "--format", "csv"]) == 0
     assert f"{results / 'export.csv'}: {n} images" in capsys.readouterr().err
     assert len(pd.read_csv(results / "export.csv")) == n
 

@@ -165,7 +165,7 @@ def test_a_reader_keeps_its_version_while_the_file_is_replaced(workflow_run, tmp
     """A folder opened before a rewrite reads the old version whole, then the new one."""
     import shutil
 
-    from snakembed.store import folder_file
+    from snakembed.layout import folder_file
 
     source = folder_file(workflow_run["results"], "alpha")
     path = tmp_path / "alpha.h5"

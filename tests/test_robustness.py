@@ -15,7 +15,7 @@ from conftest import make_image, run_snakemake, write_config
 from PIL import Image
 
 import snakembed
-from snakembed.store import folder_file
+from snakembed.layout import folder_file
 
 #: Folder names that trip shells, globs, Snakemake's wildcards and case-insensitive eyes.
 ODD_FOLDERS = [

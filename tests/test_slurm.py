@@ -18,34 +18,18 @@ from conftest import (
     REPO,
     make_image,
     run_snakemake,
-    skip_unless_ci,
     snakemake_command,
     write_config,
 )
 
 import snakembed
-from snakembed.store import folder_file
+from snakembed.layout import folder_file
 
 pytestmark = pytest.mark.slow
 
-CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 #: Folders per SLURM job in these tests (the profile's 50 would put them all in one job).
 PER_JOB = 8
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+)")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A running single-node cluster; skipped, with the reason, where it cannot be started."""
-    if shutil.which("bash") is None or os.geteuid() != 0:
-        skip_unless_ci("the test cluster's daemons run as root; run the tests as root")
-    state = tmp_path_factory.mktemp("slurm")
-    up = subprocess.run([CLUSTER, "up", state], capture_output=True, text=True, timeout=300)
-    if up.returncode != 0:
-        subprocess.run([CLUSTER, "down", state], capture_output=True, timeout=60)
-        skip_unless_ci(f"no SLURM cluster here: {up.stderr.strip() or up.stdout.strip()}")
-    yield state
-    subprocess.run([CLUSTER, "down", state], capture_output=True, timeout=60)
 
 
 def _slurm_command(workdir: Path, configfile: Path, *extra: str) -> list[str]:

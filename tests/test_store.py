@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import snakembed
-from snakembed.store import folder_file
+from snakembed.layout import folder_file
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 from conftest import REPO, make_image, run_snakemake, write_config
 from labelled import make_labelled_tree
 
-from snakembed.store import folder_file
+from snakembed.layout import folder_file
 
 
 def _sha(path: Path) -> str:

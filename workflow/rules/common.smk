@@ -9,8 +9,17 @@ from snakembed.heads import needs_labels
 from snakembed.plan import FINETUNE_CHECKPOINT, FOLDER_RULE, asks_for_gpu, plan_run
 from snakembed.worker import prestart
 
-# envs/snakembed.yaml installs the library from this checkout (for --sdm conda).
-os.environ.setdefault("SNAKEMBED_REPO", workflow.basedir)
+# envs/snakembed.yaml installs the library from this checkout (for --sdm conda): the folder of
+# this workflow's Snakefile (workflow.basedir is the importing workflow's in a module).
+os.environ.setdefault(
+    "SNAKEMBED_REPO", os.path.normpath(f"{workflow.current_basedir}/../..")
+)
+
+# Imported as a Snakemake module (`use rule * from snakembed as snakembed_*`), the rules have
+# the importing workflow's names (snakembed_embed_classify_store), and the module's name is
+# where that workflow reaches this file's functions (snakembed.start_run); None in a plain run.
+FOLDER_RULE_NAME = workflow.modifier.modify_rulename(FOLDER_RULE)
+MODULE_NAME = workflow.modifier.namespace
 
 # Checks the config (naming every bad key, its value and what is allowed), the plugins and the
 # image tree before any job runs, and resolves device and precision (`auto`) for the whole run;
@@ -21,7 +30,7 @@ PLAN = plan_run(
     config,
     discover=workflow.is_main_process,
     gpu_jobs=asks_for_gpu(
-        workflow.resource_settings.overwrite_resources.get(FOLDER_RULE, {})
+        workflow.resource_settings.overwrite_resources.get(FOLDER_RULE_NAME, {})
     ),
 )
 validate(config, schema="../schemas/config.schema.yaml")
@@ -39,9 +48,14 @@ if workflow.is_main_process:
             f"{key}: its job failed, and Snakemake kept its previous file: moved aside, to "
             "be computed again"
         )
+    when = (
+        f", if the workflow's onstart calls {MODULE_NAME}.start_run()"
+        if MODULE_NAME
+        else ""
+    )
     for path in PLAN.stale_files():
         logger.info(
-            f"{path} goes when jobs run: its folder is no longer in {PLAN.images}"
+            f"{path} goes when jobs run{when}: its folder is no longer in {PLAN.images}"
         )
 
 
@@ -50,7 +64,8 @@ wildcard_constraints:
 
 
 # Only when jobs are about to run: never for a dry run, --lint, --unlock, --summary, --report
-# or a run with nothing to do.
+# or a run with nothing to do. Snakemake (9.17 and later) runs no onstart handler of a module:
+# a workflow that imports this one calls start_run from its own (see start_run).
 onstart:
     start_run()
 
@@ -58,17 +73,24 @@ onstart:
 def start_run():
     """Remove the results of folders that are no longer in the image tree, and on a local run
     start the embed worker when folder jobs will run, so that it loads its network while
-    Snakemake starts them."""
+    Snakemake starts them.
+
+    A workflow that imports this one as a module calls it from its own onstart handler::
+
+        onstart:
+            snakembed.start_run()
+    """
     if not workflow.is_main_process:
         return
     for path in PLAN.prune():
         logger.info(f"removed {path}: its folder is no longer in {PLAN.images}")
     if workflow.local_exec and folder_jobs_will_run():
         prestart(config, min(config["threads"], workflow.cores))
+    show_image_progress()
 
 
 def folder_jobs_will_run():
-    return any(job.rule.name == FOLDER_RULE for job in workflow.dag.needrun_jobs())
+    return any(job.rule.name == FOLDER_RULE_NAME for job in workflow.dag.needrun_jobs())
 
 
 def get_final_outputs():
@@ -222,3 +244,20 @@ def get_folder_runtime(wildcards, attempt):
 def get_gpus(wildcards):
     """One GPU for a job on a GPU (device is resolved: `auto` has become cuda or cpu)."""
     return 1 if config["device"].startswith("cuda") else 0
+
+
+def show_image_progress():
+    """Progress lines in images, with their rate and the time left, as folder jobs finish (see
+    snakemake_logger_plugin_snakembed): its handler joins Snakemake's logger unless --logger
+    snakembed added it, and a record says how many images each folder job to run holds.
+    """
+    from snakemake_logger_plugin_snakembed import attach, images_extra, images_message
+
+    images = {
+        job.wildcards.folder: PLAN.image_count(job.wildcards.folder)
+        for job in workflow.dag.needrun_jobs()
+        if job.rule.name.endswith(FOLDER_RULE)
+    }
+    if images:
+        attach(workflow.logger_manager)
+        logger.info(images_message(images), extra=images_extra(images))

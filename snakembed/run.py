@@ -1,0 +1,189 @@
+"""``snakembed run``: the packaged workflow on a user's image tree, with Snakemake underneath.
+
+Snakemake runs in the results folder (``--directory``), so the records it keeps of every job
+(``.snakemake/``, which tell a rerun what changed) live with the results: any later run on the
+same results, from any folder, finds them.
+Paths the user gives (the image tree, config files, a labels CSV, a local checkpoint,
+``PYTHONPATH``) are made absolute first, against the folder the command was typed in.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from .workflow import PROFILES, profile, snakefile, workflow_dir
+
+__all__ = ["run", "snakemake_command"]
+
+#: Config keys whose values may be files, relative to where the command was typed.
+_PATH_KEYS = {"model": ("weights",), "classify": ("labels",), "finetune": ("weights",)}
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+
+
+def snakemake_command(
+    images: str | Path,
+    results: str | Path = "results",
+    *,
+    cores: str | None = None,
+    profile_name: str | None = None,
+    configfiles: Sequence[str | Path] = (),
+    config: Sequence[str] = (),
+    dry_run: bool = False,
+    snakemake_args: Sequence[str] = (),
+    base: Path | None = None,
+) -> list[str]:
+    """The ``snakemake`` command line that runs the packaged workflow.
+
+    Args:
+        images: the image tree.
+        results: the results folder, also Snakemake's working directory.
+        cores: Snakemake's ``--cores``; None gives ``all`` unless a profile is given.
+        profile_name: ``local`` or ``slurm`` (the workflow's own profiles), or a profile's
+            folder or name as Snakemake takes it.
+        configfiles: YAML files with config keys (``snakembed config`` prints them all).
+        config: ``KEY=VALUE`` overrides, as ``snakemake --config`` takes them.
+        dry_run: only show what would run.
+        snakemake_args: more of Snakemake's own arguments, passed as they are.
+        base: the folder relative paths are taken against (default: the current one).
+
+    Returns:
+        The arguments, starting with the Python interpreter.
+
+    Example:
+        >>> cmd = snakemake_command("/data/photos", "/data/out", cores="8")
+        >>> cmd[cmd.index("--directory") + 1], cmd[cmd.index("--cores") + 1]
+        ('/data/out', '8')
+    """
+    base = Path(base or os.getcwd())
+    results = Path(os.path.abspath(base / results))
+    configfiles = [Path(os.path.abspath(base / f)) for f in configfiles]
+    for file in configfiles:
+        if not file.is_file():
+            raise FileNotFoundError(f"--configfile {file}: no such file")
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile()),
+        "--workflow-profile",
+        str(workflow_dir() / "profiles" / "default"),
+        "--directory",
+        str(results),
+    ]
+    if profile_name:
+        cmd += ["--profile", _profile_path(profile_name, base)]
+    if cores or not profile_name:
+        cmd += ["--cores", cores or "all"]
+    if configfiles:
+        cmd += ["--configfile", *map(str, configfiles)]
+    paths = [f"images={os.path.abspath(base / images)}", f"results={results}"]
+    for values in [*map(_load_yaml, configfiles), *map(_config_entry, config)]:
+        for section, subkeys in _absolute_paths(values, base).items():
+            paths.append(f"{section}={yaml.safe_dump(subkeys, default_flow_style=True).strip()}")
+    cmd += ["--config", *config, *paths]
+    if dry_run:
+        cmd.append("--dry-run")
+    return cmd + list(snakemake_args)
+
+
+def run(images: str | Path, results: str | Path = "results", **options) -> int:
+    """Run the packaged workflow on an image tree, as ``snakembed run`` does.
+
+    Args:
+        images: the image tree (every folder in it that holds images is one unit of work).
+        results: the results folder.
+        **options: as :func:`snakemake_command` takes them.
+
+    Returns:
+        Snakemake's exit status (0: done, or nothing to do).
+
+    Example:
+        >>> run("photos", "out", cores="4", dry_run=True)  # doctest: +SKIP
+        0
+    """
+    images_dir = Path(images)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"IMAGES {images}: no such folder; give the root of your images")
+    cmd = snakemake_command(images, results, **options)
+    Path(cmd[cmd.index("--directory") + 1]).mkdir(parents=True, exist_ok=True)
+    print(f"snakembed: {shlex.join(['snakemake', *cmd[3:]])}", file=sys.stderr, flush=True)
+    process = subprocess.Popen(cmd, env=_environment())
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # Snakemake has the signal too, and stops its jobs
+            continue
+
+
+def _profile_path(name: str, base: Path) -> str:
+    if name in PROFILES:
+        return str(profile(name))
+    path = base / name
+    return str(path) if path.exists() else name
+
+
+def _environment() -> dict[str, str]:
+    """This environment, with ``PYTHONPATH`` absolute: Snakemake works in the results folder."""
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        entries = env["PYTHONPATH"].split(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p for p in entries)
+    return env
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--configfile {path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict | None):
+        raise ValueError(
+            f"--configfile {path} holds a {type(values).__name__}, not KEY: VALUE lines"
+        )
+    return values or {}
+
+
+def _config_entry(entry: str) -> dict:
+    """``KEY=VALUE`` as a dict, its value read as YAML (as ``snakemake --config`` reads it)."""
+    key, sep, value = entry.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--config {entry!r}: give KEY=VALUE, for example --config threads=4")
+    if key in ("images", "results"):
+        raise ValueError(
+            f"--config {entry!r}: give the {key} as snakembed run's "
+            f"{'IMAGES argument' if key == 'images' else '--results option'}"
+        )
+    try:
+        return {key: yaml.safe_load(value)}
+    except yaml.YAMLError:
+        return {key: value}
+
+
+def _absolute_paths(values: dict, base: Path) -> dict[str, dict[str, str]]:
+    """The relative file paths among ``values`` (labels, local checkpoints), made absolute."""
+    found: dict[str, dict[str, str]] = {}
+    for section, keys in _PATH_KEYS.items():
+        block = values.get(section)
+        if not isinstance(block, dict):
+            continue
+        for key in keys:
+            value = block.get(key)
+            if isinstance(value, str) and value and _is_relative_file(section, value, base):
+                found.setdefault(section, {})[key] = os.path.abspath(base / value)
+    return found
+
+
+def _is_relative_file(section: str, value: str, base: Path) -> bool:
+    if os.path.isabs(value):
+        return False
+    if section == "classify":  # labels: always a CSV or a folder
+        return True
+    return "/" in value or value.endswith(_CHECKPOINT_SUFFIXES) or (base / value).is_file()

@@ -1,0 +1,81 @@
+"""`snakembed run`'s command line: Snakemake in the results folder, every path made absolute."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from snakembed.run import snakemake_command
+from snakembed.workflow import profile, snakefile
+
+
+def _config(cmd: list[str]) -> list[str]:
+    start = cmd.index("--config") + 1
+    end = next((i for i in range(start, len(cmd)) if cmd[i].startswith("--")), len(cmd))
+    return cmd[start:end]
+
+
+def test_snakemake_runs_the_packaged_workflow_in_the_results_folder(tmp_path):
+    cmd = snakemake_command("photos", "out", base=tmp_path)
+    assert cmd[1:3] == ["-m", "snakemake"]
+    assert cmd[cmd.index("--snakefile") + 1] == str(snakefile())
+    assert cmd[cmd.index("--directory") + 1] == str(tmp_path / "out")
+    assert cmd[cmd.index("--cores") + 1] == "all"
+    assert _config(cmd) == [f"images={tmp_path / 'photos'}", f"results={tmp_path / 'out'}"]
+    assert "--dry-run" not in cmd
+
+
+def test_paths_are_taken_against_where_the_command_was_typed(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "ckpt.pt").touch()
+    file = tmp_path / "sub" / "my.yaml"
+    file.write_text(yaml.safe_dump({"model": {"weights": "../ckpt.pt"}, "threads": 1}))
+    cmd = snakemake_command(
+        "../photos",
+        "../out",
+        configfiles=["my.yaml"],
+        config=["classify={head: linear, labels: labels.csv}", "threads=3"],
+        base=tmp_path / "sub",
+    )
+    assert cmd[cmd.index("--configfile") + 1] == str(file)
+    config = _config(cmd)
+    assert config[:2] == ["classify={head: linear, labels: labels.csv}", "threads=3"]
+    assert f"images={tmp_path / 'photos'}" in config
+    absolute = [yaml.safe_load(entry.partition("=")[2]) for entry in config[4:]]
+    assert {"weights": str(tmp_path / "ckpt.pt")} in absolute
+    assert {"labels": str(tmp_path / "sub" / "labels.csv")} in absolute
+
+
+def test_named_weights_stay_names(tmp_path):
+    cmd = snakemake_command(
+        "p", config=["model={name: resnet50, weights: IMAGENET1K_V2}"], base=tmp_path
+    )
+    assert len(_config(cmd)) == 3  # the user's entry, images, results: nothing added
+
+
+def test_profiles_options_and_snakemake_arguments(tmp_path):
+    cmd = snakemake_command(
+        "p", profile_name="slurm", dry_run=True, snakemake_args=["--forceall"], base=tmp_path
+    )
+    assert cmd[cmd.index("--profile") + 1] == str(profile("slurm"))
+    assert "--cores" not in cmd  # the profile decides
+    assert cmd[-2:] == ["--dry-run", "--forceall"]
+    assert (profile("slurm") / "config.yaml").is_file()
+    own = tmp_path / "mine"
+    own.mkdir()
+    cmd = snakemake_command("p", profile_name="mine", cores="3", base=tmp_path)
+    assert cmd[cmd.index("--profile") + 1] == str(own)
+    assert cmd[cmd.index("--cores") + 1] == "3"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"configfiles": ["missing.yaml"]}, "--configfile .*missing.yaml: no such file"),
+        ({"config": ["threads"]}, "give KEY=VALUE"),
+        ({"config": ["results=x"]}, "--results option"),
+    ],
+)
+def test_mistakes_name_the_fix(tmp_path, kwargs, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        snakemake_command("p", base=tmp_path, **kwargs)
