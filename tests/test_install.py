@@ -53,14 +53,19 @@ def installed(tmp_path_factory) -> Path:
     return venv / "bin"
 
 
-def _tool(bin_dir: Path, cwd: Path, *args: str, check: bool = True):
-    """Run the installed ``snakembed`` in ``cwd``, with no trace of the repository around."""
+def _environment(bin_dir: Path) -> dict[str, str]:
+    """This environment with the installed one first, and the repository off the import path."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def _tool(bin_dir: Path, cwd: Path, *args: str, check: bool = True):
+    """Run the installed ``snakembed`` in ``cwd``, with no trace of the repository around."""
     proc = subprocess.run(
         [bin_dir / "snakembed", *args],
         cwd=cwd,
-        env=env,
+        env=_environment(bin_dir),
         capture_output=True,
         text=True,
         timeout=900,
@@ -99,7 +104,8 @@ def _assert_same_results(a: Path, b: Path) -> None:
 def test_the_installed_package_runs_its_own_copy_of_the_workflow(tool_run):
     code = "import snakembed, snakembed.workflow as w; print(snakembed.__file__, w.snakefile())"
     python = tool_run["bin"] / "python"
-    out = subprocess.check_output([python, "-c", code], cwd=tool_run["work"], text=True)
+    env = _environment(tool_run["bin"])
+    out = subprocess.check_output([python, "-c", code], cwd=tool_run["work"], env=env, text=True)
     package, snakefile = out.split()
     venv = tool_run["bin"].parent
     assert Path(package).is_relative_to(venv) and Path(snakefile).is_relative_to(venv), out
