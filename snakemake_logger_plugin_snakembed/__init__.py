@@ -313,7 +313,8 @@ def format_duration(seconds: float) -> str:
 def _count(done: int, total: int | None, unit: str) -> str:
     if total is None:
         return f"{done:,} {unit}"
-    percent = 100 * done // total if total else 100
+    # rounded as Snakemake's own line rounds its steps, but 100 % only when all are done
+    percent = min(round(100 * done / total), 99 if done < total else 100) if total else 100
     return f"{done:,} of {total:,} {unit} ({percent} %)"
 
 

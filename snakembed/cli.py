@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -389,7 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:  # what follows goes to Snakemake as it is
         argv, snakemake_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = ""
+        if args.command in ("info", "export", "query") and not unknown[0].startswith("-"):
+            hint = f"; give the results folder as --results {unknown[0]}"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if snakemake_args and args.command != "run":
         parser.error(f"only `snakembed run` takes arguments after --, not {args.command}")
     args.snakemake_args = snakemake_args
@@ -410,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snakembed: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:  # noqa: BLE001 - every error is one line, unless --debug
         if getattr(args, "debug", False):
             raise

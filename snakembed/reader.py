@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -199,6 +200,9 @@ class Folder:
 
     def row(self, index: int) -> tuple[str, str]:
         """The image id and source path of row ``index`` of :meth:`matrix`."""
+        index = operator.index(index)  # TypeError for anything but an integer
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} of {self.key!r}: it has {len(self)} rows")
         with _reading(self.path):
             return _text(self._file[IDS][index]), _text(self._file[SOURCES][index])
 

@@ -9,6 +9,7 @@ Paths the user gives (the image tree, config files, a labels CSV, a local checkp
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -111,7 +112,14 @@ def run(images: str | Path, results: str | Path = "results", **options) -> int:
     """
     images_dir = Path(images)
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"IMAGES {images}: no such folder; give the root of your images")
+        what = "not a folder" if images_dir.exists() else "no such folder"
+        raise FileNotFoundError(f"IMAGES {images}: {what}; give the root of your images")
+    inside = Path(os.path.abspath(results)).resolve()
+    if inside == images_dir.resolve() or images_dir.resolve() in inside.parents:
+        raise ValueError(
+            f"--results {results} lies inside IMAGES {images}: choose a results folder outside "
+            "the image tree (--results ../results, for example)"
+        )
     cmd = snakemake_command(images, results, **options)
     Path(cmd[cmd.index("--directory") + 1]).mkdir(parents=True, exist_ok=True)
     print(f"snakembed: {shlex.join(['snakemake', *cmd[3:]])}", file=sys.stderr, flush=True)
@@ -124,10 +132,25 @@ def run(images: str | Path, results: str | Path = "results", **options) -> int:
 
 
 def _profile_path(name: str, base: Path) -> str:
+    """A profile that comes with snakembed, a folder, or one of the user's Snakemake profiles."""
     if name in PROFILES:
+        if name == "slurm" and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+            raise ModuleNotFoundError(
+                "--profile slurm needs Snakemake's SLURM executor plugin: pip install "
+                '"snakembed[slurm]" (or snakemake-executor-plugin-slurm)'
+            )
         return str(profile(name))
     path = base / name
-    return str(path) if path.exists() else name
+    if path.exists():
+        return str(path)
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    for folder in (Path(config_home) / "snakemake", Path("/etc/xdg/snakemake")):
+        if (folder / name).is_dir():
+            return name
+    raise FileNotFoundError(
+        f"--profile {name}: no such profile; choose {' or '.join(PROFILES)} (they come with "
+        "snakembed), or give a profile's folder"
+    )
 
 
 def _environment() -> dict[str, str]:

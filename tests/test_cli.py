@@ -81,17 +81,22 @@ def test_info(workflow_run, capsys):
     assert "classify: pretrained (the model's own classifier)" in out.splitlines()
 
 
-def test_every_command_takes_the_results_folder_the_same_way(workflow_run, capsys, monkeypatch):
+def test_every_command_takes_the_results_folder_the_same_way(
+    workflow_run, capsys, monkeypatch, tmp_path
+):
     """--results R everywhere, default ./results; a positional results folder is refused."""
     monkeypatch.chdir(workflow_run["base"])  # holds results/
     image = str(workflow_run["images"] / "alpha" / "a1.jpg")
-    for argv in (["info"], ["query", image, "--top", "1"], ["export", "--format", "npz"]):
+    export = ["export", "--format", "npz", "-o", str(tmp_path / "e.npz")]
+    for argv in (["info"], ["query", image, "--top", "1"], export):
         assert main(argv) == 0, argv
     out = capsys.readouterr().out
     assert "alpha/a1.jpg" in out and f"folders: {len(workflow_run['folders'])}" in out
     with pytest.raises(SystemExit) as exit_:
         main(["info", "results"])
     assert exit_.value.code == 2
+    assert "give the results folder as --results results" in capsys.readouterr().err
+    assert (tmp_path / "e.npz").is_file()
 
 
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
@@ -161,3 +166,12 @@ def test_layers_lists_what_model_layer_accepts(capsys):
     assert names[0] == "pre_logits" and "features.5" in names and "x" not in names
     for name in (names[1], names[len(names) // 2], "features.5"):  # every one is usable
         assert create_backbone("mobilenet_v3_small", "none", name).embedding_dim > 0
+
+
+def test_a_bad_row_index_is_an_index_error_not_a_broken_file(workflow_run):
+    with snakembed.open_store(workflow_run["results"])["alpha"] as folder:
+        assert folder.row(0)[0] == folder.ids()[0]
+        with pytest.raises(IndexError, match="row 99 of 'alpha'"):
+            folder.row(99)
+        with pytest.raises(TypeError):
+            folder.row("a1.jpg")

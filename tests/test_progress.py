@@ -96,7 +96,7 @@ def test_lines_come_at_most_once_an_interval_and_the_last_at_the_end():
         clock.now += 1
         _finish(handler, i)  # at 1, 2, 3, 4 and 5 s: lines at 1 s and 6 s only
     assert _lines(handler) == [
-        "snakembed: 10 of 60 images (16 %), 10.0 images/s, about 5 s left",
+        "snakembed: 10 of 60 images (17 %), 10.0 images/s, about 5 s left",
     ]
     clock.now += 1
     _finish(handler, 5)
@@ -115,7 +115,7 @@ def test_close_writes_the_line_that_the_interval_held_back():
     assert len(_lines(handler)) == 1
     handler.close()
     assert _lines(handler)[-1] == (
-        "snakembed: 8 of 12 images (66 %), 2.0 images/s, ended after 4 s"
+        "snakembed: 8 of 12 images (67 %), 2.0 images/s, ended after 4 s"
     )
 
 

@@ -79,3 +79,33 @@ def test_profiles_options_and_snakemake_arguments(tmp_path):
 def test_mistakes_name_the_fix(tmp_path, kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         snakemake_command("p", base=tmp_path, **kwargs)
+
+
+def test_results_inside_the_images_are_refused_before_snakemake_starts(tmp_path, monkeypatch):
+    from snakembed.run import run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photo.jpg").touch()
+    for results in ("photos", "photos/results"):
+        with pytest.raises(ValueError, match="lies inside IMAGES photos"):
+            run("photos", results)
+    with pytest.raises(FileNotFoundError, match="IMAGES photo.jpg: not a folder"):
+        run("photo.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg", "photos"]
+    assert not any((tmp_path / "photos").iterdir())  # nothing written into the images
+
+
+def test_unknown_profiles_and_a_missing_slurm_plugin_name_the_fix(tmp_path, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(FileNotFoundError, match="--profile lcoal: no such profile; choose local"):
+        snakemake_command("p", profile_name="lcoal", base=tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "snakemake_executor_plugin_slurm" else real(name, *a),
+    )
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "snakembed\[slurm\]"'):
+        snakemake_command("p", profile_name="slurm", base=tmp_path)
