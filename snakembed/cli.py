@@ -432,7 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(exc: BaseException) -> str:
     """The message on one line (a config error naming several keys: one after another)."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    text = "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    text = "".join(
+        (" " if i and lines[i - 1].endswith(":") else "; " if i else "") + line
+        for i, line in enumerate(lines)
+    )
     if isinstance(exc, LookupError | OSError | ValueError):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -23,6 +23,7 @@ __all__ = [
     "describe_defaults",
     "library_versions",
     "load_config",
+    "merge_config",
     "numbers_fingerprint",
     "resolved",
     "validate_config",
@@ -176,7 +177,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         if not isinstance(config, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {config!r}")
-    _merge(config, overrides or {})
+    merge_config(config, overrides or {})
     return validate_config(config)
 
 
@@ -216,12 +217,28 @@ def _describe(schema: dict, lines: list[str], indent: str, width: int) -> None:
             lines.append(f"{indent}{key}: {value.removesuffix(chr(10) + '...' + chr(10)).strip()}")
 
 
-def _merge(base: dict, extra: dict) -> None:
+def merge_config(base: dict, extra: dict) -> dict:
+    """Merge ``extra`` into ``base`` (in place) as Snakemake merges ``--configfile`` and
+    ``--config`` over a workflow's config: nested blocks key by key, anything else replaced.
+
+    Args:
+        base: the configuration to change.
+        extra: the keys that take precedence.
+
+    Returns:
+        ``base``.
+
+    Example:
+        >>> merge_config({"model": {"name": "resnet18", "layer": "pre_logits"}},
+        ...              {"model": {"name": "resnet50"}})
+        {'model': {'name': 'resnet50', 'layer': 'pre_logits'}}
+    """
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge_config(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
+    return base
 
 
 def library_versions() -> dict[str, str]:

@@ -9,6 +9,7 @@ Paths the user gives (the image tree, config files, a labels CSV, a local checkp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shlex
@@ -26,6 +27,19 @@ __all__ = ["run", "snakemake_command"]
 #: Config keys whose values may be files, relative to where the command was typed.
 _PATH_KEYS = {"model": ("weights",), "classify": ("labels",), "finetune": ("weights",)}
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
+#: Snakemake options that ``snakembed run`` sets itself, and what to give instead: given again
+#: after ``--``, Snakemake would take them in place of snakembed's (a later ``--config`` replaces
+#: the images and the results, a later ``--configfile`` the user's config files).
+_OWN_OPTIONS = {
+    "--config": "give --config KEY=VALUE before the --",
+    "-C": "give --config KEY=VALUE before the --",
+    "--configfile": "give --configfile FILE before the --",
+    "--configfiles": "give --configfile FILE before the --",
+    "--directory": "give the results folder as --results",
+    "-d": "give the results folder as --results",
+    "--snakefile": "snakembed run runs snakembed's workflow; run another with snakemake itself",
+    "-s": "snakembed run runs snakembed's workflow; run another with snakemake itself",
+}
 
 
 def snakemake_command(
@@ -62,6 +76,10 @@ def snakemake_command(
         >>> cmd[cmd.index("--directory") + 1], cmd[cmd.index("--cores") + 1]
         ('/data/out', '8')
     """
+    for arg in snakemake_args:
+        name = arg.partition("=")[0] if arg.startswith("--") else arg[:2]
+        if name in _OWN_OPTIONS:
+            raise ValueError(f"{arg} after --: {_OWN_OPTIONS[name]}")
     base = Path(base or os.getcwd())
     results = Path(os.path.abspath(base / results))
     configfiles = [Path(os.path.abspath(base / f)) for f in configfiles]
@@ -85,8 +103,11 @@ def snakemake_command(
         cmd += ["--cores", cores or "all"]
     if configfiles:
         cmd += ["--configfile", *map(str, configfiles)]
-    paths = [f"images={os.path.abspath(base / images)}", f"results={results}"]
-    for values in [*map(_load_yaml, configfiles), *map(_config_entry, config)]:
+    images = os.path.abspath(base / images)
+    sources = [*map(_load_yaml, configfiles), *map(_config_entry, config)]
+    _check_config(sources, images, results)
+    paths = [f"images={images}", f"results={results}"]
+    for values in sources:
         for section, subkeys in _absolute_paths(values, base).items():
             paths.append(f"{section}={yaml.safe_dump(subkeys, default_flow_style=True).strip()}")
     cmd += ["--config", *config, *paths]
@@ -174,8 +195,25 @@ def _load_yaml(path: Path) -> dict:
     return values or {}
 
 
+def _check_config(sources: list[dict], images: str, results: Path) -> None:
+    """The configuration Snakemake will see (the packaged ``config.yaml``, the config files, the
+    ``--config`` entries, in that order) checked against the schema before Snakemake starts, so
+    that a mistyped key or value is named in one line; the workflow checks the rest (plugin
+    names, checkpoints, labels, the image tree) when it starts."""
+    from .config import load_config, merge_config
+
+    overrides: dict = {}
+    for values in sources:
+        merge_config(overrides, values)
+    load_config(
+        workflow_dir() / "config.yaml", {**overrides, "images": images, "results": str(results)}
+    )
+
+
 def _config_entry(entry: str) -> dict:
-    """``KEY=VALUE`` as a dict, its value read as YAML (as ``snakemake --config`` reads it)."""
+    """``KEY=VALUE`` as a dict, its value read as ``snakemake --config`` reads it: an integer, a
+    float, True or False, else YAML whose scalars stay strings (the schema's types are applied
+    when the configuration is validated)."""
     key, sep, value = entry.partition("=")
     if not sep or not key:
         raise ValueError(f"--config {entry!r}: give KEY=VALUE, for example --config threads=4")
@@ -184,8 +222,13 @@ def _config_entry(entry: str) -> dict:
             f"--config {entry!r}: give the {key} as snakembed run's "
             f"{'IMAGES argument' if key == 'images' else '--results option'}"
         )
+    if not value:
+        return {key: None}
+    for parse in (int, float, {"True": True, "False": False}.__getitem__):
+        with contextlib.suppress(ValueError, KeyError):
+            return {key: parse(value)}
     try:
-        return {key: yaml.safe_load(value)}
+        return {key: yaml.load(value, Loader=yaml.BaseLoader)}
     except yaml.YAMLError:
         return {key: value}
 

@@ -90,6 +90,24 @@ def make_tree(root: Path) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in layout.items()}
 
 
+def embedding_meta(**overrides) -> dict:
+    """The provenance a folder file records, for embeddings made up in a test (8-wide)."""
+    return {
+        "model": "m",
+        "weights": "none",
+        "weights_sha256": "",
+        "layer": "pre_logits",
+        "pool": "avg",
+        "embedding_dim": 8,
+        "preprocess": {"resize": 8},
+        "patches": None,
+        "device": "cpu",
+        "precision": "fp32",
+        "config_hash": "0" * 16,
+        **overrides,
+    }
+
+
 def write_config(path: Path, **overrides) -> Path:
     """A YAML config file from FAST_CONFIG with top-level overrides."""
     config = {**FAST_CONFIG, **overrides}

@@ -175,3 +175,19 @@ def test_a_bad_row_index_is_an_index_error_not_a_broken_file(workflow_run):
             folder.row(99)
         with pytest.raises(TypeError):
             folder.row("a1.jpg")
+
+
+def test_run_refuses_a_bad_configuration_in_one_line_before_snakemake(
+    tmp_path, capsys, monkeypatch
+):
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    monkeypatch.setattr(subprocess, "Popen", None)  # Snakemake must not start
+    assert main(["run", "photos", "--config", "batch_size=-3", "modle=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("snakembed: error: invalid configuration: config key '(top level)'")
+    assert "('modle' was unexpected); config key 'batch_size': -3 is less than" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no results folder

@@ -14,6 +14,7 @@ import signal
 import numpy as np
 import pytest
 import samples
+from conftest import embedding_meta
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -108,19 +109,7 @@ def _folder_file_bytes(tmp_path_factory) -> bytes:
         patch_vectors=rng.normal(size=(6, 8)).astype(np.float32),
         patch_boxes=np.tile(np.array([[0, 0, 5, 5]]), (6, 1)),
         patch_counts=np.array([2, 2, 2]),
-        meta={
-            "model": "m",
-            "weights": "none",
-            "weights_sha256": "",
-            "layer": "pre_logits",
-            "pool": "avg",
-            "embedding_dim": 8,
-            "preprocess": {"resize": 8},
-            "patches": {"size": 4},
-            "device": "cpu",
-            "precision": "fp32",
-            "config_hash": "0" * 16,
-        },
+        meta=embedding_meta(patches={"size": 4}),
     )
     labels = np.array([["x", "y"]] * 3)
     predictions = Predictions(

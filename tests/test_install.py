@@ -192,10 +192,18 @@ def test_run_errors_are_one_line_and_name_the_fix(installed, tmp_path):
     (tmp_path / "images").mkdir()
     twice = _tool(installed, tmp_path, "run", "images", "--config", "images=x", check=False)
     assert twice.returncode == 2 and "IMAGES argument" in twice.stderr
-    # A bad config value: Snakemake's planning names it, and its status is the tool's.
+    # A bad config value: named in one line before Snakemake starts.
     make_image(tmp_path / "images" / "a" / "0.jpg")
     bad = _tool(installed, tmp_path, "run", "images", "--config", "threads=0", check=False)
-    assert bad.returncode == 1 and "threads" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-2000:]
+    assert "config key 'threads': 0 is less than the minimum of 1" in bad.stderr
+    assert not (tmp_path / "results").exists()
+    # An unknown model: the workflow's planning names it, and Snakemake's status is the tool's.
+    unknown = _tool(
+        installed, tmp_path, "run", "images", "--config", "model={name: resnet99}", check=False
+    )
+    assert unknown.returncode == 1, unknown.stderr[-2000:]
+    assert "unknown backbone 'resnet99'; did you mean resnet50" in unknown.stderr
 
 
 def test_version_and_config(installed, tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, embedding_meta
 
 from snakembed import layout
 from snakembed.classify import Predictions
@@ -65,19 +65,7 @@ def _write_store(results, images) -> dict[str, list[str]]:
             width=np.full(n, 64),
             height=np.full(n, 48),
             vectors=rng.normal(size=(n, 8)).astype(np.float32),
-            meta={
-                "model": "m",
-                "weights": "none",
-                "weights_sha256": "",
-                "layer": "pre_logits",
-                "pool": "avg",
-                "embedding_dim": 8,
-                "preprocess": {"resize": 8},
-                "patches": None,
-                "device": "cpu",
-                "precision": "fp32",
-                "config_hash": "0" * 16,
-            },
+            meta=embedding_meta(),
         )
         predictions = Predictions(
             ids=ids, labels=np.array([["x", "y"]] * n), scores=np.full((n, 2), 0.5), head="h"

@@ -109,3 +109,66 @@ def test_unknown_profiles_and_a_missing_slurm_plugin_name_the_fix(tmp_path, monk
     )
     with pytest.raises(ModuleNotFoundError, match=r'pip install "snakembed\[slurm\]"'):
         snakemake_command("p", profile_name="slurm", base=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("config", "configfile", "message"),
+    [
+        (["batch_size=0"], None, r"config key 'batch_size': 0 is less than the minimum of 1"),
+        (["modle={weights: x}"], None, r"'modle' was unexpected"),
+        (["classify={topk: many}"], None, r"config key 'classify.topk'"),
+        ([], {"model": {"pool": "maximum"}}, r"config key 'model.pool'"),
+        (["model={pool: avg}"], {"model": {"pool": "maximum"}}, None),  # --config wins
+    ],
+)
+def test_the_configuration_is_checked_before_snakemake_starts(
+    tmp_path, config, configfile, message
+):
+    """What Snakemake would see: the packaged config, the files, then the --config entries."""
+    files = []
+    if configfile:
+        files = [tmp_path / "my.yaml"]
+        files[0].write_text(yaml.safe_dump(configfile))
+    if message is None:
+        snakemake_command("p", configfiles=files, config=config, base=tmp_path)
+        return
+    from snakembed.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        snakemake_command("p", configfiles=files, config=config, base=tmp_path)
+
+
+def test_config_values_are_read_as_snakemake_reads_them(tmp_path):
+    """Numbers, True/False and YAML of strings (the schema's types applied in validation): a
+    valid command line is not refused by the early check."""
+    snakemake_command(
+        "p",
+        config=[
+            "classify={topk: 3, head: none}",
+            "worker={shared: false}",
+            "threads=4",
+            "optimize=False",
+            "preprocess={draft: true}",
+        ],
+        base=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("arg", "fix"),
+    [
+        ("--config", "give --config KEY=VALUE before the --"),
+        ("--config=threads=1", "give --config KEY=VALUE before the --"),
+        ("-C", "give --config KEY=VALUE before the --"),
+        ("--configfile", "give --configfile FILE before the --"),
+        ("--directory", "give the results folder as --results"),
+        ("-dout", "give the results folder as --results"),
+        ("--snakefile", "snakembed run runs snakembed.s workflow; run another with snakemake"),
+    ],
+)
+def test_options_snakembed_sets_are_refused_after_the_double_dash(tmp_path, arg, fix):
+    """Given again after --, Snakemake would take them in place of snakembed's own: a later
+    --config drops the images and results, a later --configfile the user's config files."""
+    with pytest.raises(ValueError, match=f"^{arg} after --: {fix}"):
+        snakemake_command("p", snakemake_args=["--forceall", arg, "x"], base=tmp_path)
+    snakemake_command("p", snakemake_args=["-np", "--cores", "2", "--dry-run"], base=tmp_path)
