@@ -7,8 +7,10 @@ carries (:mod:`snakembed.workflow`), so the CLI and the workflow read the very s
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
+import math
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -47,24 +49,46 @@ def _fill_defaults(schema: dict, instance: dict) -> None:
             _fill_defaults(sub, instance[key])
 
 
-_WORDS = {"true": True, "yes": True, "false": False, "no": False, "null": None, "none": None}
+_WORDS = {
+    "true": True,
+    "yes": True,
+    "false": False,
+    "no": False,
+    "null": None,
+    "none": None,
+    "~": None,
+    "": None,
+}
 
 
 def _coerce_words(schema: dict, instance: dict) -> None:
     """``--config key=true`` arrives as the string 'true', and nested values as strings:
-    turn such strings into the boolean, null or number that the schema asks for."""
+    turn such strings into the boolean, null or number that the schema asks for, and a whole
+    float where an integer is asked for (``max_pixels=1e6``) into that integer, so that the
+    settings, and so the decision to recompute, do not depend on how a number was written."""
     for key, sub in schema.get("properties", {}).items():
         value = instance.get(key)
         if isinstance(value, dict) and "properties" not in sub:
             instance[key] = {k: _scalar(v) for k, v in value.items()}  # free-form (kwargs)
         elif isinstance(value, dict):
             _coerce_words(sub, value)
-        elif isinstance(value, str):
-            instance[key] = _from_word(value, sub)
         elif isinstance(value, list) and isinstance(sub.get("items"), dict):
-            instance[key] = [
-                _from_word(v, sub["items"]) if isinstance(v, str) else v for v in value
-            ]
+            instance[key] = [_typed(v, sub["items"]) for v in value]
+        elif key in instance:
+            instance[key] = _typed(value, sub)
+
+
+def _typed(value, schema: dict):
+    if isinstance(value, str):
+        return _from_word(value, schema)
+    if isinstance(value, float) and value.is_integer() and "number" not in _types(schema):
+        return int(value) if "integer" in _types(schema) else value
+    return value
+
+
+def _types(schema: dict) -> list[str]:
+    types = schema.get("type", [])
+    return [types] if isinstance(types, str) else types
 
 
 def _scalar(value):
@@ -79,8 +103,7 @@ def _scalar(value):
 
 
 def _from_word(value: str, schema: dict):
-    types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else types
+    types = _types(schema)
     word = value.strip().lower()
     if word in _WORDS:
         meaning = _WORDS[word]
@@ -88,13 +111,12 @@ def _from_word(value: str, schema: dict):
             isinstance(meaning, bool) and "boolean" in types
         ):
             return meaning
-    try:
-        if "integer" in types:
-            return int(word)
-        if "number" in types:
-            return float(word)
-    except ValueError:
-        pass
+    if "integer" in types or "number" in types:
+        for parse in (int, float):
+            try:
+                return _typed(parse(word), schema)
+            except ValueError:
+                continue
     return value
 
 
@@ -119,21 +141,64 @@ def validate_config(config: dict) -> dict:
     _fill_defaults(schema, config)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = []
-        for err in errors:
-            key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-            help_ = _description(schema, list(err.absolute_path))
-            message = _message(err)
-            lines.append(f"config key {key!r}: {message}" + (f" ({help_})" if help_ else ""))
+    lines = []
+    for err in errors:
+        if err.validator == "additionalProperties":
+            lines += _unknown_keys(err)
+            continue
+        help_ = _description(schema, list(err.absolute_path))
+        lines.append(
+            f"config key {_key(err.absolute_path)!r}: {_message(err)}"
+            + (f" ({help_})" if help_ else "")
+        )
+    lines += [
+        f"config key {_key(path)!r}: {value!r} is not a number: give a finite one"
+        for path, value in _leaves(config)
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
+    if lines:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _leaves(value, path: tuple = ()):
+    """Every (path, value) below ``value`` that is neither a mapping nor a list."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            yield from _leaves(sub, (*path, key))
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            yield from _leaves(sub, (*path, i))
+    else:
+        yield path, value
+
+
+def _unknown_keys(err) -> list[str]:
+    """One line per key the schema does not know, with the closest known key, or a dotted key's
+    section (``model.name`` is ``name`` in ``model``), or else every key that is known there."""
+    known = sorted(err.schema.get("properties", {}))
+    lines = []
+    for name in sorted(set(err.instance) - set(known), key=str):
+        section, dot, sub = str(name).partition(".")
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        if dot and section in known:
+            fix = f"give it inside its section, as {section}: {{{sub}: VALUE}}"
+        elif close:
+            fix = f"did you mean {close[0]!r}?"
+        else:
+            fix = f"known keys here: {', '.join(known)}"
+        lines.append(f"config key {_key([*err.absolute_path, name])!r} is unknown: {fix}")
+    return lines
 
 
 def _message(err) -> str:
     """The validator's message, or for a key that takes ``auto`` or another type (``batch_size``,
     ``worker.shared``) both choices, which the message of its pattern alone would hide."""
-    if err.validator == "pattern" and err.validator_value == "^auto$":
+    if err.validator in ("pattern", "type") and err.schema.get("pattern") == "^auto$":
         words = {"integer": ["an integer"], "boolean": ["true", "false"], "number": ["a number"]}
         if "minimum" in err.schema:
             words["integer"] = [f"an integer of at least {err.schema['minimum']}"]

@@ -478,7 +478,8 @@ def _check_plugins(config: dict) -> None:
         try:
             registry.factory(name)
         except LookupError as exc:
-            raise ConfigError(f"config key {key!r}: {exc}") from None
+            also = ", or none for embeddings only" if key == "classify.head" else ""
+            raise ConfigError(f"config key {key!r}: {exc}{also}") from None
 
 
 def _check_model(config: dict) -> None:

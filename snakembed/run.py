@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 import shlex
 import subprocess
@@ -76,10 +77,7 @@ def snakemake_command(
         >>> cmd[cmd.index("--directory") + 1], cmd[cmd.index("--cores") + 1]
         ('/data/out', '8')
     """
-    for arg in snakemake_args:
-        name = arg.partition("=")[0] if arg.startswith("--") else arg[:2]
-        if name in _OWN_OPTIONS:
-            raise ValueError(f"{arg} after --: {_OWN_OPTIONS[name]}")
+    _refuse_own_options(snakemake_args)
     base = Path(base or os.getcwd())
     results = Path(os.path.abspath(base / results))
     configfiles = [Path(os.path.abspath(base / f)) for f in configfiles]
@@ -181,6 +179,52 @@ def _environment() -> dict[str, str]:
         entries = env["PYTHONPATH"].split(os.pathsep)
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p for p in entries)
     return env
+
+
+def _refuse_own_options(args: Sequence[str]) -> None:
+    """Raise ValueError for an option among Snakemake's ``args`` that snakembed run sets itself.
+
+    Written out (``--directory``, ``-d``) it is seen at once. Snakemake also reads an
+    abbreviation (``--dir``) and a short option inside a group (``-nCthreads=3``): where an
+    argument could hide one, Snakemake's own parser reads the arguments, as Snakemake will.
+    """
+    for arg in args:
+        name = arg.partition("=")[0] if arg.startswith("--") else arg[:2]
+        if name in _OWN_OPTIONS:
+            raise ValueError(f"{arg} after --: {_OWN_OPTIONS[name]}")
+    if not any(map(_may_hide_own_option, args)):
+        return
+    for option in _own_options_read(args):
+        raise ValueError(
+            f"{shlex.join(args)} after --: Snakemake reads {option} in it, which snakembed run "
+            f"sets itself; {_OWN_OPTIONS[option]}"
+        )
+
+
+def _may_hide_own_option(arg: str) -> bool:
+    if arg.startswith("--"):
+        name = arg.partition("=")[0]
+        return len(name) > 2 and any(own.startswith(name) for own in _OWN_OPTIONS)
+    return arg.startswith("-") and any(f"-{letter}" in _OWN_OPTIONS for letter in arg[2:])
+
+
+def _own_options_read(args: Sequence[str]) -> list[str]:
+    """The options of :data:`_OWN_OPTIONS` that Snakemake's parser finds in ``args``; none
+    where it cannot read them (Snakemake then says why itself)."""
+    try:
+        from snakemake.cli import get_argument_parser
+
+        parser = get_argument_parser()
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            namespace, _ = parser.parse_known_args(list(args))
+    except (Exception, SystemExit):
+        return []
+    return [
+        option
+        for option in _OWN_OPTIONS
+        if option.startswith("--")
+        and getattr(namespace, option[2:], None) != parser.get_default(option[2:])
+    ]
 
 
 def _load_yaml(path: Path) -> dict:

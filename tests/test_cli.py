@@ -188,6 +188,6 @@ def test_run_refuses_a_bad_configuration_in_one_line_before_snakemake(
     assert main(["run", "photos", "--config", "batch_size=-3", "modle=1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("snakembed: error: invalid configuration: config key '(top level)'")
-    assert "('modle' was unexpected); config key 'batch_size': -3 is less than" in err
+    assert err.startswith("snakembed: error: invalid configuration: config key 'modle' is unknown")
+    assert "did you mean 'model'?; config key 'batch_size': -3 is less than" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no results folder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -54,7 +55,13 @@ def test_the_shipped_config_is_the_defaults():
         ({"batch_size": -1}, "batch_size", "-1", "minimum of 1"),
         ({"device": "tpu"}, "device", "'tpu'", "`cpu`, `cuda`, `cuda:N` or `mps`"),
         ({"patches": {"border": "wrap"}}, "patches.border", "'wrap'", "'drop', 'pad', 'shift'"),
-        ({"model": {"nmae": "resnet18"}}, "model", "'nmae'", "not allowed"),
+        ({"model": {"nmae": "resnet18"}}, "model.nmae", "unknown", "did you mean 'name'?"),
+        ({"treads": 2}, "treads", "unknown", "did you mean 'threads'?"),
+        ({"model.name": "x"}, "model.name", "unknown", "inside its section, as model: {name:"),
+        ({"zzz": 1}, "zzz", "unknown", "known keys here: batch_size, change_detection"),
+        ({"batch_size": 1.5}, "batch_size", "1.5", "use auto or an integer of at least 1"),
+        ({"worker": {"idle": float("nan")}}, "worker.idle", "nan", "give a finite one"),
+        ({"classify": {"weight_decay": "inf"}}, "classify.weight_decay", "inf", "a finite"),
         ({"preprocess": {"mean": [0.5]}}, "preprocess.mean", r"\[0.5\]", "too short"),
         ({"max_pixels": 0}, "max_pixels", "0", "minimum of 1"),
         ({"batch_size": "big"}, "batch_size", "'big'", "use auto or an integer of at least 1"),
@@ -93,8 +100,22 @@ def test_command_line_words_become_the_types_the_schema_asks_for():
     assert config["patches"]["enabled"] is True and config["patches"]["size"] == 32
     assert config["preprocess"]["mean"] == [0.1, 0.2, 0.3]
     assert config["classify"]["head"] == "none"  # a string key keeps the word
+    # YAML's other ways of writing null, inside a mapping that --config gives as strings
+    nulls = validate_config({"preprocess": {"resize": "~", "crop": ""}})["preprocess"]
+    assert nulls["resize"] is None and nulls["crop"] is None
     with pytest.raises(ConfigError, match="'batch_size': 'many'"):
         validate_config({"batch_size": "many"})
+
+
+def test_a_whole_number_written_as_a_float_is_the_same_setting():
+    """Settings decide what is recomputed: max_pixels=1e8 must not differ from 100000000."""
+    written = validate_config({"max_pixels": 1e8, "threads": 2.0, "patches": {"size": 32.0}})
+    plain = validate_config({"max_pixels": 100000000, "threads": 2, "patches": {"size": 32}})
+    assert written == plain and type(written["max_pixels"]) is int
+    assert json.dumps(written, sort_keys=True) == json.dumps(plain, sort_keys=True)
+    assert type(validate_config({"finetune": {"lr": 1.0}})["finetune"]["lr"]) is float
+    # and as --config gives a nested one: as text
+    assert validate_config({"patches": {"resize": "448.0"}})["patches"]["resize"] == 448
 
 
 def test_fingerprint_changes_with_what_changes_the_numbers():
@@ -192,7 +213,7 @@ def test_a_cluster_jobs_plan_reads_the_manifests_not_the_tree(tmp_path):
     "overrides,message",
     [
         ({"model": {"name": "nope"}}, "'model.name': unknown backbone 'nope'.*torchvision"),
-        ({"classify": {"head": "nope"}}, "'classify.head': unknown head 'nope'.*pretrained"),
+        ({"classify": {"head": "nope"}}, "unknown head 'nope'.*pretrained, or none for embeddings"),
         (
             {"model": {"name": "resnet18", "weights": "/no/such.pth"}},
             "'model.weights'.*'/no/such.pth' does not exist",

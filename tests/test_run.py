@@ -115,7 +115,8 @@ def test_unknown_profiles_and_a_missing_slurm_plugin_name_the_fix(tmp_path, monk
     ("config", "configfile", "message"),
     [
         (["batch_size=0"], None, r"config key 'batch_size': 0 is less than the minimum of 1"),
-        (["modle={weights: x}"], None, r"'modle' was unexpected"),
+        (["modle={weights: x}"], None, r"'modle' is unknown: did you mean 'model'\?"),
+        (["worker={idle: nan}"], None, r"config key 'worker.idle': nan is not a number"),
         (["classify={topk: many}"], None, r"config key 'classify.topk'"),
         ([], {"model": {"pool": "maximum"}}, r"config key 'model.pool'"),
         (["model={pool: avg}"], {"model": {"pool": "maximum"}}, None),  # --config wins
@@ -172,3 +173,29 @@ def test_options_snakembed_sets_are_refused_after_the_double_dash(tmp_path, arg,
     with pytest.raises(ValueError, match=f"^{arg} after --: {fix}"):
         snakemake_command("p", snakemake_args=["--forceall", arg, "x"], base=tmp_path)
     snakemake_command("p", snakemake_args=["-np", "--cores", "2", "--dry-run"], base=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--dir", "/tmp"], "--directory"),  # Snakemake reads unique abbreviations
+        (["--di=/tmp"], "--directory"),
+        (["--snake", "x"], "--snakefile"),
+        (["-nCthreads=3"], "--config"),  # and short options grouped behind a flag
+        (["-nd", "/tmp"], "--directory"),
+        (["-pns", "x"], "--snakefile"),
+    ],
+)
+def test_abbreviated_and_grouped_options_are_refused_as_snakemake_reads_them(
+    tmp_path, args, option
+):
+    with pytest.raises(ValueError, match=f"after --: Snakemake reads {option} in it"):
+        snakemake_command("p", snakemake_args=args, base=tmp_path)
+
+
+def test_arguments_that_only_look_like_snakembeds_options_pass_through(tmp_path):
+    """A rule name after -R (its letters include d and s) is not a group of short options."""
+    cmd = snakemake_command(
+        "p", snakemake_args=["-Rembed_classify_store", "--dry", "-kp"], base=tmp_path
+    )
+    assert cmd[-3:] == ["-Rembed_classify_store", "--dry", "-kp"]

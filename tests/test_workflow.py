@@ -225,6 +225,10 @@ def test_only_changed_folders_are_recomputed(tmp_path, resnet18_checkpoint):
 
     dry = run_snakemake(tmp_path, config, "--dry-run")
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # the same settings written as floats, as Snakemake's --config reads 89478485.0
+    as_floats = ("--config", "max_pixels=89478485.0", "patches={resize: 448.0}")
+    dry = run_snakemake(tmp_path, config, "--dry-run", *as_floats)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
 
     # a change of model (here its weights) recomputes every folder
     write_config(
