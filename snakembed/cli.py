@@ -36,9 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
-    def results_option(p: argparse.ArgumentParser, help: str = "the results folder") -> None:
+    def results_option(
+        p: argparse.ArgumentParser,
+        help: str = "the results folder",
+        default: str | None = "results",
+        says: str = "results",
+    ) -> None:
         p.add_argument(
-            "--results", "-r", default="results", metavar="R", help=f"{help} (default: results)"
+            "--results", "-r", default=default, metavar="R", help=f"{help} (default: {says})"
         )
 
     run = command(
@@ -50,9 +55,14 @@ def _parser() -> argparse.ArgumentParser:
         "Arguments after -- go to Snakemake as they are, for example: snakembed run photos "
         "-- --forceall --rerun-triggers mtime params. Exit status: Snakemake's."
     )
-    run.add_argument("images", metavar="IMAGES", help="the root of the image tree")
-    results_option(run, "where the results go; Snakemake keeps its records there too")
-    run.add_argument("--cores", "-c", metavar="N", help="CPU cores to use (default: all)")
+    run.add_argument("images", nargs="?", metavar="IMAGES", help="the root of the image tree")
+    results_option(
+        run,
+        "where the results go; Snakemake keeps its records there too",
+        default=None,
+        says="the last --configfile's results, else results",
+    )
+    run.add_argument("--cores", "-c", metavar="N", help="CPU cores to use: N or all (default: all)")
     run.add_argument(
         "--profile",
         metavar="P",
@@ -64,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE",
         help="a config file, again for more (`snakembed config` prints every key); IMAGES "
-        "and --results replace its images and results",
+        "replaces its images, and --results its results",
     )
     run.add_argument(
         "--config",
@@ -131,6 +141,10 @@ def _version() -> str:
 def _run(args: argparse.Namespace) -> int:
     from .run import run
 
+    if args.images is None:
+        taken = [entry for entry in args.config if "=" not in entry]
+        hint = f" (--config took {taken[-1]!r}: give IMAGES before --config)" if taken else ""
+        raise ValueError(f"snakembed run needs IMAGES, the root of your images{hint}")
     return run(
         args.images,
         args.results,
@@ -288,37 +302,56 @@ def _check_same_model(store, meta: dict) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .layout import folder_file
     from .reader import open_store
 
     store = open_store(args.results)
     total = failed = 0
-    lines = []
-    attrs: dict = {}
+    lines, failures, missing = [], [], 0
+    models: dict[str, int] = {}
     heads: dict[str | None, int] = {}
     for key in store:
-        folder = store[key]
-        attrs = folder.attrs
+        if not folder_file(store.results, key).is_file():  # moved aside after a killed job
+            missing += 1
+            lines.append(f"  {key}: not computed yet; run the workflow to compute it")
+            continue
+        with store[key] as folder:
+            attrs = folder.attrs
+            failures += [f"failed: {key}/{i}: {reason}" for i, reason in folder.failed.items()]
         total += attrs["num_images"]
         failed += attrs["num_failed"]
+        model = (
+            f"{attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
+            f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d"
+        )
+        models[model] = models.get(model, 0) + 1
         heads[attrs.get("classify")] = heads.get(attrs.get("classify"), 0) + 1
-        lines.append(f"  {key}: {attrs['num_images']} images, {attrs['num_failed']} failed")
+        lines.append(
+            f"  {key}: {_count(attrs['num_images'], 'image')}, {attrs['num_failed']} failed"
+        )
     print(f"results: {store.results}")
     if store.images_root is not None:
         print(f"images: {store.images_root}")
-    print(f"folders: {len(store)}, images: {total}, failed: {failed}")
-    if attrs:
-        print(
-            f"model: {attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
-            f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d"
-        )
+    waiting = f", not computed yet: {missing}" if missing else ""
+    print(f"folders: {len(store)}, images: {total}, failed: {failed}{waiting}")
+    computed = len(store) - missing
+    for model, count in models.items():  # several after a run that was stopped part-way
+        print(f"model: {model}{_share(count, computed, len(models))}")
     for head, count in heads.items():
-        where = "" if len(heads) == 1 else f" ({count} of {len(store)} folders)"
-        print(f"classify: {_describe_head(head, store.results)}{where}")
-    print("\n".join(lines))
-    for key in store:
-        for image_id, reason in store[key].failed.items():
-            print(f"failed: {key}/{image_id}: {reason}")
+        print(
+            f"classify: {_describe_head(head, store.results)}{_share(count, computed, len(heads))}"
+        )
+    print("\n".join(lines + failures))
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _share(count: int, computed: int, kinds: int) -> str:
+    """`` (2 of 5 folders)`` where the folders do not all agree, else nothing."""
+    return "" if kinds == 1 else f" ({count} of {computed} folders)"
 
 
 def _describe_head(head: str | None, results) -> str:

@@ -151,10 +151,11 @@ def validate_config(config: dict) -> dict:
             f"config key {_key(err.absolute_path)!r}: {_message(err)}"
             + (f" ({help_})" if help_ else "")
         )
+    named = {tuple(err.absolute_path) for err in errors}
     lines += [
         f"config key {_key(path)!r}: {value!r} is not a number: give a finite one"
         for path, value in _leaves(config)
-        if isinstance(value, float) and not math.isfinite(value)
+        if isinstance(value, float) and not math.isfinite(value) and path not in named
     ]
     if lines:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
@@ -178,15 +179,20 @@ def _leaves(value, path: tuple = ()):
 
 
 def _unknown_keys(err) -> list[str]:
-    """One line per key the schema does not know, with the closest known key, or a dotted key's
-    section (``model.name`` is ``name`` in ``model``), or else every key that is known there."""
-    known = sorted(err.schema.get("properties", {}))
+    """One line per key the schema does not know: a dotted key's section (``model.name`` is
+    ``name`` in ``model``), the sections that hold a key of that name (``pool`` is in
+    ``model``), the closest known key, or else every key that is known there."""
+    properties = err.schema.get("properties", {})
+    known = sorted(properties)
     lines = []
     for name in sorted(set(err.instance) - set(known), key=str):
         section, dot, sub = str(name).partition(".")
+        holders = [k for k, sub in properties.items() if name in sub.get("properties", {})]
         close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
         if dot and section in known:
             fix = f"give it inside its section, as {section}: {{{sub}: VALUE}}"
+        elif holders:
+            fix = f"it belongs in {' or '.join(holders)}, as {holders[0]}: {{{name}: VALUE}}"
         elif close:
             fix = f"did you mean {close[0]!r}?"
         else:
@@ -207,6 +213,12 @@ def _message(err) -> str:
             choices += words.get(kind, [])
         listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
         return f"{err.instance!r} is not allowed: use {listed}"
+    switch = err.schema.get("properties", {}).get("enabled")
+    if err.validator == "type" and switch is not None and isinstance(err.instance, bool):
+        return (
+            f"{err.instance!r} is not a section: give {_key(err.absolute_path)}: "
+            f"{{enabled: {str(err.instance).lower()}}}"
+        )
     return err.message
 
 

@@ -467,7 +467,7 @@ def _labelled(config: dict) -> Labelled | None:
 
 def _check_plugins(config: dict) -> None:
     model = config["model"]
-    if model["name"] == "custom" or model["module"]:
+    if model["name"] == "custom" or model["module"] or model.get("kwargs"):
         _check_custom(model)
     for registry, name, key in (
         (BACKBONES, model["name"], "model.name"),
@@ -519,8 +519,9 @@ def _is_finetune_output(weights: str, config: dict) -> bool:
 
 def _check_custom(model: dict) -> None:
     if model["name"] != "custom":
+        key = "module" if model["module"] else "kwargs"
         raise ConfigError(
-            f"config key 'model.module': {model['module']!r} is only used with name: custom; "
+            f"config key 'model.{key}': {model[key]!r} is only used with name: custom; "
             f"remove it, or set model.name to custom"
         )
     if not model["module"]:

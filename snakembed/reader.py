@@ -296,6 +296,10 @@ class Store:
                 self.images_root = Path(_text(f.attrs["images_root"]))
             return
         root = self.results / FOLDERS_DIR
+        if not self.results.exists():
+            raise FileNotFoundError(
+                f"{self.results} does not exist; give the results folder of a run"
+            )
         if not root.is_dir():
             raise FileNotFoundError(
                 f"{self.results} holds no snakembed results (no index.h5, no embeddings/); "

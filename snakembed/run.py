@@ -45,7 +45,7 @@ _OWN_OPTIONS = {
 
 def snakemake_command(
     images: str | Path,
-    results: str | Path = "results",
+    results: str | Path | None = None,
     *,
     cores: str | None = None,
     profile_name: str | None = None,
@@ -59,8 +59,10 @@ def snakemake_command(
 
     Args:
         images: the image tree.
-        results: the results folder, also Snakemake's working directory.
-        cores: Snakemake's ``--cores``; None gives ``all`` unless a profile is given.
+        results: the results folder, also Snakemake's working directory; None takes the last
+            config file's ``results``, else ``results``.
+        cores: Snakemake's ``--cores`` (a number, or ``all``); None gives ``all`` unless a
+            profile is given.
         profile_name: ``local`` or ``slurm`` (the workflow's own profiles), or a profile's
             folder or name as Snakemake takes it.
         configfiles: YAML files with config keys (``snakembed config`` prints them all).
@@ -78,12 +80,19 @@ def snakemake_command(
         ('/data/out', '8')
     """
     _refuse_own_options(snakemake_args)
+    if cores is not None and cores != "all" and not (cores.isdigit() and int(cores) > 0):
+        raise ValueError(
+            f"--cores {cores}: give a number of cores or all (a config file is --configfile FILE)"
+        )
     base = Path(base or os.getcwd())
-    results = Path(os.path.abspath(base / results))
     configfiles = [Path(os.path.abspath(base / f)) for f in configfiles]
     for file in configfiles:
         if not file.is_file():
             raise FileNotFoundError(f"--configfile {file}: no such file")
+    files = list(map(_load_yaml, configfiles))
+    if results is None:
+        results = next((f["results"] for f in reversed(files) if f.get("results")), "results")
+    results = Path(os.path.abspath(base / results))
     cmd = [
         sys.executable,
         "-m",
@@ -102,7 +111,7 @@ def snakemake_command(
     if configfiles:
         cmd += ["--configfile", *map(str, configfiles)]
     images = os.path.abspath(base / images)
-    sources = [*map(_load_yaml, configfiles), *map(_config_entry, config)]
+    sources = [*files, *map(_config_entry, config)]
     _check_config(sources, images, results)
     paths = [f"images={images}", f"results={results}"]
     for values in sources:
@@ -114,12 +123,12 @@ def snakemake_command(
     return cmd + list(snakemake_args)
 
 
-def run(images: str | Path, results: str | Path = "results", **options) -> int:
+def run(images: str | Path, results: str | Path | None = None, **options) -> int:
     """Run the packaged workflow on an image tree, as ``snakembed run`` does.
 
     Args:
         images: the image tree (every folder in it that holds images is one unit of work).
-        results: the results folder.
+        results: the results folder (None: a config file's ``results``, else ``results``).
         **options: as :func:`snakemake_command` takes them.
 
     Returns:
@@ -133,14 +142,15 @@ def run(images: str | Path, results: str | Path = "results", **options) -> int:
     if not images_dir.is_dir():
         what = "not a folder" if images_dir.exists() else "no such folder"
         raise FileNotFoundError(f"IMAGES {images}: {what}; give the root of your images")
-    inside = Path(os.path.abspath(results)).resolve()
+    cmd = snakemake_command(images, results, **options)
+    results_dir = Path(cmd[cmd.index("--directory") + 1])
+    inside = results_dir.resolve()
     if inside == images_dir.resolve() or images_dir.resolve() in inside.parents:
         raise ValueError(
-            f"--results {results} lies inside IMAGES {images}: choose a results folder outside "
-            "the image tree (--results ../results, for example)"
+            f"--results {results or results_dir} lies inside IMAGES {images}: choose a results "
+            "folder outside the image tree (--results ../results, for example)"
         )
-    cmd = snakemake_command(images, results, **options)
-    Path(cmd[cmd.index("--directory") + 1]).mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
     print(f"snakembed: {shlex.join(['snakemake', *cmd[3:]])}", file=sys.stderr, flush=True)
     process = subprocess.Popen(cmd, env=_environment())
     while True:
@@ -273,7 +283,12 @@ def _config_entry(entry: str) -> dict:
             return {key: parse(value)}
     try:
         return {key: yaml.load(value, Loader=yaml.BaseLoader)}
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if value.lstrip()[:1] in ("{", "["):  # meant as a mapping or list: say what broke
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise ValueError(
+                f"--config {entry!r}: {problem}; check its braces, commas and quotes"
+            ) from None
         return {key: value}
 
 

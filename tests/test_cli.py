@@ -81,6 +81,35 @@ def test_info(workflow_run, capsys):
     assert "classify: pretrained (the model's own classifier)" in out.splitlines()
 
 
+def test_info_after_a_run_stopped_part_way(workflow_run, capsys, tmp_path):
+    """A killed run leaves a folder's file moved aside and folders of two settings: info
+    names both, and the folder still to compute, rather than failing or describing one."""
+    import shutil
+
+    import h5py
+
+    from snakembed.layout import folder_file
+
+    results = shutil.copytree(workflow_run["results"], tmp_path / "results")
+    first, second, *_ = sorted(workflow_run["folders"])
+    gone = folder_file(results, first)
+    gone.rename(gone.with_name(f".{gone.name}.stale"))
+    with h5py.File(folder_file(results, second), "r+") as f:
+        f.attrs["layer"] = "layer3"
+    assert main(["info", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    n = len(workflow_run["folders"])
+    assert f"folders: {n}, images: " in out and ", not computed yet: 1" in out
+    assert f"  {first}: not computed yet; run the workflow to compute it" in out
+    models = [line for line in out.splitlines() if line.startswith("model: ")]
+    assert len(models) == 2 and any(
+        f"layer layer3 (pool avg), 512-d (1 of {n - 1} folders)" in m for m in models
+    )
+    assert any(
+        f"layer pre_logits (pool avg), 512-d ({n - 2} of {n - 1} folders)" in m for m in models
+    )
+
+
 def test_every_command_takes_the_results_folder_the_same_way(
     workflow_run, capsys, monkeypatch, tmp_path
 ):
@@ -175,6 +204,16 @@ def test_a_bad_row_index_is_an_index_error_not_a_broken_file(workflow_run):
             folder.row(99)
         with pytest.raises(TypeError):
             folder.row("a1.jpg")
+
+
+def test_run_without_images_says_where_they_went(tmp_path, capsys, monkeypatch):
+    """--config takes every value up to the next option: IMAGES given after it is one of them."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--config", "threads=3", "photos"]) == 2
+    err = capsys.readouterr().err
+    assert "needs IMAGES" in err and "--config took 'photos': give IMAGES before --config" in err
+    assert main(["run"]) == 2
+    assert "needs IMAGES, the root of your images\n" in capsys.readouterr().err
 
 
 def test_run_refuses_a_bad_configuration_in_one_line_before_snakemake(

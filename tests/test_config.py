@@ -59,6 +59,10 @@ def test_the_shipped_config_is_the_defaults():
         ({"treads": 2}, "treads", "unknown", "did you mean 'threads'?"),
         ({"model.name": "x"}, "model.name", "unknown", "inside its section, as model: {name:"),
         ({"zzz": 1}, "zzz", "unknown", "known keys here: batch_size, change_detection"),
+        ({"pool": "max"}, "pool", "unknown", "it belongs in model, as model: {pool: VALUE}"),
+        ({"weights": "x"}, "weights", "unknown", "belongs in model or finetune, as model: {"),
+        ({"worker": False}, "worker", "False", "not a section: give worker: {enabled: false}"),
+        ({"threads": float("nan")}, "threads", "nan", "is not of type 'integer' ("),
         ({"batch_size": 1.5}, "batch_size", "1.5", "use auto or an integer of at least 1"),
         ({"worker": {"idle": float("nan")}}, "worker.idle", "nan", "give a finite one"),
         ({"classify": {"weight_decay": "inf"}}, "classify.weight_decay", "inf", "a finite"),
@@ -81,6 +85,12 @@ def test_every_error_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
         validate_config({"batch_size": 0, "device": "gpu", "threads": -2})
     assert all(f"'{k}'" in str(error.value) for k in ("batch_size", "device", "threads"))
+
+
+def test_a_bad_value_is_named_once():
+    with pytest.raises(ConfigError) as error:
+        validate_config({"threads": float("nan")})  # not an integer, and not finite
+    assert str(error.value).count("'threads'") == 1
 
 
 def test_command_line_words_become_the_types_the_schema_asks_for():

@@ -74,11 +74,27 @@ def test_profiles_options_and_snakemake_arguments(tmp_path):
         ({"configfiles": ["missing.yaml"]}, "--configfile .*missing.yaml: no such file"),
         ({"config": ["threads"]}, "give KEY=VALUE"),
         ({"config": ["results=x"]}, "--results option"),
+        ({"cores": "my.yaml"}, "--cores my.yaml: give a number of cores or all"),
+        ({"cores": "0"}, "--cores 0: give a number"),
+        ({"config": ["model={name: resnet18"]}, "expected ',' or '}'.*check its braces"),
     ],
 )
 def test_mistakes_name_the_fix(tmp_path, kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         snakemake_command("p", base=tmp_path, **kwargs)
+
+
+def test_results_come_from_the_option_else_the_last_config_file_else_results(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"results": "from_a", "threads": 1}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"threads": 2}))
+
+    def directory(**kwargs) -> str:
+        cmd = snakemake_command("p", base=tmp_path, **kwargs)
+        return cmd[cmd.index("--directory") + 1]
+
+    assert directory(configfiles=["a.yaml", "b.yaml"]) == str(tmp_path / "from_a")
+    assert directory(results="out", configfiles=["a.yaml"]) == str(tmp_path / "out")
+    assert directory(configfiles=["b.yaml"]) == str(tmp_path / "results")
 
 
 def test_results_inside_the_images_are_refused_before_snakemake_starts(tmp_path, monkeypatch):
