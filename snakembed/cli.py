@@ -306,52 +306,57 @@ def _info(args: argparse.Namespace) -> int:
     from .reader import open_store
 
     store = open_store(args.results)
-    total = failed = 0
-    lines, failures, missing = [], [], 0
-    models: dict[str, int] = {}
-    heads: dict[str | None, int] = {}
+    folders: dict[str, dict | None] = {}  # None: moved aside after a killed job
+    failures = []
     for key in store:
-        if not folder_file(store.results, key).is_file():  # moved aside after a killed job
-            missing += 1
-            lines.append(f"  {key}: not computed yet; run the workflow to compute it")
+        if not folder_file(store.results, key).is_file():
+            folders[key] = None
             continue
         with store[key] as folder:
-            attrs = folder.attrs
+            folders[key] = folder.attrs
             failures += [f"failed: {key}/{i}: {reason}" for i, reason in folder.failed.items()]
-        total += attrs["num_images"]
-        failed += attrs["num_failed"]
-        model = (
-            f"{attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
-            f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d"
-        )
-        models[model] = models.get(model, 0) + 1
-        heads[attrs.get("classify")] = heads.get(attrs.get("classify"), 0) + 1
-        lines.append(
-            f"  {key}: {_count(attrs['num_images'], 'image')}, {attrs['num_failed']} failed"
-        )
+    done = {key: attrs for key, attrs in folders.items() if attrs is not None}
+    models = {key: _describe_model(attrs) for key, attrs in done.items()}
+    heads = {key: attrs.get("classify") for key, attrs in done.items()}
     print(f"results: {store.results}")
     if store.images_root is not None:
         print(f"images: {store.images_root}")
-    waiting = f", not computed yet: {missing}" if missing else ""
+    total = sum(attrs["num_images"] for attrs in done.values())
+    failed = sum(attrs["num_failed"] for attrs in done.values())
+    waiting = f", not computed yet: {len(folders) - len(done)}" if len(done) < len(folders) else ""
     print(f"folders: {len(store)}, images: {total}, failed: {failed}{waiting}")
-    computed = len(store) - missing
-    for model, count in models.items():  # several after a run that was stopped part-way
-        print(f"model: {model}{_share(count, computed, len(models))}")
-    for head, count in heads.items():
-        print(
-            f"classify: {_describe_head(head, store.results)}{_share(count, computed, len(heads))}"
-        )
-    print("\n".join(lines + failures))
+    mixed = len(set(models.values())) > 1  # after a run that was stopped part-way
+    for model in dict.fromkeys(models.values()):
+        print(f"model: {model}{_share(list(models.values()).count(model), len(done), mixed)}")
+    for head in dict.fromkeys(heads.values()):
+        share = _share(list(heads.values()).count(head), len(done), len(set(heads.values())) > 1)
+        print(f"classify: {_describe_head(head, store.results)}{share}")
+    for key, attrs in folders.items():
+        if attrs is None:
+            print(f"  {key}: not computed yet; run the workflow to compute it")
+            continue
+        which = f" ({models[key]})" if mixed else ""
+        count = _count(attrs["num_images"], "image")
+        print(f"  {key}: {count}, {attrs['num_failed']} failed{which}")
+    if failures:
+        print("\n".join(failures))
     return 0
+
+
+def _describe_model(attrs: dict) -> str:
+    return (
+        f"{attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
+        f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d"
+    )
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
-def _share(count: int, computed: int, kinds: int) -> str:
+def _share(count: int, computed: int, mixed: bool) -> str:
     """`` (2 of 5 folders)`` where the folders do not all agree, else nothing."""
-    return "" if kinds == 1 else f" ({count} of {computed} folders)"
+    return f" ({count} of {computed} folders)" if mixed else ""
 
 
 def _describe_head(head: str | None, results) -> str:
@@ -428,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = ""
         if args.command in ("info", "export", "query") and not unknown[0].startswith("-"):
             hint = f"; give the results folder as --results {unknown[0]}"
+        elif args.command == "run" and unknown[0].startswith("-"):
+            hint = f"; Snakemake's own options go after --: snakembed run IMAGES -- {unknown[0]}"
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if snakemake_args and args.command != "run":
         parser.error(f"only `snakembed run` takes arguments after --, not {args.command}")

@@ -146,9 +146,10 @@ def validate_config(config: dict) -> dict:
         if err.validator == "additionalProperties":
             lines += _unknown_keys(err)
             continue
-        help_ = _description(schema, list(err.absolute_path))
+        section = _section_for(err)
+        help_ = "" if section else _description(schema, list(err.absolute_path))
         lines.append(
-            f"config key {_key(err.absolute_path)!r}: {_message(err)}"
+            f"config key {_key(err.absolute_path)!r}: {section or _message(err)}"
             + (f" ({help_})" if help_ else "")
         )
     named = {tuple(err.absolute_path) for err in errors}
@@ -157,6 +158,14 @@ def validate_config(config: dict) -> dict:
         for path, value in _leaves(config)
         if isinstance(value, float) and not math.isfinite(value) and path not in named
     ]
+    model = config.get("model")
+    if not errors and model["name"] != "custom":
+        lines += [
+            f"config key 'model.{key}': {model[key]!r} is only used with name: custom; remove "
+            "it, or set model.name to custom"
+            for key in ("module", "kwargs")
+            if model[key]
+        ]
     if lines:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
@@ -189,8 +198,11 @@ def _unknown_keys(err) -> list[str]:
         section, dot, sub = str(name).partition(".")
         holders = [k for k, sub in properties.items() if name in sub.get("properties", {})]
         close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        before, colon, after = str(name).partition(":")
         if dot and section in known:
             fix = f"give it inside its section, as {section}: {{{sub}: VALUE}}"
+        elif colon and before in known:  # {name:resnet18} is one key in YAML
+            fix = f"put a space after the colon, as {{{before}: {after}}}"
         elif holders:
             fix = f"it belongs in {' or '.join(holders)}, as {holders[0]}: {{{name}: VALUE}}"
         elif close:
@@ -213,13 +225,23 @@ def _message(err) -> str:
             choices += words.get(kind, [])
         listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
         return f"{err.instance!r} is not allowed: use {listed}"
-    switch = err.schema.get("properties", {}).get("enabled")
-    if err.validator == "type" and switch is not None and isinstance(err.instance, bool):
-        return (
-            f"{err.instance!r} is not a section: give {_key(err.absolute_path)}: "
-            f"{{enabled: {str(err.instance).lower()}}}"
-        )
     return err.message
+
+
+def _section_for(err) -> str:
+    """For one value given where a section is asked for (``worker: false``, ``model:
+    resnet18``), the section's first key that takes it: ``give worker: {enabled: false}``."""
+    if err.validator != "type" or err.validator_value != "object":
+        return ""
+    for name, sub in err.schema.get("properties", {}).items():
+        if jsonschema.Draft202012Validator(sub).is_valid(err.instance):
+            value = yaml.safe_dump(err.instance, default_flow_style=True).strip()
+            value = value.removesuffix("\n...").removesuffix(" ...")
+            return (
+                f"{err.instance!r} is not a section: give {_key(err.absolute_path)}: "
+                f"{{{name}: {value}}}"
+            )
+    return ""
 
 
 def _description(schema: dict, path: list) -> str:

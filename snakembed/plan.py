@@ -467,7 +467,7 @@ def _labelled(config: dict) -> Labelled | None:
 
 def _check_plugins(config: dict) -> None:
     model = config["model"]
-    if model["name"] == "custom" or model["module"] or model.get("kwargs"):
+    if model["name"] == "custom":  # module and kwargs without it: see validate_config
         _check_custom(model)
     for registry, name, key in (
         (BACKBONES, model["name"], "model.name"),
@@ -518,12 +518,6 @@ def _is_finetune_output(weights: str, config: dict) -> bool:
 
 
 def _check_custom(model: dict) -> None:
-    if model["name"] != "custom":
-        key = "module" if model["module"] else "kwargs"
-        raise ConfigError(
-            f"config key 'model.{key}': {model[key]!r} is only used with name: custom; "
-            f"remove it, or set model.name to custom"
-        )
     if not model["module"]:
         raise ConfigError(
             "config key 'model.module': name: custom needs your network's class or factory, "

@@ -298,7 +298,8 @@ class Store:
         root = self.results / FOLDERS_DIR
         if not self.results.exists():
             raise FileNotFoundError(
-                f"{self.results} does not exist; give the results folder of a run"
+                f"{self.results} does not exist; open the results folder that a run wrote "
+                "(snakembed: --results R)"
             )
         if not root.is_dir():
             raise FileNotFoundError(

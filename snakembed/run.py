@@ -30,7 +30,8 @@ _PATH_KEYS = {"model": ("weights",), "classify": ("labels",), "finetune": ("weig
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
 #: Snakemake options that ``snakembed run`` sets itself, and what to give instead: given again
 #: after ``--``, Snakemake would take them in place of snakembed's (a later ``--config`` replaces
-#: the images and the results, a later ``--configfile`` the user's config files).
+#: the images and the results, a later ``--configfile`` the user's config files, a later
+#: ``--cores`` skips snakembed's check of it).
 _OWN_OPTIONS = {
     "--config": "give --config KEY=VALUE before the --",
     "-C": "give --config KEY=VALUE before the --",
@@ -40,6 +41,8 @@ _OWN_OPTIONS = {
     "-d": "give the results folder as --results",
     "--snakefile": "snakembed run runs snakembed's workflow; run another with snakemake itself",
     "-s": "snakembed run runs snakembed's workflow; run another with snakemake itself",
+    "--cores": "give --cores N before the --",
+    "-c": "give --cores N before the --",
 }
 
 
@@ -81,18 +84,17 @@ def snakemake_command(
     """
     _refuse_own_options(snakemake_args)
     if cores is not None and cores != "all" and not (cores.isdigit() and int(cores) > 0):
-        raise ValueError(
-            f"--cores {cores}: give a number of cores or all (a config file is --configfile FILE)"
-        )
+        file = " (a config file is --configfile FILE)" if Path(cores).suffix else ""
+        raise ValueError(f"--cores {cores}: give a number of cores, 1 or more, or all{file}")
     base = Path(base or os.getcwd())
-    configfiles = [Path(os.path.abspath(base / f)) for f in configfiles]
+    configfiles = [_absolute(f, base) for f in configfiles]
     for file in configfiles:
         if not file.is_file():
             raise FileNotFoundError(f"--configfile {file}: no such file")
     files = list(map(_load_yaml, configfiles))
     if results is None:
-        results = next((f["results"] for f in reversed(files) if f.get("results")), "results")
-    results = Path(os.path.abspath(base / results))
+        results = _results_of(files, configfiles)
+    results = _absolute(results, base)
     cmd = [
         sys.executable,
         "-m",
@@ -110,7 +112,7 @@ def snakemake_command(
         cmd += ["--cores", cores or "all"]
     if configfiles:
         cmd += ["--configfile", *map(str, configfiles)]
-    images = os.path.abspath(base / images)
+    images = str(_absolute(images, base))
     sources = [*files, *map(_config_entry, config)]
     _check_config(sources, images, results)
     paths = [f"images={images}", f"results={results}"]
@@ -144,6 +146,8 @@ def run(images: str | Path, results: str | Path | None = None, **options) -> int
         raise FileNotFoundError(f"IMAGES {images}: {what}; give the root of your images")
     cmd = snakemake_command(images, results, **options)
     results_dir = Path(cmd[cmd.index("--directory") + 1])
+    if results_dir.exists() and not results_dir.is_dir():
+        raise ValueError(f"--results {results or results_dir}: a file, not a folder; give a folder")
     inside = results_dir.resolve()
     if inside == images_dir.resolve() or images_dir.resolve() in inside.parents:
         raise ValueError(
@@ -237,16 +241,37 @@ def _own_options_read(args: Sequence[str]) -> list[str]:
     ]
 
 
+def _absolute(path: str | Path, base: Path) -> Path:
+    """``path`` against ``base``, with ``~`` (which a config file does not expand) expanded."""
+    return Path(os.path.abspath(base / os.path.expanduser(path)))
+
+
+def _results_of(files: list[dict], paths: list[Path]) -> str:
+    """The ``results`` of the last config file that sets it, else ``results``."""
+    for values, path in zip(reversed(files), reversed(paths), strict=True):
+        value = values.get("results")
+        if value is not None:
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"--configfile {path}: results: {value!r}; give a folder path")
+            return value
+    return "results"
+
+
 def _load_yaml(path: Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"--configfile {path} is not valid YAML: {exc}") from None
-    if not isinstance(values, dict | None):
+    if values is None:  # Snakemake refuses an empty config file
+        raise ValueError(
+            f"--configfile {path} is empty: give KEY: VALUE lines (snakembed config prints "
+            "every key), or leave the file out"
+        )
+    if not isinstance(values, dict):
         raise ValueError(
             f"--configfile {path} holds a {type(values).__name__}, not KEY: VALUE lines"
         )
-    return values or {}
+    return values
 
 
 def _check_config(sources: list[dict], images: str, results: Path) -> None:
@@ -282,7 +307,7 @@ def _config_entry(entry: str) -> dict:
         with contextlib.suppress(ValueError, KeyError):
             return {key: parse(value)}
     try:
-        return {key: yaml.load(value, Loader=yaml.BaseLoader)}
+        parsed = yaml.load(value, Loader=yaml.BaseLoader)
     except yaml.YAMLError as exc:
         if value.lstrip()[:1] in ("{", "["):  # meant as a mapping or list: say what broke
             problem = getattr(exc, "problem", None) or "not valid YAML"
@@ -290,6 +315,13 @@ def _config_entry(entry: str) -> dict:
                 f"--config {entry!r}: {problem}; check its braces, commas and quotes"
             ) from None
         return {key: value}
+    if isinstance(parsed, dict | list) and any(
+        value.count(a) != value.count(b) for a, b in ("{}", "[]")
+    ):
+        raise ValueError(
+            f"--config {entry!r}: its braces do not pair up; write {key}={{KEY: VALUE, ...}}"
+        )
+    return {key: parsed}
 
 
 def _absolute_paths(values: dict, base: Path) -> dict[str, dict[str, str]]:

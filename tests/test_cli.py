@@ -108,6 +108,10 @@ def test_info_after_a_run_stopped_part_way(workflow_run, capsys, tmp_path):
     assert any(
         f"layer pre_logits (pool avg), 512-d ({n - 2} of {n - 1} folders)" in m for m in models
     )
+    # and each folder names its own setting
+    assert any(
+        line.startswith(f"  {second}: ") and "layer layer3" in line for line in out.splitlines()
+    )
 
 
 def test_every_command_takes_the_results_folder_the_same_way(
@@ -214,6 +218,10 @@ def test_run_without_images_says_where_they_went(tmp_path, capsys, monkeypatch):
     assert "needs IMAGES" in err and "--config took 'photos': give IMAGES before --config" in err
     assert main(["run"]) == 2
     assert "needs IMAGES, the root of your images\n" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "photos", "--unlock"])
+    err = capsys.readouterr().err
+    assert "Snakemake's own options go after --: snakembed run IMAGES -- --unlock" in err
 
 
 def test_run_refuses_a_bad_configuration_in_one_line_before_snakemake(

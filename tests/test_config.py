@@ -62,6 +62,9 @@ def test_the_shipped_config_is_the_defaults():
         ({"pool": "max"}, "pool", "unknown", "it belongs in model, as model: {pool: VALUE}"),
         ({"weights": "x"}, "weights", "unknown", "belongs in model or finetune, as model: {"),
         ({"worker": False}, "worker", "False", "not a section: give worker: {enabled: false}"),
+        ({"classify": "none"}, "classify", "'none'", "not a section: give classify: {head: none}"),
+        ({"model": {"name:resnet18": None}}, "model.name:resnet18", "unknown", "put a space"),
+        ({"model": {"name": "resnet18", "kwargs": {"w": 1}}}, "model.kwargs", "w", "custom"),
         ({"threads": float("nan")}, "threads", "nan", "is not of type 'integer' ("),
         ({"batch_size": 1.5}, "batch_size", "1.5", "use auto or an integer of at least 1"),
         ({"worker": {"idle": float("nan")}}, "worker.idle", "nan", "give a finite one"),
@@ -102,7 +105,11 @@ def test_command_line_words_become_the_types_the_schema_asks_for():
             "patches": {"enabled": "True", "size": "32"},
             "preprocess": {"mean": ["0.1", "0.2", "0.3"]},
             "classify": {"head": "none"},
-            "model": {"kwargs": {"width": "64", "bias": "false", "act": "relu", "p": "0.5"}},
+            "model": {
+                "name": "custom",
+                "module": "nets:Net",
+                "kwargs": {"width": "64", "bias": "false", "act": "relu", "p": "0.5"},
+            },
         }
     )
     assert config["model"]["kwargs"] == {"width": 64, "bias": False, "act": "relu", "p": 0.5}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -74,12 +76,17 @@ def test_profiles_options_and_snakemake_arguments(tmp_path):
         ({"configfiles": ["missing.yaml"]}, "--configfile .*missing.yaml: no such file"),
         ({"config": ["threads"]}, "give KEY=VALUE"),
         ({"config": ["results=x"]}, "--results option"),
-        ({"cores": "my.yaml"}, "--cores my.yaml: give a number of cores or all"),
-        ({"cores": "0"}, "--cores 0: give a number"),
+        ({"cores": "my.yaml"}, r"--cores my.yaml: .* or all \(a config file is --configfile"),
+        ({"cores": "0"}, r"--cores 0: give a number of cores, 1 or more, or all$"),
         ({"config": ["model={name: resnet18"]}, "expected ',' or '}'.*check its braces"),
+        ({"config": ["model=name: resnet18}"]}, "braces do not pair up; write model={KEY: "),
+        ({"configfiles": ["empty.yaml"]}, "empty.yaml is empty: give KEY: VALUE lines"),
+        ({"configfiles": ["five.yaml"]}, "five.yaml: results: 5; give a folder path"),
     ],
 )
 def test_mistakes_name_the_fix(tmp_path, kwargs, message):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "five.yaml").write_text("results: 5\n")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         snakemake_command("p", base=tmp_path, **kwargs)
 
@@ -95,6 +102,8 @@ def test_results_come_from_the_option_else_the_last_config_file_else_results(tmp
     assert directory(configfiles=["a.yaml", "b.yaml"]) == str(tmp_path / "from_a")
     assert directory(results="out", configfiles=["a.yaml"]) == str(tmp_path / "out")
     assert directory(configfiles=["b.yaml"]) == str(tmp_path / "results")
+    (tmp_path / "home.yaml").write_text(yaml.safe_dump({"results": "~/snakembed-out"}))
+    assert directory(configfiles=["home.yaml"]) == str(Path.home() / "snakembed-out")
 
 
 def test_results_inside_the_images_are_refused_before_snakemake_starts(tmp_path, monkeypatch):
@@ -108,6 +117,8 @@ def test_results_inside_the_images_are_refused_before_snakemake_starts(tmp_path,
             run("photos", results)
     with pytest.raises(FileNotFoundError, match="IMAGES photo.jpg: not a folder"):
         run("photo.jpg")
+    with pytest.raises(ValueError, match="--results photo.jpg: a file, not a folder"):
+        run("photos", "photo.jpg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg", "photos"]
     assert not any((tmp_path / "photos").iterdir())  # nothing written into the images
 
@@ -181,6 +192,7 @@ def test_config_values_are_read_as_snakemake_reads_them(tmp_path):
         ("--directory", "give the results folder as --results"),
         ("-dout", "give the results folder as --results"),
         ("--snakefile", "snakembed run runs snakembed.s workflow; run another with snakemake"),
+        ("--cores", "give --cores N before the --"),  # Snakemake waits for ever on --cores 0
     ],
 )
 def test_options_snakembed_sets_are_refused_after_the_double_dash(tmp_path, arg, fix):
@@ -188,7 +200,7 @@ def test_options_snakembed_sets_are_refused_after_the_double_dash(tmp_path, arg,
     --config drops the images and results, a later --configfile the user's config files."""
     with pytest.raises(ValueError, match=f"^{arg} after --: {fix}"):
         snakemake_command("p", snakemake_args=["--forceall", arg, "x"], base=tmp_path)
-    snakemake_command("p", snakemake_args=["-np", "--cores", "2", "--dry-run"], base=tmp_path)
+    snakemake_command("p", snakemake_args=["-np", "--jobs", "2", "--dry-run"], base=tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -45,8 +45,9 @@ if workflow.is_main_process:
     PLAN.write_manifests()
     for key in PLAN.missed:
         logger.warning(
-            f"{key}: its job failed, and Snakemake kept its previous file: moved aside, to "
-            "be computed again"
+            f"{key}: its last job did not finish (it failed or was stopped) and Snakemake "
+            "kept its previous file: moved aside, to be computed again, reusing its unchanged "
+            "images"
         )
     when = (
         f", if the workflow's onstart calls {MODULE_NAME}.start_run()"
