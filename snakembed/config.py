@@ -28,6 +28,7 @@ __all__ = [
     "merge_config",
     "numbers_fingerprint",
     "resolved",
+    "unused_model_keys",
     "validate_config",
 ]
 
@@ -68,8 +69,10 @@ def _coerce_words(schema: dict, instance: dict) -> None:
     settings, and so the decision to recompute, do not depend on how a number was written."""
     for key, sub in schema.get("properties", {}).items():
         value = instance.get(key)
+        if key in instance and value is None and sub.get("type") == "object":
+            instance[key] = value = {}  # a section whose keys are all commented out
         if isinstance(value, dict) and "properties" not in sub:
-            instance[key] = {k: _scalar(v) for k, v in value.items()}  # free-form (kwargs)
+            instance[key] = _scalar(value)  # free-form (kwargs)
         elif isinstance(value, dict):
             _coerce_words(sub, value)
         elif isinstance(value, list) and isinstance(sub.get("items"), dict):
@@ -92,7 +95,12 @@ def _types(schema: dict) -> list[str]:
 
 
 def _scalar(value):
-    """A string that YAML reads as a number, boolean or null becomes one; anything else stays."""
+    """A string that YAML reads as a number, boolean or null becomes one, also inside lists and
+    mappings (``--config`` gives them all as strings); anything else stays."""
+    if isinstance(value, dict):
+        return {k: _scalar(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scalar(v) for v in value]
     if not isinstance(value, str):
         return value
     try:
@@ -158,17 +166,27 @@ def validate_config(config: dict) -> dict:
         for path, value in _leaves(config)
         if isinstance(value, float) and not math.isfinite(value) and path not in named
     ]
-    model = config.get("model")
-    if not errors and model["name"] != "custom":
-        lines += [
-            f"config key 'model.{key}': {model[key]!r} is only used with name: custom; remove "
-            "it, or set model.name to custom"
-            for key in ("module", "kwargs")
-            if model[key]
-        ]
+    if not lines and config["model"]["name"] != "custom":
+        # used only by a custom network: left from another config, they change nothing, and so
+        # must not change the settings that decide what is recomputed (see unused_model_keys)
+        config["model"].update(module=None, kwargs={})
     if lines:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
+
+
+def unused_model_keys(config: dict) -> list[str]:
+    """The keys of ``config["model"]`` (not yet validated) that only a custom network uses, set
+    for another network: validation clears them, and the workflow says so.
+
+    Example:
+        >>> unused_model_keys({"model": {"name": "resnet18", "kwargs": {"width": 8}}})
+        ['model.kwargs']
+    """
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("name") == "custom":
+        return []
+    return [f"model.{key}" for key in ("module", "kwargs") if model.get(key)]
 
 
 def _key(path) -> str:

@@ -115,6 +115,13 @@ def snakemake_command(
     images = str(_absolute(images, base))
     sources = [*files, *map(_config_entry, config)]
     _check_config(sources, images, results)
+    for name, path in (("IMAGES", images), ("--results", str(results))):
+        if _snakemake_value(path) != path:  # ': ', ' #', quotes: Snakemake reads them as YAML
+            raise ValueError(
+                f"{name} {path}: Snakemake's --config would not read this path whole (': ', "
+                "' #' and quotes mean something in it); choose a path without them, a "
+                "symbolic link will do"
+            )
     paths = [f"images={images}", f"results={results}"]
     for values in sources:
         for section, subkeys in _absolute_paths(values, base).items():
@@ -290,9 +297,8 @@ def _check_config(sources: list[dict], images: str, results: Path) -> None:
 
 
 def _config_entry(entry: str) -> dict:
-    """``KEY=VALUE`` as a dict, its value read as ``snakemake --config`` reads it: an integer, a
-    float, True or False, else YAML whose scalars stay strings (the schema's types are applied
-    when the configuration is validated)."""
+    """``KEY=VALUE`` as a dict, its value read as ``snakemake --config`` reads it (see
+    :func:`_snakemake_value`)."""
     key, sep, value = entry.partition("=")
     if not sep or not key:
         raise ValueError(f"--config {entry!r}: give KEY=VALUE, for example --config threads=4")
@@ -301,27 +307,35 @@ def _config_entry(entry: str) -> dict:
             f"--config {entry!r}: give the {key} as snakembed run's "
             f"{'IMAGES argument' if key == 'images' else '--results option'}"
         )
+    try:
+        return {key: _snakemake_value(value)}
+    except yaml.YAMLError as exc:  # meant as a mapping or list: say what broke
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ValueError(
+            f"--config {entry!r}: {problem}; check its braces, commas and quotes"
+        ) from None
+
+
+def _snakemake_value(value: str):
+    """A ``--config`` value as Snakemake reads it: quotes at its ends dropped, then an integer,
+    a float, True or False, else YAML whose scalars stay strings (the schema's types are
+    applied when the configuration is validated), else the text.
+
+    Raises:
+        yaml.YAMLError: for broken YAML that was meant as a mapping or a list.
+    """
+    value = value.strip("'\"")
     if not value:
-        return {key: None}
+        return None
     for parse in (int, float, {"True": True, "False": False}.__getitem__):
         with contextlib.suppress(ValueError, KeyError):
-            return {key: parse(value)}
+            return parse(value)
     try:
-        parsed = yaml.load(value, Loader=yaml.BaseLoader)
-    except yaml.YAMLError as exc:
-        if value.lstrip()[:1] in ("{", "["):  # meant as a mapping or list: say what broke
-            problem = getattr(exc, "problem", None) or "not valid YAML"
-            raise ValueError(
-                f"--config {entry!r}: {problem}; check its braces, commas and quotes"
-            ) from None
-        return {key: value}
-    if isinstance(parsed, dict | list) and any(
-        value.count(a) != value.count(b) for a, b in ("{}", "[]")
-    ):
-        raise ValueError(
-            f"--config {entry!r}: its braces do not pair up; write {key}={{KEY: VALUE, ...}}"
-        )
-    return {key: parsed}
+        return yaml.load(value, Loader=yaml.BaseLoader)
+    except yaml.YAMLError:
+        if value.lstrip()[:1] in ("{", "["):
+            raise
+        return value
 
 
 def _absolute_paths(values: dict, base: Path) -> dict[str, dict[str, str]]:

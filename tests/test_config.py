@@ -64,7 +64,6 @@ def test_the_shipped_config_is_the_defaults():
         ({"worker": False}, "worker", "False", "not a section: give worker: {enabled: false}"),
         ({"classify": "none"}, "classify", "'none'", "not a section: give classify: {head: none}"),
         ({"model": {"name:resnet18": None}}, "model.name:resnet18", "unknown", "put a space"),
-        ({"model": {"name": "resnet18", "kwargs": {"w": 1}}}, "model.kwargs", "w", "custom"),
         ({"threads": float("nan")}, "threads", "nan", "is not of type 'integer' ("),
         ({"batch_size": 1.5}, "batch_size", "1.5", "use auto or an integer of at least 1"),
         ({"worker": {"idle": float("nan")}}, "worker.idle", "nan", "give a finite one"),
@@ -90,6 +89,25 @@ def test_every_error_is_reported_at_once():
     assert all(f"'{k}'" in str(error.value) for k in ("batch_size", "device", "threads"))
 
 
+def test_what_only_a_custom_network_uses_is_ignored_for_another(tmp_path):
+    """Left from a config file when --config picks another network, module and kwargs change
+    nothing, so they neither stop the run nor change the settings (nothing recomputed)."""
+    from snakembed.config import unused_model_keys
+
+    model = {"name": "resnet18", "module": "nets:Net", "kwargs": {"width": 8}}
+    assert unused_model_keys({"model": model}) == ["model.module", "model.kwargs"]
+    assert unused_model_keys({"model": {**model, "name": "custom"}}) == []
+    config = validate_config({"model": dict(model)})
+    assert config == validate_config({"model": {"name": "resnet18"}})
+    kept = validate_config({"model": {**model, "name": "custom"}})["model"]
+    assert kept["module"] == "nets:Net" and kept["kwargs"] == {"width": 8}
+
+
+def test_an_empty_section_takes_its_defaults():
+    """A section whose keys are all commented out is YAML null."""
+    assert validate_config({"report": None, "model": {"kwargs": None}}) == validate_config({})
+
+
 def test_a_bad_value_is_named_once():
     with pytest.raises(ConfigError) as error:
         validate_config({"threads": float("nan")})  # not an integer, and not finite
@@ -108,11 +126,12 @@ def test_command_line_words_become_the_types_the_schema_asks_for():
             "model": {
                 "name": "custom",
                 "module": "nets:Net",
-                "kwargs": {"width": "64", "bias": "false", "act": "relu", "p": "0.5"},
+                "kwargs": {"width": "64", "bias": "false", "act": "relu", "p": "0.5", "n": ["1"]},
             },
         }
     )
-    assert config["model"]["kwargs"] == {"width": 64, "bias": False, "act": "relu", "p": 0.5}
+    kwargs = {"width": 64, "bias": False, "act": "relu", "p": 0.5, "n": [1]}  # lists too
+    assert config["model"]["kwargs"] == kwargs
     assert config["follow_external_links"] is True and config["max_pixels"] is None
     assert config["patches"]["enabled"] is True and config["patches"]["size"] == 32
     assert config["preprocess"]["mean"] == [0.1, 0.2, 0.3]

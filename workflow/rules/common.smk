@@ -5,6 +5,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from snakembed.backbones import is_local_weights, needs_fetch
+from snakembed.config import unused_model_keys
 from snakembed.heads import needs_labels
 from snakembed.plan import FINETUNE_CHECKPOINT, FOLDER_RULE, asks_for_gpu, plan_run
 from snakembed.worker import prestart
@@ -26,6 +27,7 @@ MODULE_NAME = workflow.modifier.namespace
 # Snakemake's own validation then fills the defaults. A cluster job's Snakemake reads the
 # folders from the manifests instead of walking the tree again, and the device and precision
 # from what the planning process resolved.
+UNUSED = unused_model_keys(config)
 PLAN = plan_run(
     config,
     discover=workflow.is_main_process,
@@ -42,6 +44,8 @@ RESULTS = str(PLAN.results)
 # that it reports those folders); its checksum is a parameter of the folder's job. The file of a
 # folder whose job failed on its unchanged manifest is moved aside, to be computed again.
 if workflow.is_main_process:
+    for key in UNUSED:
+        logger.warning(f"{key} is only used with model.name: custom; ignored")
     PLAN.write_manifests()
     for key in PLAN.missed:
         logger.warning(
