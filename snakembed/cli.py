@@ -302,6 +302,8 @@ def _check_same_model(store, meta: dict) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from .layout import folder_file
     from .reader import open_store
 
@@ -325,11 +327,12 @@ def _info(args: argparse.Namespace) -> int:
     failed = sum(attrs["num_failed"] for attrs in done.values())
     waiting = f", not computed yet: {len(folders) - len(done)}" if len(done) < len(folders) else ""
     print(f"folders: {len(store)}, images: {total}, failed: {failed}{waiting}")
-    mixed = len(set(models.values())) > 1  # after a run that was stopped part-way
-    for model in dict.fromkeys(models.values()):
-        print(f"model: {model}{_share(list(models.values()).count(model), len(done), mixed)}")
-    for head in dict.fromkeys(heads.values()):
-        share = _share(list(heads.values()).count(head), len(done), len(set(heads.values())) > 1)
+    model_counts, head_counts = Counter(models.values()), Counter(heads.values())
+    mixed = len(model_counts) > 1  # after a run that was stopped part-way
+    for model, count in model_counts.items():
+        print(f"model: {model}{_share(count, len(done), mixed)}")
+    for head, count in head_counts.items():
+        share = _share(count, len(done), len(head_counts) > 1)
         print(f"classify: {_describe_head(head, store.results)}{share}")
     for key, attrs in folders.items():
         if attrs is None:

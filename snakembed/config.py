@@ -84,8 +84,9 @@ def _coerce_words(schema: dict, instance: dict) -> None:
 def _typed(value, schema: dict):
     if isinstance(value, str):
         return _from_word(value, schema)
-    if isinstance(value, float) and value.is_integer() and "number" not in _types(schema):
-        return int(value) if "integer" in _types(schema) else value
+    types = _types(schema)
+    if isinstance(value, float) and value.is_integer() and "integer" in types:
+        return value if "number" in types else int(value)
     return value
 
 
@@ -166,13 +167,17 @@ def validate_config(config: dict) -> dict:
         for path, value in _leaves(config)
         if isinstance(value, float) and not math.isfinite(value) and path not in named
     ]
-    if not lines and config["model"]["name"] != "custom":
-        # used only by a custom network: left from another config, they change nothing, and so
-        # must not change the settings that decide what is recomputed (see unused_model_keys)
-        config["model"].update(module=None, kwargs={})
     if lines:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
+    if config["model"]["name"] != "custom":
+        # used only by a custom network: left from another config, they change nothing, and so
+        # must not change the settings that decide what is recomputed (see unused_model_keys)
+        config["model"].update(copy.deepcopy(_CUSTOM_ONLY))
     return config
+
+
+#: The ``model`` keys that only ``name: custom`` uses, with their defaults.
+_CUSTOM_ONLY = {"module": None, "kwargs": {}}
 
 
 def unused_model_keys(config: dict) -> list[str]:
@@ -186,7 +191,7 @@ def unused_model_keys(config: dict) -> list[str]:
     model = config.get("model")
     if not isinstance(model, dict) or model.get("name") == "custom":
         return []
-    return [f"model.{key}" for key in ("module", "kwargs") if model.get(key)]
+    return [f"model.{key}" for key in _CUSTOM_ONLY if model.get(key)]
 
 
 def _key(path) -> str:
@@ -253,11 +258,9 @@ def _section_for(err) -> str:
         return ""
     for name, sub in err.schema.get("properties", {}).items():
         if jsonschema.Draft202012Validator(sub).is_valid(err.instance):
-            value = yaml.safe_dump(err.instance, default_flow_style=True).strip()
-            value = value.removesuffix("\n...").removesuffix(" ...")
             return (
                 f"{err.instance!r} is not a section: give {_key(err.absolute_path)}: "
-                f"{{{name}: {value}}}"
+                f"{{{name}: {_inline_yaml(err.instance)}}}"
             )
     return ""
 
@@ -330,8 +333,13 @@ def _describe(schema: dict, lines: list[str], indent: str, width: int) -> None:
             lines.append(f"{indent}{key}:")
             _describe(sub, lines, indent + "  ", width)
         else:
-            value = yaml.safe_dump(sub["default"], default_flow_style=True, width=10**6)
-            lines.append(f"{indent}{key}: {value.removesuffix(chr(10) + '...' + chr(10)).strip()}")
+            lines.append(f"{indent}{key}: {_inline_yaml(sub['default'])}")
+
+
+def _inline_yaml(value) -> str:
+    """``value`` as YAML on one line: ``false``, ``[.jpg, .png]``, ``{enabled: false}``."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6)
+    return text.removesuffix("\n...\n").strip()
 
 
 def merge_config(base: dict, extra: dict) -> dict:

@@ -213,12 +213,11 @@ def _refuse_own_options(args: Sequence[str]) -> None:
         name = arg.partition("=")[0] if arg.startswith("--") else arg[:2]
         if name in _OWN_OPTIONS:
             raise ValueError(f"{arg} after --: {_OWN_OPTIONS[name]}")
-    if not any(map(_may_hide_own_option, args)):
-        return
-    for option in _own_options_read(args):
+    found = _own_options_read(args) if any(map(_may_hide_own_option, args)) else []
+    if found:
         raise ValueError(
-            f"{shlex.join(args)} after --: Snakemake reads {option} in it, which snakembed run "
-            f"sets itself; {_OWN_OPTIONS[option]}"
+            f"{shlex.join(args)} after --: Snakemake reads {found[0]} in it, which snakembed "
+            f"run sets itself; {_OWN_OPTIONS[found[0]]}"
         )
 
 
