@@ -81,6 +81,21 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _array(group: h5py.Group, name: str, shape: tuple) -> np.ndarray:
+    """A dataset of an image's group, checked against the shape it must have (None: any length);
+    a damaged file raises, and :func:`_reading` names it."""
+    value = group[name][()]
+    if (
+        not isinstance(value, np.ndarray)
+        or len(value.shape) != len(shape)
+        or any(
+            want is not None and got != want for got, want in zip(value.shape, shape, strict=True)
+        )
+    ):
+        raise ValueError(f"{group.name}/{name} has shape {np.shape(value)}, not {shape}")
+    return value
+
+
 @dataclass
 class Patches:
     """An image's patch embeddings ``[P, D]`` and boxes ``[P, 4]`` (x0, y0, x1, y1)."""
@@ -143,7 +158,12 @@ class Folder:
                 f"reads ({FORMAT_VERSION}); upgrade snakembed"
             )
         n = len(f[IDS])
-        if f[EMBEDDINGS].ndim not in (2, 3) or any(len(f[name]) != n for name in REQUIRED_DATASETS):
+        columns = [name for name in (*REQUIRED_DATASETS, LABELS, SCORES) if name in f]
+        if (
+            f[EMBEDDINGS].ndim not in (2, 3)
+            or any(f[name].ndim != 1 for name in columns if name != EMBEDDINGS)
+            or any(len(f[name]) != n for name in columns)
+        ):
             raise StoreError(f"{self.path} has bulk datasets of different lengths; rebuild it")
 
     def close(self) -> None:
@@ -231,10 +251,16 @@ class Folder:
 
     def __contains__(self, image_id: str) -> bool:
         with _reading(self.path):
-            return not image_id.startswith("_") and image_id in self._file
+            # an image's group, never a bulk dataset (an image may be named `_x.jpg`)
+            return isinstance(self._file.get(image_id), h5py.Group)
 
     def __iter__(self) -> Iterator[ImageRecord]:
         for image_id in self.ids():
+            if image_id not in self:
+                raise StoreError(
+                    f"{self.path} lists image {image_id!r} but holds no group for it; delete "
+                    "the file and run the workflow again to rebuild it"
+                )
             yield self[image_id]
 
     def __getitem__(self, image_id: str) -> ImageRecord:
@@ -245,11 +271,12 @@ class Folder:
         with _reading(self.path):
             group = self._file[image_id]
             attrs = group.attrs
+            row_shape = self._file[EMBEDDINGS].shape[1:]
             record = ImageRecord(
                 folder=self.key,
                 image_id=image_id,
                 source=_text(attrs["source"]),
-                embedding=group[IMAGE_EMBEDDING][()],
+                embedding=_array(group, IMAGE_EMBEDDING, row_shape),
                 width=int(attrs["width"]),
                 height=int(attrs["height"]),
                 sha256=_text(attrs["sha256"]),
@@ -260,13 +287,15 @@ class Folder:
                 record.topk = [
                     (_text(label), float(score))
                     for label, score in zip(
-                        group[IMAGE_TOPK_LABELS][()], group[IMAGE_TOPK_SCORES][()], strict=True
+                        _array(group, IMAGE_TOPK_LABELS, (None,)),
+                        _array(group, IMAGE_TOPK_SCORES, (None,)),
+                        strict=True,
                     )
                 ]
-            if IMAGE_PATCH_EMBEDDINGS in group:
-                record.patches = Patches(
-                    group[IMAGE_PATCH_EMBEDDINGS][()], group[IMAGE_PATCH_BOXES][()]
-                )
+            if IMAGE_PATCH_EMBEDDINGS in group or IMAGE_PATCH_BOXES in group:
+                vectors = _array(group, IMAGE_PATCH_EMBEDDINGS, (None, row_shape[-1]))
+                boxes = _array(group, IMAGE_PATCH_BOXES, (len(vectors), 4))
+                record.patches = Patches(vectors, boxes)
             return record
 
     def __repr__(self) -> str:

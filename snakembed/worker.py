@@ -256,8 +256,10 @@ def shared(config: dict) -> bool:
 
     Example:
         >>> from snakembed.config import load_config
-        >>> shared(load_config(overrides={"device": "cuda"})), shared(load_config())
-        (True, False)
+        >>> shared(load_config(overrides={"device": "cuda"}))
+        True
+        >>> shared(load_config(overrides={"device": "cpu"}))
+        False
     """
     from .config import resolved
     from .devices import device_type
@@ -410,13 +412,30 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return False  # another user's process took the pid
+    state, command = _process(pid)
+    # a zombie has exited; another program may have taken the pid of a worker that is gone
+    return state is None or (not state.startswith("Z") and "snakembed.worker" in command)
+
+
+def _process(pid: int) -> tuple[str | None, str]:
+    """A live process's state (``R``, ``S``, ``Z`` ...) and command line, from ``/proc`` on Linux,
+    else from ``ps`` (macOS, the BSDs); ``(None, "")`` where neither can tell."""
     proc = Path(f"/proc/{pid}")
-    with contextlib.suppress(OSError):  # Linux: a zombie exited; another program took the pid
-        if "\nState:\tZ" in (proc / "status").read_text():
-            return False
-        if b"snakembed.worker" not in (proc / "cmdline").read_bytes():
-            return False
-    return True
+    with contextlib.suppress(OSError):
+        status = (proc / "status").read_text()
+        state = status.partition("\nState:\t")[2][:1]
+        return state, (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["ps", "-ww", "-o", "stat=", "-o", "args=", "-p", str(pid)],  # -ww: not cut short
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        if out:
+            state, _, command = out.partition(" ")
+            return state, command.strip()
+    return None, ""
 
 
 def prestart(config: dict, threads: int) -> bool:

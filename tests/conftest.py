@@ -32,9 +32,13 @@ settings.register_profile("explore", parent=settings.get_profile("ci"), derandom
 settings.load_profile("ci")
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
 
-#: A small, fast configuration: a random ResNet-18 on 64-pixel images.
+#: A small, fast configuration: a random ResNet-18 on 64-pixel images, on the CPU on every
+#: machine (the tests compare runs with each other at float32's precision; on a GPU, ``auto``
+#: would compute in bf16 and share one worker between jobs). Tests of what ``auto`` resolves to
+#: set ``device: auto`` themselves.
 FAST_CONFIG = {
     "model": {"name": "resnet18", "weights": "none"},
+    "device": "cpu",
     "preprocess": {"resize": 64, "crop": 56},
     "classify": {"head": "pretrained", "topk": 3},
     "batch_size": 4,
@@ -43,12 +47,67 @@ FAST_CONFIG = {
 }
 
 
+#: An environment in which torch sees no GPU, on any machine: for what a job does where there
+#: is none (a cluster node without one, a CPU-only workstation).
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def on_ci() -> bool:
+    """Whether the tests run in CI: ``CI`` set to ``true``, ``1`` or ``yes`` (as CI services
+    set it, in any case)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
 def skip_unless_ci(reason: str) -> None:
-    """Skip the test, saying why; with ``CI=true`` (as ``.ci/run`` sets), fail instead: CI
-    installs everything these tests need, so a skip there would hide a test that never ran."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
+    """Skip the test, saying why; in CI (see :func:`on_ci`; ``.ci/run`` sets ``CI=true``),
+    fail instead: CI installs everything these tests need, so a skip there would hide a test
+    that never ran."""
+    if on_ci():
+        pytest.fail(f"{reason} (CI={os.environ['CI']}: this test must run in CI)", pytrace=False)
     pytest.skip(reason)
+
+
+def machine_compute() -> dict[str, str]:
+    """What ``device``, ``precision`` and ``decode: auto`` must resolve to on this machine,
+    asked of torch directly: ``cuda``, ``bf16``, ``torchvision`` where it sees a GPU, else
+    ``cpu``, ``fp32``, ``pillow``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda", "precision": "bf16", "decode": "torchvision"}
+    return {"device": "cpu", "precision": "fp32", "decode": "pillow"}
+
+
+#: Folders that are often a filesystem of their own (a tmpfs), to stand for node-local scratch.
+OTHER_FILESYSTEMS = ("/dev/shm", "/run/shm", "/tmp", "/var/tmp", "/run/user/{uid}")
+
+
+def other_filesystem(path: Path) -> Path | None:
+    """A fresh folder on another filesystem than ``path`` (as a cluster node's local scratch is
+    to the shared results), for the caller to remove; None where no usual candidate is one."""
+    device = path.stat().st_dev
+    for candidate in OTHER_FILESYSTEMS:
+        folder = Path(candidate.format(uid=os.getuid()))
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and folder.stat().st_dev != device and os.access(folder, os.W_OK):
+                return Path(tempfile.mkdtemp(prefix="snakembed-scratch-", dir=folder))
+    return None
+
+
+def python_in_new_process(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter with another string-hash seed than this one (and
+    ``env``), and return what it printed: for what must be the same in every process."""
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # never this process's
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYTHONHASHSEED": seed, **env},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 def make_image(path: Path, size=(64, 48), seed: int = 0, mode: str = "RGB", **save) -> Path:
@@ -206,15 +265,23 @@ def workflow_run(tmp_path_factory, resnet18_checkpoint):
         model={"name": "resnet18", "weights": str(resnet18_checkpoint)},
         patches={"enabled": True, "resize": 64, "size": 32, "stride": 32, "border": "shift"},
     )
+    return finished_run(
+        base, images, config, folders=folders, bad={"empty.jpg", "text.jpg", "truncated.jpg"}
+    )
+
+
+def finished_run(base: Path, images: Path, config: Path, **more) -> dict:
+    """Run the workflow in ``base`` (results in ``base/results``) for a module's or session's
+    read-only tests: what they read of the run, with ``more``."""
     proc = run_snakemake(base, config)
+    results = base / "results"
     return {
         "base": base,
         "images": images,
-        "results": base / "results",
+        "results": results,
         "config": config,
-        "folders": folders,
-        "bad": {"empty.jpg", "text.jpg", "truncated.jpg"},
         "proc": proc,
+        **more,
     }
 
 

@@ -159,3 +159,33 @@ BAD = {
     "broken crc.png": (png_with_broken_crc, "corrupt PNG.*checksum"),
     "huge.png": (huge_png, "too large.*max_pixels"),
 }
+
+
+def _flat(size: tuple[int, int], rgb) -> np.ndarray:
+    return np.broadcast_to(np.asarray(rgb, np.uint8), (size[1], size[0], 3))
+
+
+def _gray(values: np.ndarray) -> np.ndarray:
+    return np.repeat(np.round(values).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _palette_expected() -> np.ndarray:
+    array = np.empty((16, 16, 3), np.uint8)
+    array[:, :8] = (200, 50, 50)  # palette index 1
+    array[:, 8:] = 255  # index 0, transparent: composited on white
+    return array
+
+
+#: name -> (the RGB pixels ``GOOD[name]`` shows, from how it was made; the mean absolute
+#: difference a decode may have from them: JPEG's loss, or none).
+GOOD_PIXELS = {
+    "one pixel.png": (_flat((1, 1), (200, 100, 50)), 0),
+    "animated.gif": (_flat((24, 24), (255, 0, 0)), 0),
+    "pages.tiff": (_flat((30, 20), (90, 90, 90)), 0),
+    "deep16.tif": (_gray(np.linspace(0, 65535, 64 * 16).reshape(16, 64) * 255 / 65535), 1),
+    "float32.tif": (_gray(np.linspace(0, 1, 512).reshape(16, 32) * 255), 1),
+    "cmyk.jpg": (_flat((32, 32), (255, 0, 0)), 4),
+    "ycck.jpg": (_flat((32, 32), (255, 0, 0)), 4),
+    "palette.png": (_palette_expected(), 0),
+    **{f"exif{k}.jpg": (exif_expected(k), 8) for k in range(1, 9)},
+}

@@ -20,6 +20,21 @@ TORCHVISION = {
 }
 TIMM = ["timm/resnet10t", "timm/mobilenetv3_small_050"]
 
+#: The references are computed in float32 on the CPU: so are the embeddings compared with them.
+CPU = {"device": "cpu", "threads": 1}
+
+
+def _assert_same_features(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal values up to float error, measured against the features' own scale.
+
+    Random-weight networks give features of very different sizes (1e-13 for an untrained
+    EfficientNet-B0, 10 for a ResNet-18), and unrelated images already score cosines of 0.99 or
+    more there; a wrong resize kernel moves values by 10 % of that scale, float error by 0.1 %.
+    """
+    scale = np.abs(expected).max()
+    assert scale > 0 and np.isfinite(scale)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=5e-3 * scale)
+
 
 def _torchvision_reference(name: str):
     import torchvision
@@ -48,7 +63,7 @@ def _timm_reference(name: str):
 @pytest.mark.parametrize("name", [*TORCHVISION, *TIMM])
 def test_stored_embedding_is_the_models_own_features(name, tmp_path):
     paths = [make_image(tmp_path / f"{i}.jpg", size=(90 + 20 * i, 70), seed=i) for i in range(3)]
-    config = load_config(overrides={"model": {"name": name, "weights": "none"}, "threads": 1})
+    config = load_config(overrides={"model": {"name": name, "weights": "none"}, **CPU})
     result = embed_images(paths, config)
     reference = _timm_reference if name.startswith("timm/") else _torchvision_reference
     forward, transform, model = reference(name)
@@ -57,9 +72,7 @@ def test_stored_embedding_is_the_models_own_features(name, tmp_path):
         expected = forward(batch).numpy()
     assert result.vectors.shape == expected.shape
     assert result.meta["embedding_dim"] == expected.shape[1]
-    a, b = result.vectors, expected
-    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cosine.min() >= 0.9999
+    _assert_same_features(result.vectors, expected)
 
 
 def test_timm_names_are_prefixed_and_carry_their_preprocessing():
@@ -117,7 +130,7 @@ def test_a_named_layer_is_the_models_own_output_pooled(name, tmp_path):
     layer, pool = LAYERS[name]
     paths = [make_image(tmp_path / f"{i}.jpg", size=(90 + 20 * i, 70), seed=i) for i in range(3)]
     model_config = {"name": name, "weights": "none", "layer": layer, "pool": pool}
-    config = load_config(overrides={"model": model_config, "threads": 1})
+    config = load_config(overrides={"model": model_config, **CPU})
     result = embed_images(paths, config)
     reference = _timm_reference if name.startswith("timm/") else _torchvision_reference
     _, transform, model = reference(name)
@@ -127,9 +140,7 @@ def test_a_named_layer_is_the_models_own_output_pooled(name, tmp_path):
     assert result.vectors.shape == expected.shape
     assert result.meta["embedding_dim"] == expected.shape[1]
     assert (result.meta["layer"], result.meta["pool"]) == (layer, pool)
-    a, b = result.vectors, expected
-    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cosine.min() >= 0.9999
+    _assert_same_features(result.vectors, expected)
 
 
 def test_pool_none_keeps_every_position_as_a_row(tmp_path):
@@ -137,7 +148,7 @@ def test_pool_none_keeps_every_position_as_a_row(tmp_path):
     overrides = {
         "model": {"name": "resnet18", "weights": "none", "layer": "layer4", "pool": "none"},
         "preprocess": {"resize": 64, "crop": 64},
-        "threads": 1,
+        **CPU,
     }
     result = embed_images(paths, load_config(overrides=overrides))
     _, transform, model = _torchvision_reference("resnet18")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_image
+from conftest import REPO, machine_compute, make_image
 
 from snakembed.config import ConfigError, load_config, numbers_fingerprint, validate_config
 from snakembed.manifest import read_manifest
@@ -155,26 +155,31 @@ def test_a_whole_number_written_as_a_float_is_the_same_setting():
 
 
 def test_fingerprint_changes_with_what_changes_the_numbers():
-    base = numbers_fingerprint(validate_config({}))
-    assert numbers_fingerprint(validate_config({}))["hash"] == base["hash"]
+    base = numbers_fingerprint(validate_config({"device": "cpu"}))
+    assert numbers_fingerprint(validate_config({"device": "cpu"}))["hash"] == base["hash"]
     for override in (
         {"model": {"name": "resnet18"}},
         {"preprocess": {"resize": 300}},
         {"patches": {"enabled": True}},
         {"precision": "bf16"},
-        {"device": "cuda"},
-        {"device": "cuda:1", "precision": "fp32"},
+        {"decode": "torchvision"},
     ):
-        assert numbers_fingerprint(validate_config(override))["hash"] != base["hash"]
-    # auto counts as what it resolves to (on this machine, without a GPU: cpu and fp32), and
-    # which GPU computes does not change the numbers
-    same = validate_config({"device": "cpu", "precision": "fp32"})
-    assert numbers_fingerprint(same)["hash"] == base["hash"]
+        changed = numbers_fingerprint(validate_config({"device": "cpu", **override}))
+        assert changed["hash"] != base["hash"], override
+    for override in ({"device": "cuda"}, {"device": "cuda:1", "precision": "fp32"}):
+        assert numbers_fingerprint(validate_config(override))["hash"] != base["hash"], override
+    # auto counts as what it resolves to on this machine (cuda, bf16 and torchvision's decoder
+    # where torch sees a GPU, else cpu, fp32 and Pillow), and which GPU computes does not change
+    # the numbers
+    auto = numbers_fingerprint(validate_config({}))
+    assert numbers_fingerprint(validate_config(machine_compute()))["hash"] == auto["hash"]
     cuda = numbers_fingerprint(validate_config({"device": "cuda"}))
     assert numbers_fingerprint(validate_config({"device": "cuda:1"}))["hash"] == cuda["hash"]
+    assert cuda["hash"] != base["hash"]
     # the batch size and the head do not change the embeddings
-    assert numbers_fingerprint(validate_config({"batch_size": 7}))["hash"] == base["hash"]
-    assert numbers_fingerprint(validate_config({"classify": {"topk": 2}}))["hash"] == base["hash"]
+    for override in ({"batch_size": 7}, {"classify": {"topk": 2}}):
+        same = numbers_fingerprint(validate_config({"device": "cpu", **override}))
+        assert same["hash"] == base["hash"], override
 
 
 def _config(tmp_path: Path, **overrides) -> dict:
@@ -350,26 +355,28 @@ def test_plan_allows_no_classification(tmp_path):
     assert config["classify"] == {**validate_config({})["classify"], "head": "none"}
 
 
-def test_the_plan_resolves_device_precision_and_decoder_once_for_the_run(tmp_path):
+def test_the_plan_resolves_device_precision_and_decoder_once_for_the_run(tmp_path, monkeypatch):
     """auto is what it resolves to where the run is planned; jobs that ask a cluster for a GPU
     get cuda, bf16 and the device's JPEG decoder; a cluster job's own Snakemake takes what the
     planning process chose."""
     auto = _config(tmp_path)
     plan = plan_run(auto)
-    # this machine has no GPU
-    assert (auto["device"], auto["precision"], auto["decode"]) == ("cpu", "fp32", "pillow")
+    machine = machine_compute()  # what torch says of this machine
+    assert {key: auto[key] for key in machine} == machine
     assert plan.compute["configured"] == {"device": "auto", "precision": "auto", "decode": "auto"}
-    explicit = plan_run(_config(tmp_path, device="cpu", precision="fp32", decode="pillow"))
+    explicit = plan_run(_config(tmp_path, **machine))
     assert explicit.numbers["hash"] == plan.numbers["hash"]
 
     gpu = _config(tmp_path)
     on_gpu = plan_run(gpu, gpu_jobs=True)
     assert (gpu["device"], gpu["precision"], gpu["decode"]) == ("cuda", "bf16", "torchvision")
-    assert on_gpu.numbers["hash"] != plan.numbers["hash"]
+    cpu = plan_run(_config(tmp_path, device="cpu"))
+    assert on_gpu.numbers["hash"] != cpu.numbers["hash"]
     assert (on_gpu.numbers["device"], on_gpu.numbers["precision"]) == ("cuda", "bf16")
     on_gpu.write_manifests()
     job = _config(tmp_path)
-    plan_run(job, discover=False)  # a node that sees no GPU, and no resources asked for
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a node that sees no GPU
+    plan_run(job, discover=False)  # and no resources asked for
     assert (job["device"], job["precision"], job["decode"]) == ("cuda", "bf16", "torchvision")
     bf16 = _config(tmp_path, precision="bf16")
     assert plan_run(bf16, discover=False).compute["precision"] == "bf16"  # other settings

@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_CONFIG, make_image
+from conftest import (
+    FAST_CONFIG,
+    OTHER_FILESYSTEMS,
+    make_image,
+    other_filesystem,
+    skip_unless_ci,
+)
 
 from snakembed.config import load_config
 from snakembed.embed import Embedder, embed_images, load_backbone, prepare_model
@@ -185,7 +191,7 @@ def test_vectors_of_another_device_or_precision_are_never_reused(tmp_path, caplo
     from snakembed.store import read_earlier
 
     make_image(tmp_path / "images" / "a" / "0.png")
-    config = load_config(overrides=FAST_CONFIG)  # auto: cpu and fp32 here
+    config = load_config(overrides=FAST_CONFIG)  # device: cpu, precision: auto (fp32)
     out, models = tmp_path / "a.h5", Models()
     run_folder(tmp_path / "images", "a", ["0.png"], out, config, models=models)
     meta = models.embedder(config).meta
@@ -243,15 +249,15 @@ def test_patches_are_reused_with_their_images(tmp_path):
 
 
 @pytest.mark.parametrize("slurm", [False, True])
-def test_a_folder_file_is_built_in_scratch_on_a_cluster_node(tmp_path, monkeypatch, slurm):
+def test_a_folder_file_is_built_in_scratch_on_a_cluster_node(tmp_path, monkeypatch, request, slurm):
     """`scratch: auto` builds the file in $TMPDIR in a SLURM job, when that is another
     filesystem, and copies it over; the file is the same as one built beside the result."""
-    scratch = Path("/dev/shm")
     results = tmp_path / "results"
     results.mkdir()
-    if not scratch.is_dir() or scratch.stat().st_dev == results.stat().st_dev:
-        pytest.skip("no tmpfs at /dev/shm on another filesystem than the tests' tmp_path")
-    scratch = Path(tempfile.mkdtemp(dir=scratch))
+    scratch = other_filesystem(results)
+    if scratch is None:
+        skip_unless_ci(f"no folder on another filesystem than {results}: {OTHER_FILESYSTEMS}")
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     if slurm:
@@ -270,4 +276,3 @@ def test_a_folder_file_is_built_in_scratch_on_a_cluster_node(tmp_path, monkeypat
     ]
     with Folder(results / "a.h5", "a") as stored:
         assert stored.ids() == built.ids and np.array_equal(stored.matrix(), built.vectors)
-    shutil.rmtree(scratch)

@@ -85,13 +85,30 @@ def test_draft_mode_keeps_twice_the_target():
     assert decode_image(data).image.size == (1600, 1200)
 
 
-def test_draft_mode_changes_embeddings_very_little(tmp_path):
-    """A large photo decoded at reduced scale gives nearly the full decode's pixels."""
+def test_draft_mode_changes_pixels_and_embeddings_very_little(tmp_path):
+    """A large photo decoded at reduced scale gives nearly the full decode's pixels, and so
+    nearly its embedding in the pretrained default model: far nearer than another photo's."""
+    from snakembed.config import load_config
+    from snakembed.embed import embed_images, load_backbone
+
     path = make_image(tmp_path / "big.jpg", size=(2000, 1500), seed=1, quality=95)
+    other = make_image(tmp_path / "other.jpg", size=(2000, 1500), seed=2, quality=95)
     pre = Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3, "bilinear")
     full = pre.pixels(decode_image(path.read_bytes()).image).float()
     draft = pre.pixels(decode_image(path.read_bytes(), min_side=256).image).float()
     assert (full - draft).abs().mean() < 3.0  # of 255
+
+    backbone = load_backbone(load_config(overrides={"device": "cpu"}))
+
+    def unit_vectors(draft: bool) -> np.ndarray:
+        settings = {"device": "cpu", "optimize": False, "preprocess": {"draft": draft}}
+        config = load_config(overrides=settings)
+        vectors = embed_images([path, other], config, backbone=backbone).vectors
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    full, draft = unit_vectors(False), unit_vectors(True)
+    assert 1 - full[0] @ draft[0] < 0.002
+    assert 1 - full[0] @ draft[0] < (1 - full[0] @ full[1]) / 20
 
 
 def test_discover_folders(tmp_path):
@@ -140,10 +157,16 @@ def test_bad_files_are_refused_with_their_reason(name):
 
 
 @pytest.mark.parametrize("name", sorted(samples.GOOD))
-def test_awkward_files_decode_to_rgb(name):
+def test_awkward_files_decode_to_the_pixels_they_show(name):
+    """Each file becomes the RGB picture it was made as (its first frame or page, upright, its
+    transparency on white, its full tonal range), at the size it is shown."""
+    expected, tolerance = samples.GOOD_PIXELS[name]
     decoded = decode_image(samples.GOOD[name]())
     assert decoded.image.mode == "RGB"
-    assert decoded.image.size == (decoded.width, decoded.height)
+    pixels = np.asarray(decoded.image)
+    assert pixels.shape == expected.shape
+    assert (decoded.height, decoded.width) == expected.shape[:2]
+    assert np.abs(pixels.astype(int) - expected).mean() <= tolerance
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -75,6 +76,11 @@ def _check_nothing_partial(results: Path) -> int:
     return checked
 
 
+def _folder_files(results: Path) -> int:
+    """How many folder files a run has finished (a killed writer's ``.tmp`` is none)."""
+    return sum(1 for p in (results / "embeddings").rglob("*.h5") if not p.name.startswith("."))
+
+
 def _matrices(results: Path) -> dict[str, bytes]:
     store = snakembed.open_store(results)
     out = {}
@@ -99,17 +105,28 @@ def test_killed_runs_resume_to_the_same_results(tmp_path, workers):
 
     rng = random.Random(20261123)
     results = work_dir / "results"
+    mid_run = []  # folder files present after each kill that landed while the run went on
     for _ in range(3):
+        before = _folder_files(results)
         proc = _start(work_dir, work_dir / "config.yaml", workers.env)
-        time.sleep(rng.uniform(1.0, 0.8 * duration))
+        # a kill in the middle: once this run has written a folder file of its own, at a random
+        # point of the job that follows (its worker busy, its file half written, or between)
+        deadline = time.monotonic() + 2 * duration + 60
+        while _folder_files(results) <= before and proc.poll() is None:
+            assert time.monotonic() < deadline, _output(work_dir)
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3 * duration / len(keys)))
         finished = proc.poll() is not None
         assert proc.returncode in (None, 0), _output(work_dir)
         _kill(proc, workers)
         _check_nothing_partial(results)
         if finished:
             break
+        mid_run.append(_folder_files(results))
         # Snakemake keeps its lock after a SIGKILL; --unlock is the documented way on
         run_snakemake(work_dir, work_dir / "config.yaml", "--unlock", env=workers.env)
+    # at least one kill left some folders done and others not
+    assert any(0 < done < len(keys) for done in mid_run), mid_run
 
     run_snakemake(work_dir, work_dir / "config.yaml", env=workers.env)
     assert _check_nothing_partial(results) >= len(keys)
@@ -123,10 +140,11 @@ def test_reading_while_the_workflow_writes(tmp_path, workers):
     keys = _tree(images, folders=6, per_folder=3)
     config = write_config(tmp_path / "config.yaml", images=str(images), results="results")
     results = tmp_path / "results"
-    reads = 0
 
-    def read_until(proc: subprocess.Popen) -> None:
-        nonlocal reads
+    def read_until(proc: subprocess.Popen) -> list[dict[str, str]]:
+        """Read every folder whole, again and again while ``proc`` runs; returns the settings
+        (``preprocess``) of each folder seen, one mapping per pass over the store."""
+        passes = []
         while proc.poll() is None:
             time.sleep(0.05)  # leave the two cores to the workflow, mostly
             try:
@@ -134,6 +152,7 @@ def test_reading_while_the_workflow_writes(tmp_path, workers):
             except FileNotFoundError:
                 assert not (results / "embeddings").is_dir()
                 continue
+            seen = {}
             for key in store:
                 with store[key] as folder:
                     ids, matrix, table = folder.ids(), folder.matrix(), folder.table()
@@ -142,7 +161,9 @@ def test_reading_while_the_workflow_writes(tmp_path, workers):
                     assert np.array_equal(table["embedding"], matrix)
                     for row, image_id in enumerate(ids):
                         assert np.array_equal(folder[image_id].embedding, matrix[row])
-                reads += 1
+                    seen[key] = json.dumps(folder.attrs["preprocess"], sort_keys=True)
+            passes.append(seen)
+        return passes
 
     proc = _start(tmp_path, config, workers.env)
     read_until(proc)
@@ -152,9 +173,10 @@ def test_reading_while_the_workflow_writes(tmp_path, workers):
     # a second run rewrites every file (new preprocessing) while the old ones are being read
     write_config(config, images=str(images), results="results", preprocess={"resize": 72})
     proc = _start(tmp_path, config, workers.env)
-    read_until(proc)
+    passes = read_until(proc)
     assert proc.returncode == 0, _output(tmp_path)
-    assert reads > len(keys)
+    # some passes read old and new files side by side: they read while files were replaced
+    assert any(len(set(seen.values())) == 2 for seen in passes), passes
     second = _matrices(results)
     assert all(second[k] != first[k] for k in keys)
     with h5py.File(results / "embeddings" / "f1.h5", "r") as f:

@@ -64,12 +64,13 @@ onstart:
 FOLDERS = ("a", "b", "c/d")
 
 
-def _host(workdir: Path, images: Path, model: dict) -> Path:
+def _host(workdir: Path, images: Path, model: dict, **settings) -> Path:
     """A host workflow in ``workdir`` whose snakembed results go to ``workdir/results``."""
     workdir.mkdir(parents=True, exist_ok=True)
     snakefile = workdir / "Snakefile"
     snakefile.write_text(HOST)
     snakembed = {**FAST_CONFIG, "images": str(images), "results": "results", "model": model}
+    snakembed.update(settings)
     host = {"other": "kept", "snakembed": snakembed}
     (workdir / "host.yaml").write_text(yaml.safe_dump(host))
     # the host's own config.yaml, which the module must not read (its config comes from `config:`)
@@ -168,7 +169,7 @@ def test_as_a_module_resources_set_for_the_renamed_folder_rule_count(tmp_path):
     the run for cuda, as the slurm profile's `embed_classify_store: gpu: 1` does in a plain run."""
     images = tmp_path / "images"
     make_image(images / "a" / "0.jpg")
-    _host(tmp_path, images, {"name": "resnet18", "weights": "none"})
+    _host(tmp_path, images, {"name": "resnet18", "weights": "none"}, device="auto")
     gpu = "snakembed_embed_classify_store:gpu=1"
     proc = _run_host(tmp_path, "--dry-run", "--set-resources", gpu)
     assert "gpu=1" in proc.stdout + proc.stderr

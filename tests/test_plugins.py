@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import python_in_new_process
 
 from snakembed._registry import PluginError, Registry
 from snakembed.backbones import (
@@ -109,13 +110,28 @@ def test_efficientnet_lite0_has_offline_imagenet_weights():
     assert backbone.weights_sha256 and len(backbone.weights_sha256) == 64
 
 
-def test_random_weights_are_the_same_in_every_process():
+def test_random_weights_are_the_same_in_every_process(tmp_path):
+    """weights: none is one network, whatever the process drew from torch's generator before."""
     a = create_backbone("resnet18", weights="none")
     b = create_backbone("resnet18", weights=None)
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.linspace(-2, 2, 3 * 32 * 32).reshape(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(a.model(x), b.model(x))
         assert torch.equal(a.classifier.weight, b.classifier.weight)
+        features = a.model(x)
+    saved = tmp_path / "other.pt"
+    python_in_new_process(
+        "import torch\n"
+        "from snakembed.backbones import create_backbone\n"
+        "torch.manual_seed(99); torch.randn(1000)  # another state of the generator\n"
+        "b = create_backbone('resnet18', weights='none')\n"
+        "x = torch.linspace(-2, 2, 3 * 32 * 32).reshape(1, 3, 32, 32)\n"
+        "with torch.no_grad():\n"
+        f"    torch.save({{'features': b.model(x), 'fc': b.classifier.weight}}, {str(saved)!r})\n"
+    )
+    other = torch.load(saved, weights_only=True)
+    assert torch.equal(other["features"], features)
+    assert torch.equal(other["fc"], a.classifier.weight)
 
 
 def test_torchvision_preprocessing_follows_the_weights():

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import REPO, SNAKEMAKE, make_image, run_snakemake, write_config
+from conftest import NO_GPU, REPO, SNAKEMAKE, make_image, run_snakemake, write_config
 from labelled import make_labelled_tree
 from PIL import Image
 
@@ -63,6 +63,16 @@ def _assert_same(results: Path, clean: Path) -> None:
     for key, (ids, matrix) in expected.items():
         assert got[key][0] == ids, key
         assert np.allclose(got[key][1], matrix, rtol=1e-4, atol=1e-5), key
+
+
+def _mtimes(results: Path) -> dict[Path, int]:
+    """Every file under ``results`` and when it was last written."""
+    return {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
+
+
+def _log(workdir: Path, stem: str) -> str:
+    """The log of the folder's last job."""
+    return (workdir / "results" / "logs" / "embed_classify_store" / f"{stem}.log").read_text()
 
 
 def _attrs(results: Path, stem: str) -> dict:
@@ -120,17 +130,18 @@ def test_a_folder_whose_job_failed_is_computed_again(tmp_path, workers):
     config = write_config(tmp_path / "c.yaml", images="images", results="results")
     run_snakemake(tmp_path, config, env=workers.env)
     make_image(tmp_path / "images" / "a" / "new.jpg", seed=77)
-    # every folder job fails: there is no GPU here
+    # every folder job fails: a GPU asked for where torch sees none (the GPUs hidden)
     failing = ("--config", "device=cuda")
     for _ in range(2):
-        proc = run_snakemake(tmp_path, config, *failing, check=False, env=workers.env)
+        env = {**workers.env, **NO_GPU}
+        proc = run_snakemake(tmp_path, config, *failing, check=False, env=env)
+        assert "device 'cuda' asked for, but torch sees no GPU here" in _log(tmp_path, "b")
         assert proc.returncode != 0 and NOTHING not in _out(proc)
         assert _ran(proc, "a") and _ran(proc, "b")
     # back on the CPU: both folders are computed again, and equal a clean run
     proc = run_snakemake(tmp_path, config, env=workers.env)
     assert _ran(proc, "a") and _ran(proc, "b")
-    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "b.log").read_text()
-    assert "2 unchanged images reused" in log  # from the file moved aside
+    assert "2 unchanged images reused" in _log(tmp_path, "b")  # from the file moved aside
     assert not list((tmp_path / "results" / "embeddings").glob(".*"))
     clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
     run_snakemake(tmp_path, clean, env=workers.env)
@@ -253,10 +264,16 @@ def test_workers_start_only_for_jobs_that_run(tmp_path, workers):
     run_snakemake(tmp_path, config, env=workers.env)
     assert workers.started() == 1
     report = tmp_path / "report.html"
-    for flags in ([], ["--dry-run"], ["--report", str(report)]):
+    written = _mtimes(tmp_path / "results")
+    for flags, said in (
+        ([], NOTHING),
+        (["--dry-run"], NOTHING),
+        (["--report", str(report)], "Report created."),
+    ):
         proc = run_snakemake(tmp_path, config, *flags, env=workers.env)
-        assert NOTHING in _out(proc) or flags
+        assert said in _out(proc), flags
         assert workers.started() == 1, flags
+        assert _mtimes(tmp_path / "results") == written, flags  # no job ran
     assert report.is_file()
 
 
@@ -352,41 +369,42 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, worker
 
 
 def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, workers):
+    """On a machine where torch sees no GPU (its GPUs hidden, on any machine), auto is cpu and
+    fp32; a run whose folder jobs ask for a GPU is planned for cuda and bf16."""
+    env = {**workers.env, **NO_GPU}
     _images(tmp_path / "images", "a", "b")
-    config = write_config(tmp_path / "c.yaml", images="images", results="results")
-    run_snakemake(tmp_path, config, env=workers.env)  # device and precision: auto
+    config = write_config(tmp_path / "c.yaml", images="images", results="results", device="auto")
+    run_snakemake(tmp_path, config, env=env)  # device and precision: auto
     fp32 = _folders(tmp_path / "results")
     for stem in ("a", "b"):
         attrs = _attrs(tmp_path / "results", stem)
         assert (attrs["device"], attrs["precision"]) == ("cpu", "fp32")
     # auto is what it resolves to: naming it changes nothing
-    proc = run_snakemake(tmp_path, config, "--config", "device=cpu", "precision=fp32")
+    proc = run_snakemake(tmp_path, config, "--config", "device=cpu", "precision=fp32", env=env)
     assert NOTHING in _out(proc)
 
     # bf16 (as auto is on a GPU): every folder again, none reusing fp32 vectors
     make_image(tmp_path / "images" / "a" / "new.jpg", seed=50)
-    proc = run_snakemake(tmp_path, config, "--config", "precision=bf16", env=workers.env)
+    proc = run_snakemake(tmp_path, config, "--config", "precision=bf16", env=env)
     assert _ran(proc, "a") and _ran(proc, "b")
     bf16 = _folders(tmp_path / "results")
     for stem in ("a", "b"):
         assert _attrs(tmp_path / "results", stem)["precision"] == "bf16"
-        log = (tmp_path / "results" / "logs" / "embed_classify_store" / f"{stem}.log").read_text()
-        assert "unchanged images reused" not in log
+        assert "unchanged images reused" not in _log(tmp_path, stem)
     assert not np.array_equal(bf16["b"][1], fp32["b"][1])
-    clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
-    run_snakemake(tmp_path, clean, "--config", "precision=bf16", env=workers.env)
+    clean = write_config(tmp_path / "clean.yaml", images="images", results="clean", device="auto")
+    run_snakemake(tmp_path, clean, "--config", "precision=bf16", env=env)
     _assert_same(tmp_path / "results", tmp_path / "clean")
 
     # Folder jobs that ask a cluster for a GPU resolve auto to cuda (bf16) where the run is
-    # planned, though this machine has none: every folder would be computed again...
+    # planned, though this machine shows none: every folder would be computed again...
     gpu = ("--set-resources", "embed_classify_store:gpu=1")
-    proc = run_snakemake(tmp_path, config, *gpu, "--dry-run")
+    proc = run_snakemake(tmp_path, config, *gpu, "--dry-run", env=env)
     assert _ran(proc, "a") and _ran(proc, "b")
     # ... and where a job finds no GPU it says so and leaves the folder's file as it was
-    proc = run_snakemake(tmp_path, config, *gpu, check=False, env=workers.env)
+    proc = run_snakemake(tmp_path, config, *gpu, check=False, env=env)
     assert proc.returncode != 0
-    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "b.log").read_text()
-    assert "device 'cuda' asked for, but torch sees no GPU here" in log
+    assert "device 'cuda' asked for, but torch sees no GPU here" in _log(tmp_path, "b")
     assert _attrs(tmp_path / "results", "b")["precision"] == "bf16"
     _assert_same(tmp_path / "results", tmp_path / "clean")
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import samples
 import torch
-from conftest import make_image, run_snakemake, write_config
+from conftest import finished_run, make_image, run_snakemake, write_config
 from PIL import Image
 
 import snakembed
+from snakembed.config import load_config
+from snakembed.embed import embed_images
 from snakembed.layout import folder_file
 
 #: Folder names that trip shells, globs, Snakemake's wildcards and case-insensitive eyes.
@@ -43,6 +45,7 @@ ODD_FILES = [
     "?.png",
     "*.png",
     "`touch PWNED`.jpg",
+    "_ids.jpg",  # the folder file's bulk datasets are named `_ids`, `_embeddings` ...
 ]
 
 
@@ -80,17 +83,24 @@ def hostile(tmp_path_factory):
     (images / "external").symlink_to(outside, target_is_directory=True)
     make_image(images / ".git" / "hidden.jpg")
     config = write_config(base / "config.yaml", images=str(images), results=str(base / "results"))
-    proc = run_snakemake(base, config)
-    return {"base": base, "images": images, "results": base / "results", "proc": proc}
+    return finished_run(base, images, config)
 
 
-def test_the_run_succeeds_and_stores_every_good_image(hostile):
-    assert hostile["proc"].returncode == 0
+def test_the_run_stores_every_good_image_as_if_alone(hostile):
+    """The bad files beside them change nothing: each good image's stored vector is the one it
+    gets embedded on its own."""
+    good = sorted(samples.GOOD)
+    alone = embed_images(
+        [hostile["images"] / "mixed" / name for name in good], load_config(hostile["config"])
+    )
+    assert alone.ids == good and not alone.failed
     with snakembed.open_store(hostile["results"])["mixed"] as folder:
-        assert set(folder.ids()) == set(samples.GOOD)
-        for record in folder:
-            assert record.embedding.shape == (512,) and record.label
+        assert sorted(folder.ids()) == good
         assert set(folder.failed) == set(samples.BAD)
+        for name, expected in zip(good, alone.vectors, strict=True):
+            record = folder[name]
+            assert record.label and record.source == f"mixed/{name}"
+            np.testing.assert_allclose(record.embedding, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(samples.BAD))
@@ -134,6 +144,12 @@ def test_odd_names_are_stored_under_their_own_names(hostile):
     with store["files"] as folder:
         assert sorted(folder.ids()) == sorted(ODD_FILES)
         assert folder["A.jpg"].sha256 != folder["a.jpg"].sha256
+        records = {record.image_id: record for record in folder}
+        assert sorted(records) == sorted(ODD_FILES)
+        for row, image_id in enumerate(folder.ids()):
+            assert records[image_id].source == f"files/{image_id}"
+            assert np.array_equal(records[image_id].embedding, folder.matrix()[row])
+    assert store.lookup("files/_ids.jpg").image_id == "_ids.jpg"
     # braces cannot be in a Snakemake path: they are escaped in the file name only
     assert folder_file(hostile["results"], "br{ace}").name == "br%7Bace%7D.h5"
     assert (hostile["results"] / "embeddings" / "%7Bfolder%7D.h5").is_file()

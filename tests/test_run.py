@@ -211,19 +211,34 @@ def test_the_configuration_is_checked_before_snakemake_starts(
 
 
 def test_config_values_are_read_as_snakemake_reads_them(tmp_path):
-    """Numbers, True/False and YAML of strings (the schema's types applied in validation): a
-    valid command line is not refused by the early check."""
-    snakemake_command(
-        "p",
-        config=[
-            "classify={topk: 3, head: none}",
-            "worker={shared: false}",
-            "threads=4",
-            "optimize=False",
-            "preprocess={draft: true}",
-        ],
-        base=tmp_path,
-    )
+    """Numbers, True/False and YAML of strings: the early check reads each --config entry as
+    Snakemake's own parse_config does, passes it on unchanged, and the schema then gives the
+    workflow the values the user meant."""
+    from snakemake.cli import parse_config
+
+    from snakembed.config import load_config, merge_config
+    from snakembed.run import _config_entry
+    from snakembed.workflow import workflow_dir
+
+    entries = [
+        "classify={topk: 3, head: none}",
+        "worker={shared: false}",
+        "threads=4",
+        "optimize=False",
+        "preprocess={draft: true, resize: 300}",
+    ]
+    cmd = snakemake_command("p", config=entries, base=tmp_path)
+    assert _config(cmd)[: len(entries)] == entries
+    snakemake_reads = parse_config(entries)
+    ours: dict = {}
+    for entry in entries:
+        merge_config(ours, _config_entry(entry))
+    assert ours == snakemake_reads
+    config = load_config(workflow_dir() / "config.yaml", snakemake_reads)
+    assert (config["classify"]["topk"], config["classify"]["head"]) == (3, "none")
+    assert config["worker"]["shared"] is False and config["optimize"] is False
+    assert config["threads"] == 4 and type(config["threads"]) is int
+    assert config["preprocess"]["draft"] is True and config["preprocess"]["resize"] == 300
 
 
 @pytest.mark.parametrize(

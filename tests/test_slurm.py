@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import (
+    OTHER_FILESYSTEMS,
     REPO,
+    machine_compute,
     make_image,
+    other_filesystem,
     run_snakemake,
+    skip_unless_ci,
     snakemake_command,
     write_config,
 )
@@ -87,18 +90,12 @@ def runs(slurm, tmp_path_factory):
     cluster = write_config(
         base / "slurm.yaml", images=str(images), results=str(base / "slurm"), device="cpu"
     )
-    # The jobs' $TMPDIR: node-local scratch (a tmpfs), as clusters give jobs.
-    scratch = _scratch(base)
+    # The jobs' $TMPDIR: node-local scratch (another filesystem), as clusters give jobs.
+    scratch = other_filesystem(base)
     proc = _run_slurm(base, cluster, env={"TMPDIR": str(scratch)} if scratch else None)
-    return {"base": base, "images": images, "config": cluster, "proc": proc, "scratch": scratch}
-
-
-def _scratch(results: Path) -> Path | None:
-    """A fresh folder on a tmpfs that is another filesystem than ``results``, or None."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shm.stat().st_dev != results.stat().st_dev:
-        return Path(tempfile.mkdtemp(dir=shm))
-    return None
+    yield {"base": base, "images": images, "config": cluster, "proc": proc, "scratch": scratch}
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_every_folder_job_is_a_real_slurm_job_in_groups(runs):
@@ -122,7 +119,7 @@ def test_cluster_embeddings_are_identical_to_a_local_run(runs):
 
 def test_folder_files_are_built_in_the_nodes_scratch(runs):
     if runs["scratch"] is None:
-        pytest.skip("no tmpfs on another filesystem than the results to stand for node scratch")
+        skip_unless_ci(f"no folder on another filesystem than the results: {OTHER_FILESYSTEMS}")
     logs = sorted((runs["base"] / "slurm" / "logs" / "embed_classify_store").rglob("*.log"))
     assert len(logs) == 26
     for log in logs:
@@ -220,16 +217,25 @@ def test_a_cluster_job_computes_on_the_device_planned_for_it(slurm, tmp_path):
     """The slurm profile's folder jobs ask for a GPU, so `device: auto` is planned as cuda and
     bf16 where the run starts; the job's own Snakemake on the node takes that plan instead of
     resolving auto again (which here, without a real GPU, would silently give fp32 on the CPU).
-    This cluster's GPU is fake: the job says so and stops."""
+    This cluster's GPU is fake (its jobs see GPU 0): on a machine without a real one, the job
+    says so and stops; on one with a GPU, it computes there."""
     make_image(tmp_path / "images" / "a" / "0.jpg")
     config = write_config(
-        tmp_path / "c.yaml", images=str(tmp_path / "images"), results=str(tmp_path / "out")
+        tmp_path / "c.yaml",
+        images=str(tmp_path / "images"),
+        results=str(tmp_path / "out"),
+        device="auto",
     )
     proc = _run_slurm(tmp_path, config, "--retries", "0", check=False)
-    assert proc.returncode != 0
     compute = json.loads((tmp_path / "out" / "compute.json").read_text())
     assert (compute["device"], compute["precision"]) == ("cuda", "bf16")
     log = (tmp_path / "out" / "logs" / "embed_classify_store" / "a.log").read_text()
+    if machine_compute()["device"] == "cuda":
+        assert proc.returncode == 0, log
+        with snakembed.open_store(tmp_path / "out")["a"] as folder:
+            assert (folder.attrs["device"], folder.attrs["precision"]) == ("cuda", "bf16")
+        return
+    assert proc.returncode != 0
     assert "device 'cuda' asked for, but torch sees no GPU here" in log
     assert not (tmp_path / "out" / "embeddings" / "a.h5").exists()
 

@@ -186,20 +186,34 @@ def test_a_temporary_folder_too_deep_for_sockets_is_said_and_the_job_runs_itself
     assert "f0: 3 images stored" in log
 
 
-def test_a_pid_taken_by_another_program_is_no_starting_worker(tmp_path):
-    """A stale pid file must never make a job wait for, or kill, an unrelated process."""
+@pytest.mark.parametrize("way", ["/proc", "ps"])
+def test_a_pid_taken_by_another_program_is_no_starting_worker(tmp_path, monkeypatch, way):
+    """A stale pid file must never make a job wait for, or kill, an unrelated process; a
+    worker's own pid is one. Told apart by /proc on Linux, by ps where there is none."""
+    import snakembed.worker
     from snakembed.worker import _alive, _starting
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    if way == "ps":  # as on macOS: no /proc
+        real = Path
+        hidden = tmp_path / "no-proc"
+        monkeypatch.setattr(
+            snakembed.worker, "Path", lambda p: real(str(p).replace("/proc/", f"{hidden}/"))
+        )
+    sleep = "import time; time.sleep(30)"
+    other = subprocess.Popen([sys.executable, "-c", sleep])
+    # a process whose command line names the worker module, as a worker's does
+    worker = subprocess.Popen([sys.executable, "-c", sleep, "-m", "snakembed.worker"])
     try:
         (tmp_path / "k-0.pid").write_text(str(other.pid))
-        if Path("/proc").is_dir():
-            assert not _alive(other.pid)
-            assert _starting(tmp_path / "k-0.lock") is None
+        assert not _alive(other.pid)
+        assert _starting(tmp_path / "k-0.lock") is None
+        (tmp_path / "k-0.pid").write_text(str(worker.pid))
+        assert _alive(worker.pid)
+        assert _starting(tmp_path / "k-0.lock") == worker.pid
     finally:
-        other.kill()
-        other.wait()
-    assert not _alive(other.pid)
+        for process in (other, worker):
+            process.kill()
+            process.wait()
 
 
 def test_a_shared_worker_joins_the_images_of_concurrent_jobs_into_one_batch():

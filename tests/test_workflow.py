@@ -12,6 +12,8 @@ import numpy as np
 from conftest import REPO, make_image, run_snakemake, write_config
 from labelled import make_labelled_tree
 
+import snakembed
+from snakembed._files import texts
 from snakembed.layout import folder_file
 
 
@@ -170,12 +172,26 @@ def test_index_mirrors_the_tree(workflow_run):
 
 
 def test_index_links_survive_moving_the_results(workflow_run, tmp_path):
+    """The index reads the folder files beside it wherever the results folder goes: a copy's
+    index reads the copy's files (changed here, to tell them apart), and still does after the
+    copy is moved away from where it was written."""
     import shutil
 
-    moved = tmp_path / "moved"
-    shutil.copytree(workflow_run["results"], moved)
+    copy, moved = tmp_path / "copy", tmp_path / "elsewhere" / "moved"
+    shutil.copytree(workflow_run["results"], copy)
+    for key in ("alpha", "ünï cödé"):  # a folder linked image by image, and one linked whole
+        with h5py.File(folder_file(copy, key), "r+") as f:
+            for image_id in texts(f["_ids"]):
+                f[f"{image_id}/embedding"][...] *= -1
+    moved.parent.mkdir()
+    copy.rename(moved)
+    original = snakembed.open_store(workflow_run["results"])
     with h5py.File(moved / "index.h5", "r") as index:
-        assert index["alpha/a1.jpg/embedding"].shape == (512,)
+        for key, image_id in (("alpha", "a1.jpg"), ("ünï cödé", "é.jpg"), ("alpha", "a2.png")):
+            linked = index[f"{key}/{image_id}/embedding"][()]
+            with original[key] as folder:
+                expected = -folder[image_id].embedding
+            assert expected.any() and np.array_equal(linked, expected), (key, image_id)
 
 
 def _snapshot(results: Path) -> dict[str, tuple[str, int]]:
