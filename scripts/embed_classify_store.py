@@ -2,9 +2,9 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from snakembed.worker import run_folder_served
+from snakembed.pipeline import run_shard
 
-run_folder_served(
+run_shard(
     snakemake.params.manifest,
     snakemake.output[0],
     snakemake.config,

@@ -2,10 +2,6 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from snakembed.store import write_index
+from snakembed.store import index_shards
 
-write_index(
-    snakemake.params.folders,
-    snakemake.params.images,
-    snakemake.output[0],
-)
+index_shards(snakemake.input, snakemake.params.images, snakemake.output[0])

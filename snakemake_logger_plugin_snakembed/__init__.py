@@ -172,7 +172,9 @@ class LogHandler(LogHandlerBase):
         if not _is_folder_rule(getattr(record, "rule_name", None)):
             return
         wildcards = getattr(record, "wildcards", None)
-        folder = wildcards.get("folder") if isinstance(wildcards, Mapping) else None
+        folder = None
+        if isinstance(wildcards, Mapping):  # a shard's job (a folder's, before shards)
+            folder = wildcards.get("shard", wildcards.get("folder"))
         if folder is None:
             return
         folder = str(folder)
@@ -285,13 +287,15 @@ def images_extra(images: Mapping[str, int]) -> dict[str, Any]:
     return {IMAGES_KEY: dict(images), "quietness": Quietness.PROGRESS}
 
 
-def images_message(images: Mapping[str, int]) -> str:
-    """The readable text of the totals record.
+def images_message(images: Mapping[str, int], folders: int | None = None) -> str:
+    """The readable text of the totals record (``images``: per shard job).
 
-    >>> images_message({"a": 3000, "b": 2000})
-    '5,000 images in 2 folders to embed'
+    >>> images_message({"1-of-2": 3000, "2-of-2": 2000}, folders=40)
+    '5,000 images in 40 folders (2 jobs) to embed'
     """
-    return f"{_plural(sum(images.values()), 'image')} in {_plural(len(images), 'folder')} to embed"
+    jobs = _plural(len(images), "job")
+    where = f"{_plural(folders, 'folder')} ({jobs})" if folders is not None else jobs
+    return f"{_plural(sum(images.values()), 'image')} in {where} to embed"
 
 
 def format_duration(seconds: float) -> str:

@@ -304,16 +304,13 @@ def _check_same_model(store, meta: dict) -> None:
 def _info(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from .layout import folder_file
     from .reader import open_store
 
     store = open_store(args.results)
-    folders: dict[str, dict | None] = {}  # None: moved aside after a killed job
+    status = store.status
+    folders: dict[str, dict | None] = dict.fromkeys(status.folders)  # None: pending
     failures = []
-    for key in store:
-        if not folder_file(store.results, key).is_file():
-            folders[key] = None
-            continue
+    for key in status.done:
         with store[key] as folder:
             folders[key] = folder.attrs
             failures += [f"failed: {key}/{i}: {reason}" for i, reason in folder.failed.items()]
@@ -325,8 +322,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"images: {store.images_root}")
     total = sum(attrs["num_images"] for attrs in done.values())
     failed = sum(attrs["num_failed"] for attrs in done.values())
-    waiting = f", not computed yet: {len(folders) - len(done)}" if len(done) < len(folders) else ""
-    print(f"folders: {len(store)}, images: {total}, failed: {failed}{waiting}")
+    waiting = f", pending: {len(status.pending)}" if status.pending else ""
+    print(f"folders: {len(folders)}, images: {total}, failed: {failed}{waiting}")
     model_counts, head_counts = Counter(models.values()), Counter(heads.values())
     mixed = len(model_counts) > 1  # after a run that was stopped part-way
     for model, count in model_counts.items():
@@ -334,9 +331,14 @@ def _info(args: argparse.Namespace) -> int:
     for head, count in head_counts.items():
         share = _share(count, len(done), len(head_counts) > 1)
         print(f"classify: {_describe_head(head, store.results)}{share}")
+    if status.index_behind:
+        print(
+            "index.h5 is behind the folder files (a run stopped before it updated it): "
+            "run the workflow to update it; open_store reads the folder files meanwhile"
+        )
     for key, attrs in folders.items():
         if attrs is None:
-            print(f"  {key}: not computed yet; run the workflow to compute it")
+            print(f"  {key}: pending ({status.pending[key]}); run the workflow to compute it")
             continue
         which = f" ({models[key]})" if mixed else ""
         count = _count(attrs["num_images"], "image")

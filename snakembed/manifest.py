@@ -1,9 +1,10 @@
 """A folder's manifest: the small file that stands for its images in the workflow.
 
-A folder's job reads ``{results}/manifests/{folder}.json``, which names the folder's images with
-what identifies their content, and the files that will not be read with why. It is written
-when the plan is made, and only when what it holds changed; its checksum is a parameter of the
-folder's job, so an image added, removed, rewritten or touched reruns that folder and no other.
+A folder's manifest names its images with what identifies their content, and the files that
+will not be read with why. The plan makes it for every folder, and its checksum is what the
+folder's file records as computed from: an image added, removed, rewritten or touched
+recomputes that folder and no other. The manifests of a shard's folders are kept together in
+the shard's manifest (see :mod:`snakembed.shards`), rewritten only when one of them changed.
 
 What identifies an image's content (the ``change_detection`` setting):
 
@@ -24,27 +25,18 @@ It also spares image paths Snakemake's wildcard syntax: a brace in a file name i
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._files import atomic_path, file_sha256
+from ._files import file_sha256
 
 __all__ = [
     "CHANGE_DETECTION",
     "FolderManifest",
-    "failed_job",
     "folder_manifest",
-    "job_started",
-    "read_manifest",
-    "read_manifest_with_digest",
-    "started_file",
-    "write_manifest",
 ]
 
 #: The values of the ``change_detection`` config key.
@@ -78,6 +70,11 @@ class FolderManifest:
     def names(self) -> list[str]:
         """Every image file name of the folder, refused ones included, sorted."""
         return sorted([*self.images, *self.refused])
+
+    @property
+    def digest(self) -> str:
+        """The sha256 of :meth:`to_json`: what the folder's file records as computed from."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(
@@ -155,109 +152,3 @@ def _digest(path: Path) -> str | OSError:
         return file_sha256(path)
     except OSError as exc:
         return exc
-
-
-def write_manifest(manifest: FolderManifest, path: str | Path) -> bool:
-    """Write ``manifest`` to ``path`` unless the file there already holds the same.
-
-    Args:
-        manifest: the folder's manifest.
-        path: its file.
-
-    Returns:
-        Whether the file was (re)written, which makes the folder's job run again.
-
-    Example:
-        >>> import tempfile
-        >>> m = FolderManifest("images", "a", {"x.jpg": [10, 1]})
-        >>> path = Path(tempfile.mkdtemp()) / "a.json"
-        >>> write_manifest(m, path), write_manifest(m, path)
-        (True, False)
-    """
-    text = manifest.to_json()
-    path = Path(path)
-    try:
-        if path.read_text() == text:
-            return False
-    except (OSError, UnicodeDecodeError):
-        pass
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return True
-
-
-def read_manifest(path: str | Path) -> FolderManifest:
-    """The manifest written at ``path`` by :func:`write_manifest`.
-
-    Raises:
-        ValueError: when the file is not a manifest, naming it and how to get a new one.
-    """
-    return read_manifest_with_digest(path)[0]
-
-
-def read_manifest_with_digest(path: str | Path) -> tuple[FolderManifest, str]:
-    """The manifest at ``path`` and the sha256 of the very bytes it was read from (what the
-    folder's file records as ``manifest_sha256``).
-
-    Raises:
-        ValueError: when the file is not a manifest, naming it and how to get a new one.
-    """
-    try:
-        data = Path(path).read_bytes()
-        fields = json.loads(data)
-        manifest = FolderManifest(
-            fields["root"],
-            fields["folder"],
-            fields["images"],
-            fields["refused"],
-            fields.get("settings", {}),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"{path}: not a folder manifest ({exc}); delete it and run snakemake again, "
-            "which writes it anew"
-        ) from exc
-    return manifest, hashlib.sha256(data).hexdigest()
-
-
-def started_file(manifest: str | Path) -> Path:
-    """Where a folder's job notes the checksum of the manifest it started on (see
-    :func:`job_started`).
-
-    Example:
-        >>> started_file("results/manifests/a.json").name
-        'a.json.started'
-    """
-    manifest = Path(manifest)
-    return manifest.with_name(manifest.name + ".started")
-
-
-@contextlib.contextmanager
-def job_started(manifest: str | Path, digest: str) -> Iterator[None]:
-    """Note, for the block, that a job computes the folder of ``manifest`` (whose checksum is
-    ``digest``): the note is locked while the job runs, removed when the block succeeds, and
-    left behind (unlocked) when the job fails or dies.
-
-    Snakemake restores the previous file of a failed job's ``update()`` output and still
-    records the job as done; the note is how the next plan knows (see :func:`failed_job`).
-    """
-    path = started_file(manifest)
-    with open(path, "w") as note:
-        note.write(digest)
-        note.flush()
-        with contextlib.suppress(OSError):  # a filesystem without locks: notes still work
-            fcntl.flock(note, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield
-        path.unlink(missing_ok=True)
-
-
-def failed_job(manifest: str | Path) -> str | None:
-    """The checksum of the manifest that a job started on and did not finish (it failed, or
-    was killed), or None: no such job, or one that still runs (its note is locked; a second
-    ``snakemake`` started while the first one runs must not take it for a failed one)."""
-    try:
-        with open(started_file(manifest)) as note:
-            fcntl.flock(note, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return note.read() or None
-    except OSError:  # no note; a job that runs (BlockingIOError); no locks here: no guess
-        return None

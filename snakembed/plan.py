@@ -29,13 +29,26 @@ from .heads import HEADS, needs_labels
 from .images import Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
 from .layout import FOLDERS_DIR, ROOT_FOLDER, folder_file, folder_stem
-from .manifest import failed_job, folder_manifest, read_manifest, write_manifest
-from .store import computed_from, stale_copy
+from .manifest import folder_manifest
+from .shards import (
+    MANIFESTS_DIR,
+    RECORDS_DIR,
+    ShardManifest,
+    assign_shards,
+    file_stamp,
+    manifest_file,
+    parse_shard_name,
+    read_record,
+    read_shard_manifest,
+    record_file,
+    shard_count,
+)
 
 #: Where the finetune rule writes its checkpoint, under the results folder.
 FINETUNE_CHECKPOINT = "finetune/checkpoint.safetensors"
 
-#: The rule of the folder jobs, whose logs and benchmarks are kept per folder.
+#: The rule of the folder jobs (one job per shard of folders), whose logs and benchmarks are
+#: kept per shard.
 FOLDER_RULE = "embed_classify_store"
 
 # The errors are re-exported so that callers can catch every planning error from here.
@@ -44,6 +57,7 @@ __all__ = [
     "FOLDER_RULE",
     "ConfigError",
     "DiscoveryError",
+    "Changes",
     "Plan",
     "WeightsError",
     "asks_for_gpu",
@@ -60,7 +74,10 @@ class Plan:
         results: the results folder.
         discovery: every image folder, with the files refused and the folder links skipped;
             None in a plan read from the manifests (see :func:`plan_run`).
-        stems: ``{file stem: folder key}`` (the ``{folder}`` wildcard's values).
+        stems: ``{file stem: folder key}`` of the folder files (empty in a plan read from the
+            manifests).
+        shards: ``{shard name: its folder keys}`` (see :mod:`snakembed.shards`); in a plan read
+            from the manifests, each shard's folders are read when asked for.
         weights_file: the local checkpoint, when ``model.weights`` is one.
         numbers: everything that changes the embeddings (see ``numbers_fingerprint``).
         compute: the resolved ``device`` and ``precision``, with what was configured.
@@ -68,21 +85,21 @@ class Plan:
         settings: what besides its images decides a folder's file (recorded in each
             manifest, see :class:`~snakembed.manifest.FolderManifest`).
         labelled: the labelled images of ``classify.labels``, when set.
-        missed: the folders whose file :meth:`write_manifests` found computed from other
-            images or settings than their unchanged manifest says, and moved aside.
+        changes: what :meth:`write_manifests` found changed, see :class:`Changes`.
     """
 
     images: Path
     results: Path
     discovery: Discovery | None
     stems: Mapping[str, str]
+    shards: Mapping[str, list[str]]
     weights_file: str | None
     numbers: dict
     compute: dict
     change_detection: str = "stat"
     settings: dict = field(default_factory=dict)
     labelled: Labelled | None = None
-    missed: list[str] = field(default_factory=list)
+    changes: Changes = field(default_factory=lambda: Changes())
 
     @property
     def folders(self) -> dict[str, list[str]]:
@@ -95,56 +112,87 @@ class Plan:
             raise RuntimeError("a plan read from the manifests has no image tree; read them")
         return self.discovery.folders
 
-    def image_count(self, stem: str) -> int:
-        """How many image files the folder of file stem ``stem`` holds, refused ones included."""
-        if self.discovery is None:
-            return len(read_manifest(self.manifest_file(stem)).names)
-        return len(self.discovery.folders[self.stems[stem]])
+    def image_count(self, shard: str) -> int:
+        """How many image files the folders of shard ``shard`` hold, refused ones included."""
+        return sum(self.folder_sizes(shard))
 
-    def manifest_file(self, stem: str) -> Path:
-        """Where the folder of file stem ``stem`` has its manifest (see :mod:`.manifest`)."""
-        return _manifest_folder(self.results) / f"{stem}.json"
+    def pending_images(self, shard: str) -> int:
+        """How many image files the folders of shard ``shard`` to compute hold (see
+        :attr:`Changes.pending`; all of its folders when the plan did not compare them)."""
+        pending = self.changes.pending.get(shard)
+        if pending is None or self.discovery is None:
+            return self.image_count(shard)
+        return sum(len(self.discovery.folders[key]) for key in pending)
+
+    def folder_sizes(self, shard: str) -> list[int]:
+        """How many image files each folder of shard ``shard`` holds, refused ones included."""
+        if self.discovery is None:
+            folders = read_shard_manifest(self.manifest_file(shard)).folders.values()
+            return [len(f["images"]) + len(f["refused"]) for f in folders]
+        return [len(self.discovery.folders[key]) for key in self.shards[shard]]
+
+    def manifest_file(self, shard: str) -> Path:
+        """Where shard ``shard`` has its manifest (see :mod:`snakembed.shards`)."""
+        return manifest_file(self.results, shard)
+
+    def record_file(self, shard: str) -> Path:
+        """Where the job of shard ``shard`` records what it stored (its output)."""
+        return record_file(self.results, shard)
 
     def write_manifests(self) -> int:
-        """Write each folder's manifest where what it holds changed, remove the manifests of
-        folders that are gone, and record the resolved device and precision for the cluster
-        jobs' own Snakemake (``{results}/compute.json``).
-
-        A folder whose manifest did not change, whose job started on it and failed (Snakemake
-        then restores the previous file of an ``update()`` output and still records the job as
-        done), and whose file was not computed from it, is *missed*: its file is moved aside
-        (see :func:`snakembed.store.stale_copy`), so that Snakemake sees it missing and
-        recomputes it, reusing the embeddings of its unchanged images from the moved file.
+        """Write each shard's manifest where one of its folders changed, remove the manifests
+        of shards that are gone, remove the record of each shard whose folders changed or whose
+        files are not those it recorded (a file removed or replaced by hand), so that it runs
+        again, and record the resolved device and precision for the cluster jobs' own
+        Snakemake (``{results}/compute.json``). What changed is in :attr:`changes`.
 
         Returns:
             How many manifests were written.
         """
         written = 0
-        self.missed.clear()
         checksum = self.change_detection == "checksum"
         root = os.path.abspath(self.images)
+        folder_dir = _manifest_folder(self.results)
+        old_texts = _read_texts(folder_dir)
+        records = _read_records(self.results / RECORDS_DIR)
+        stored: dict[str, dict] = {}  # what the records say is stored, by folder
+        for record in records.values():
+            stored.update(record["folders"])
+        current: dict[str, dict] = {}
         with ThreadPoolExecutor(max_workers=8 if checksum else 1) as pool:
-            for stem, key in self.stems.items():
-                manifest = folder_manifest(
-                    root,
-                    key,
-                    self.folders[key],
-                    self.discovery.refused.get(key),
-                    change_detection=self.change_detection,
-                    map_=pool.map,
-                    settings=self.settings,
-                )
-                path = self.manifest_file(stem)
-                if write_manifest(manifest, path):
+            for shard, keys in self.shards.items():
+                folders = {}
+                for key in keys:
+                    manifest = folder_manifest(
+                        root,
+                        key,
+                        self.folders[key],
+                        self.discovery.refused.get(key),
+                        change_detection=self.change_detection,
+                        map_=pool.map,
+                        settings=self.settings,
+                    )
+                    folders[key] = {
+                        "digest": manifest.digest,
+                        "images": manifest.images,
+                        "refused": manifest.refused,
+                    }
+                current.update(folders)
+                text = ShardManifest(shard, root, self.settings, folders).to_json()
+                if old_texts.get(shard) != text:
+                    with atomic_path(self.manifest_file(shard)) as tmp:
+                        tmp.write_text(text, encoding="utf-8")
                     written += 1
-                elif self._moved_aside(stem, path):
-                    self.missed.append(key)
-        for stem in set(_ManifestStems(self.results)) - set(self.stems):
-            self.manifest_file(stem).unlink(missing_ok=True)
-        for note in _manifest_folder(self.results).rglob("*.json.started"):
-            if not note.with_suffix("").exists():
-                note.unlink(missing_ok=True)
-        _remove_empty_folders(_manifest_folder(self.results))
+                self._compare(shard, folders, stored, records.get(shard))
+        settings = {json.dumps(r.get("settings"), sort_keys=True) for r in records.values()}
+        self.changes.describe(
+            stored, current, settings != {json.dumps(self.settings, sort_keys=True)}
+        )
+        for path in folder_dir.iterdir() if folder_dir.is_dir() else []:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)  # an earlier version's manifests
+            elif path.name.removesuffix(".json") not in self.shards:
+                path.unlink(missing_ok=True)
         text = json.dumps(self.compute, indent=1, sort_keys=True) + "\n"
         path = _compute_file(self.results)
         if not path.is_file() or path.read_text() != text:
@@ -152,23 +200,39 @@ class Plan:
                 tmp.write_text(text)
         return written
 
-    def _moved_aside(self, stem: str, manifest: Path) -> bool:
-        """Move the folder's file aside when a job started on its manifest and failed (see
-        :func:`~snakembed.manifest.failed_job`), and the file was not computed from it."""
-        output = folder_file(self.results, self.stems[stem])
-        failed = failed_job(manifest)
-        if failed is None:
-            return False  # no job failed on it (a dry run may have written the manifest)
-        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
-        if failed != digest or not output.is_file() or computed_from(output) == digest:
-            return False
-        os.replace(output, stale_copy(output))
-        return True
+    def _compare(
+        self, shard: str, folders: dict[str, dict], stored: dict[str, dict], record: dict | None
+    ) -> None:
+        """Note in :attr:`changes` the folders of ``shard`` that are not stored as they are
+        now (by their manifest's checksum, and their file by size and modification time, as
+        the shards' records say), and remove the shard's record unless it holds exactly its
+        folders, each stored as it is now: the shard then runs again."""
+        pending = [
+            key
+            for key, folder in folders.items()
+            if not isinstance(entry := stored.get(key), dict)
+            or entry.get("digest") != folder["digest"]
+            or entry.get("file") != file_stamp(folder_file(self.results, key))
+        ]
+        if pending:
+            self.changes.pending[shard] = pending
+        if (
+            pending
+            or record is None
+            or record.get(_SET_ASIDE)
+            or record["folders"].keys() != folders.keys()
+        ):
+            # set aside, not removed: Snakemake sees the output missing and runs the shard,
+            # and until it succeeds the record still says what is stored
+            path = self.record_file(shard)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, path.with_name(path.name + _OLD))
+            self.changes.shards.add(shard)
 
     def stale_files(self) -> list[Path]:
-        """The results of folders that are no longer in the image tree: their ``.h5`` files,
-        logs and benchmarks (a deleted or renamed folder's), and temporary files that killed
-        writers left there.
+        """The results of folders and shards that are gone: the ``.h5`` files of folders no
+        longer in the image tree, the logs, benchmarks and records of shards no longer
+        planned, and temporary files that killed writers left there.
 
         Raises:
             RuntimeError: in a plan read from the manifests, which does not know the tree.
@@ -176,23 +240,24 @@ class Plan:
         if self.discovery is None:
             raise RuntimeError("a plan read from the manifests cannot tell which folders are gone")
         stale = []
-        for folder, suffix in (
-            (self.results / FOLDERS_DIR, ".h5"),
-            (self.results / "logs" / FOLDER_RULE, ".log"),
-            (self.results / "benchmarks" / FOLDER_RULE, ".tsv"),
+        for folder, suffix, known in (
+            (self.results / FOLDERS_DIR, ".h5", self.stems),
+            (self.results / "logs" / FOLDER_RULE, ".log", self.shards),
+            (self.results / "benchmarks" / FOLDER_RULE, ".tsv", self.shards),
+            (self.results / RECORDS_DIR, ".json", self.shards),
         ):
             for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
                 target = path
-                if path.name.startswith(".") and path.name.endswith((".tmp", ".stale")):
-                    # a killed writer's temporary file (.{name}.{pid}.tmp) or a file moved
-                    # aside to be recomputed (.{name}.stale)
-                    stripped = path.name[1:].removesuffix(".stale")
-                    if stripped.endswith(".tmp"):
-                        stripped = stripped.rsplit(".", 2)[0]
-                    target = path.with_name(stripped)
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    # a killed writer's temporary file (.{name}.{pid}.tmp)
+                    target = path.with_name(path.name[1:].rsplit(".", 2)[0])
+                elif path.name.endswith(_OLD):  # a record set aside (see _compare)
+                    target = path.with_name(path.name.removesuffix(_OLD))
                 relative = target.relative_to(folder).as_posix()
-                gone = relative.removesuffix(suffix) not in self.stems
-                if path.is_file() and relative.endswith(suffix) and gone:
+                if path.name.endswith(".stale"):  # an earlier version's moved-aside file
+                    relative = ""
+                gone = relative.removesuffix(suffix) not in known
+                if path.is_file() and gone and (relative.endswith(suffix) or not relative):
                     stale.append(path)
         return stale
 
@@ -205,17 +270,17 @@ class Plan:
         removed = self.stale_files()
         for path in removed:
             path.unlink(missing_ok=True)
-        for top in (FOLDERS_DIR, f"logs/{FOLDER_RULE}", f"benchmarks/{FOLDER_RULE}"):
+        for top in (FOLDERS_DIR, f"logs/{FOLDER_RULE}", f"benchmarks/{FOLDER_RULE}", RECORDS_DIR):
             _remove_empty_folders(self.results / top)
         return removed
 
-    def manifest_digest(self, stem: str) -> str:
-        """The sha256 of the folder's manifest file as written (see :meth:`write_manifests`).
+    def manifest_digest(self, shard: str) -> str:
+        """The sha256 of the shard's manifest file as written (see :meth:`write_manifests`).
 
-        The workflow passes it as a rule parameter: it changes when the folder's images do, and
-        Snakemake reruns a job whose parameters changed.
+        The workflow passes it as a rule parameter: it changes when one of the shard's folders
+        does, and Snakemake reruns a job whose parameters changed.
         """
-        return hashlib.sha256(self.manifest_file(stem).read_bytes()).hexdigest()
+        return hashlib.sha256(self.manifest_file(shard).read_bytes()).hexdigest()
 
     def labelled_inputs(self) -> list[str]:
         """The labelled images that Snakemake tracks as inputs (which orders the jobs).
@@ -260,11 +325,137 @@ class Plan:
 
 
 def _manifest_folder(results: Path) -> Path:
-    return results / "manifests"
+    return results / MANIFESTS_DIR
 
 
 def _compute_file(results: Path) -> Path:
     return results / "compute.json"
+
+
+def _read_texts(folder: Path) -> dict[str, str]:
+    """``{shard: manifest text}`` of the shard manifests in ``folder``."""
+    texts = {}
+    for path in folder.glob("*.json") if folder.is_dir() else []:
+        name = path.name.removesuffix(".json")
+        if parse_shard_name(name) is not None:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                texts[name] = path.read_text(encoding="utf-8")
+    return texts
+
+
+#: The suffix of a shard's record set aside, to be run again (see ``Plan._compare``).
+_OLD = ".old"
+#: Marks a record read from a file set aside.
+_SET_ASIDE = "set_aside"
+
+
+def _read_records(folder: Path) -> dict[str, dict]:
+    """``{shard: record}`` of the shards' records in ``folder`` that can be read (a record
+    set aside where the shard's job has not written a new one yet)."""
+    records = {}
+    for suffix in (".json" + _OLD, ".json"):
+        for path in folder.glob("*" + suffix) if folder.is_dir() else []:
+            record = read_record(path)
+            if record is not None:
+                records[path.name.removesuffix(suffix)] = {**record, _SET_ASIDE: suffix != ".json"}
+    return records
+
+
+def _previous_count(folder: Path) -> int | None:
+    """The shard count of the manifests in ``folder`` (the last plan's), or None."""
+    counts = {parse_shard_name(name) for name in _read_names(folder)}
+    counts = {parsed[1] for parsed in counts if parsed is not None}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _read_names(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".json") for p in folder.glob("*.json"))
+
+
+@dataclass
+class Changes:
+    """What a plan found changed since what the results hold, in words (see :meth:`line`).
+
+    Attributes:
+        folders: ``{folder key: what changed in it}`` (``new, 3 images``, ``removed``,
+            ``+3 images``...).
+        settings: whether the settings that decide every folder's file changed.
+        first: whether nothing was stored yet.
+        shards: the shards whose jobs will run (a folder of theirs is not stored as it is
+            now, or their record does not hold exactly their folders).
+        pending: ``{shard: its folders to compute}``.
+    """
+
+    folders: dict[str, str] = field(default_factory=dict)
+    settings: bool = False
+    first: bool = False
+    shards: set[str] = field(default_factory=set)
+    pending: dict[str, list[str]] = field(default_factory=dict)
+
+    def describe(self, stored: Mapping[str, dict], current: Mapping[str, dict], settings: bool):
+        """Compare the folders as the records hold them (``stored``) with ``current``."""
+        self.first = not stored
+        self.settings = settings and not self.first
+        for key, entry in current.items():
+            before = stored.get(key)
+            if before is None:
+                self.folders[key] = f"new, {_plural(len(entry['images']), 'image')}"
+            elif before.get("digest") != entry["digest"]:
+                self.folders[key] = _difference(before, entry)
+        for key in stored.keys() - current.keys():
+            self.folders[key] = "removed"
+
+    def line(self, limit: int = 8) -> str:
+        """One line: the folders that changed and how, and the shards to run.
+
+        Example:
+            >>> c = Changes({"animals": "+3 images", "space": "removed"}, shards={"1-of-1"})
+            >>> c.line()
+            '2 folders changed: animals (+3 images), space (removed); 1 shard to run'
+        """
+        shards = _plural(len(self.shards), "shard")
+        if self.first:
+            return f"{_plural(len(self.folders), 'folder')} to compute; {shards} to run"
+        if self.settings:
+            return (
+                "the settings changed (model, weights, preprocessing, device or "
+                f"classification): every folder is computed again; {shards} to run"
+            )
+        if not self.folders:
+            if not self.shards:
+                return "nothing changed: every folder is up to date"
+            return (
+                f"no folder changed; {shards} to run (a run stopped before it finished, or "
+                "files not as they were stored)"
+            )
+        names = sorted(self.folders)
+        listed = ", ".join(f"{key} ({self.folders[key]})" for key in names[:limit])
+        more = f" and {len(names) - limit:,} more" if len(names) > limit else ""
+        return f"{_plural(len(names), 'folder')} changed: {listed}{more}; {shards} to run"
+
+
+def _difference(before: dict, after: dict) -> str:
+    """How a folder's images changed, in words: ``+3 images, 1 rewritten, -2``."""
+    old, new = before.get("images", {}), after["images"]
+    added = len(new.keys() - old.keys())
+    removed = len(old.keys() - new.keys())
+    rewritten = sum(1 for name in new.keys() & old.keys() if new[name] != old[name])
+    parts = []
+    if added:
+        parts.append(f"+{_plural(added, 'image')}")
+    if removed:
+        parts.append(f"-{_plural(removed, 'image')}")
+    if rewritten:
+        parts.append(f"{_plural(rewritten, 'image')} rewritten")
+    if before.get("refused") != after["refused"]:
+        parts.append("refused files changed")
+    return ", ".join(parts) or "changed"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _remove_empty_folders(top: Path) -> None:
@@ -301,32 +492,26 @@ def asks_for_gpu(resources: Mapping[str, object]) -> bool:
     return False
 
 
-class _ManifestStems(Mapping[str, str]):
-    """``{file stem: folder key}`` of the manifests under ``results``, each read when asked for.
-
-    Listing the manifests is one walk of a folder with a file per image folder; reading them
-    all, or discovering the image tree again, would cost every cluster job far more.
-    """
+class _ManifestShards(Mapping[str, list[str]]):
+    """``{shard name: its folder keys}`` of the manifests under ``results``, each read when
+    asked for: a cluster job's own Snakemake lists them (one small folder) and reads only its
+    own shard's; discovering the image tree again would cost every job far more."""
 
     def __init__(self, results: Path):
-        folder = _manifest_folder(results)
-        self._folder = folder
-        self._stems = sorted(
-            path.relative_to(folder).as_posix().removesuffix(".json")
-            for path in folder.rglob("*.json")
-        )
-        self._known = set(self._stems)
+        self._folder = _manifest_folder(results)
+        self._names = [n for n in _read_names(self._folder) if parse_shard_name(n) is not None]
+        self._known = set(self._names)
 
-    def __getitem__(self, stem: str) -> str:
-        if stem not in self._known:
-            raise KeyError(stem)
-        return read_manifest(self._folder / f"{stem}.json").folder
+    def __getitem__(self, shard: str) -> list[str]:
+        if shard not in self._known:
+            raise KeyError(shard)
+        return sorted(read_shard_manifest(self._folder / f"{shard}.json").folders)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._stems)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._stems)
+        return len(self._names)
 
 
 def _has_brace(path: str) -> bool:
@@ -337,7 +522,9 @@ def _trackable(paths) -> list[str]:
     return [p for p in paths if not _has_brace(p)]
 
 
-def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> Plan:
+def plan_run(
+    config: dict, *, discover: bool = True, gpu_jobs: bool = False, cores: int | None = None
+) -> Plan:
     """Validate ``config``, resolve its device and precision, discover the image folders and
     check the named plugins.
 
@@ -356,6 +543,8 @@ def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> 
             job would cost more than the jobs. Such a plan takes the planning process's
             device and precision from ``{results}/compute.json``.
         gpu_jobs: whether the folder jobs ask the cluster for a GPU (see :func:`asks_for_gpu`).
+        cores: the cores of a local run: ``shards.count: auto`` makes at least ``cores /
+            threads`` shards (rounded up to a power of two), so that every core has work.
 
     Returns:
         The plan.
@@ -389,7 +578,8 @@ def plan_run(config: dict, *, discover: bool = True, gpu_jobs: bool = False) -> 
         images=Path(config["images"]),
         results=results,
         discovery=discovery,
-        stems=_stems(discovery, config) if discovery else _ManifestStems(results),
+        stems=_stems(discovery, config) if discovery else {},
+        shards=_shards(discovery, config, cores) if discovery else _ManifestShards(results),
         weights_file=weights_file,
         numbers=numbers,
         compute=compute,
@@ -433,6 +623,23 @@ def _discover(config: dict) -> Discovery:
         exclude=config["results"],
         follow_external_links=config["follow_external_links"],
     )
+
+
+def _shards(discovery: Discovery, config: dict, cores: int | None) -> dict[str, list[str]]:
+    """The folders in shards (see :mod:`snakembed.shards`)."""
+    settings = config["shards"]
+    if settings["count"] != "auto":
+        return assign_shards(discovery.folders, settings["count"])
+    least = max(1, (cores or 1) // config["threads"])
+    count = shard_count(
+        len(discovery.folders),
+        sum(len(names) for names in discovery.folders.values()),
+        max_folders=settings["folders"],
+        max_images=settings["images"],
+        least=least,
+        previous=_previous_count(_manifest_folder(Path(config["results"]))),
+    )
+    return assign_shards(discovery.folders, count)
 
 
 def _stems(discovery: Discovery, config: dict) -> dict[str, str]:

@@ -42,6 +42,15 @@ from .layout import (
     WIDTH,
     folder_file,
 )
+from .shards import (
+    MANIFESTS_DIR,
+    RECORDS_DIR,
+    file_stamp,
+    manifest_digest,
+    parse_shard_name,
+    read_record,
+    read_shard_manifest,
+)
 
 __all__ = [
     "Folder",
@@ -49,8 +58,10 @@ __all__ = [
     "Patches",
     "Store",
     "StoreError",
+    "TreeStatus",
     "matrix_view",
     "open_store",
+    "tree_status",
 ]
 
 
@@ -302,10 +313,113 @@ class Folder:
         return f"Folder({self.key!r}, {str(self.path)!r})"
 
 
-class Store:
-    """A results folder, read through its index: ``store[folder][image_id]``.
+@dataclass
+class TreeStatus:
+    """The image tree as the last plan saw it, against what the results folder holds.
 
-    Without an index (a first run still going), the folder files present are listed.
+    Attributes:
+        root: the image root the plan saw (None without manifests).
+        folders: every folder of the last plan, sorted.
+        done: the folders whose file was computed from them as they are now.
+        pending: ``{folder: why}`` of the others (no file yet; a file computed from other
+            images or settings).
+        index_behind: whether ``index.h5`` does not link exactly the folders done, as they
+            are now (a run stopped before it updated the index).
+    """
+
+    root: Path | None
+    folders: list[str]
+    done: list[str]
+    pending: dict[str, str]
+    index_behind: bool
+
+
+#: Why a folder is pending.
+NO_FILE = "no file yet"
+OLD_FILE = "its file was computed from other images or settings"
+
+
+def tree_status(results: str | Path) -> TreeStatus:
+    """Which folders of the last plan the results folder holds as they are now, and which
+    are pending, from the shards' manifests and records (see :mod:`snakembed.shards`): a
+    folder whose file is not the one its shard's record names is checked in the file itself.
+
+    Args:
+        results: the workflow's ``results`` folder.
+
+    Returns:
+        The status; without manifests (results of an earlier version, or copied without
+        them), every folder file present counts as done.
+
+    Example:
+        >>> tree_status("results").pending  # doctest: +SKIP
+        {'new_camera/day2': 'no file yet'}
+    """
+    results = Path(results)
+    planned: dict[str, str] = {}
+    root = None
+    for path in sorted((results / MANIFESTS_DIR).glob("*.json")):
+        if parse_shard_name(path.name.removesuffix(".json")) is None:
+            continue
+        with contextlib.suppress(ValueError):
+            manifest = read_shard_manifest(path)
+            planned.update({key: entry["digest"] for key, entry in manifest.folders.items()})
+            root = Path(manifest.root)
+    stored: dict[str, dict] = {}
+    for pattern in ("*.json.old", "*.json"):
+        for path in (results / RECORDS_DIR).glob(pattern):
+            stored.update((read_record(path) or {}).get("folders", {}))
+    done, pending = [], {}
+    for key, digest in sorted(planned.items()):
+        path = folder_file(results, key)
+        stamp = file_stamp(path)
+        entry = stored.get(key)
+        recorded = isinstance(entry, dict) and [entry.get("digest"), entry.get("file")]
+        if stamp is None:
+            pending[key] = NO_FILE
+        elif recorded == [digest, stamp] or manifest_digest(_computed_from(path)) == digest:
+            done.append(key)
+        else:
+            pending[key] = OLD_FILE
+    if not planned:
+        done = sorted(_file_folders(results)) if (results / FOLDERS_DIR).is_dir() else []
+    return TreeStatus(root, sorted(planned) or done, done, pending, _index_behind(results, done))
+
+
+def _computed_from(path: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError), h5py.File(path, "r") as f:
+        value = f.attrs.get("manifest_sha256")
+        return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+def _index_behind(results: Path, done: list[str]) -> bool:
+    index = results / INDEX_FILE
+    try:
+        with h5py.File(index, "r") as f:
+            linked = json.loads(_text(f.attrs["folders"]))
+        made = index.stat().st_mtime_ns
+    except (OSError, KeyError, ValueError):
+        return True
+    records = (results / RECORDS_DIR).glob("*.json")
+    return sorted(linked) != sorted(done) or any(p.stat().st_mtime_ns > made for p in records)
+
+
+def _file_folders(results: Path) -> list[str]:
+    """The folder keys of the folder files under ``results``, read from each file."""
+    folders = []
+    for path in (results / FOLDERS_DIR).rglob("*.h5"):
+        with _reading(path), h5py.File(path, "r") as f:
+            folders.append(_text(f.attrs["folder"]))
+    return folders
+
+
+class Store:
+    """A results folder: ``store[folder][image_id]``.
+
+    Its folders are those of the last plan (the shards' manifests) that have a file, whether
+    or not a run got to update the index since; :attr:`status` says which are pending. Results
+    without manifests list the index's folders, else the folder files present.
 
     Args:
         results: the workflow's ``results`` folder.
@@ -317,29 +431,33 @@ class Store:
 
     def __init__(self, results: str | Path) -> None:
         self.results = Path(results)
-        index = self.results / INDEX_FILE
-        self.images_root: Path | None = None
-        if index.is_file():
-            with _reading(index), h5py.File(index, "r") as f:
-                self._folders = [str(k) for k in json.loads(_text(f.attrs["folders"]))]
-                self.images_root = Path(_text(f.attrs["images_root"]))
-            return
-        root = self.results / FOLDERS_DIR
         if not self.results.exists():
             raise FileNotFoundError(
                 f"{self.results} does not exist; open the results folder that a run wrote "
                 "(snakembed: --results R)"
             )
-        if not root.is_dir():
+        index = self.results / INDEX_FILE
+        if not (self.results / FOLDERS_DIR).is_dir() and not index.is_file():
             raise FileNotFoundError(
                 f"{self.results} holds no snakembed results (no index.h5, no embeddings/); "
                 "run the workflow first"
             )
-        folders = []
-        for path in root.rglob("*.h5"):
-            with _reading(path), h5py.File(path, "r") as f:
-                folders.append(_text(f.attrs["folder"]))
-        self._folders = sorted(folders)
+        #: The folders of the last plan against the files (see :func:`tree_status`).
+        self.status = tree_status(self.results)
+        self.images_root: Path | None = self.status.root
+        if index.is_file():
+            with _reading(index), h5py.File(index, "r") as f:
+                self.images_root = self.images_root or Path(_text(f.attrs["images_root"]))
+                linked = [str(k) for k in json.loads(_text(f.attrs["folders"]))]
+        else:
+            linked = []
+        if self.status.root is not None:  # the folders of the last plan that have a file
+            files = set(self.status.done) | {
+                k for k, why in self.status.pending.items() if why != NO_FILE
+            }
+            self._folders = sorted(files)
+        else:  # results without manifests: the index, else the files
+            self._folders = sorted(linked) if index.is_file() else self.status.done
 
     def folders(self) -> list[str]:
         """Every folder key, sorted."""

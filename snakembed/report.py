@@ -10,6 +10,7 @@ shown as its name.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import html
 import io
@@ -102,9 +103,16 @@ def write_report_pages(
     _write_text(summary, _summary_page(store, Path(results), metrics))
     _plot_labels(store, labels)
     sample = _sample(store, points)
-    _write_text(embedding_map, _map_page(store, sample))
-    _write_text(neighbours, _neighbours_page(store, sample, queries))
-    log.info("report pages written: %d images on the map", len(sample.ids))
+    thumbnails = _Thumbnails(Path(embedding_map).parent / _THUMBNAILS)
+    _write_text(embedding_map, _map_page(store, sample, thumbnails))
+    _write_text(neighbours, _neighbours_page(store, sample, queries, thumbnails))
+    made = thumbnails.save()
+    log.info(
+        "report pages written: %d images on the map; %d thumbnails made, %d kept from the last run",
+        len(sample.ids),
+        made,
+        thumbnails.used - made,
+    )
 
 
 def _write_text(path: str | Path, text: str) -> None:
@@ -267,11 +275,68 @@ def _sample(store: Store, points: int) -> _Sample:
     return _Sample(folders, ids, paths, labels, np.asarray(vectors, np.float32).reshape(-1, dim))
 
 
-def _thumbnails(paths: list[Path | None], side: int) -> list[str | None]:
-    """:func:`_thumbnail` of each path, decoded in a thread per core (Pillow lets go of the
-    GIL while it decodes)."""
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda path: _thumbnail(path, side), paths))
+#: The thumbnails of the last report, beside its pages, so that the next one makes only new
+#: ones: a one-image change must not decode the thousand images of the map again.
+_THUMBNAILS = ".thumbnails.json"
+
+
+class _Thumbnails:
+    """The report's thumbnails (data URIs), kept between runs by image file (path, size,
+    modification time) and side; :meth:`save` keeps only those this report used."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._kept = {}
+        if not isinstance(self._kept, dict):
+            self._kept = {}
+        self._used: dict[str, str | None] = {}
+        self._made = 0
+
+    @property
+    def used(self) -> int:
+        return len(self._used)
+
+    def __call__(self, paths: list[Path | None], side: int) -> list[str | None]:
+        """:func:`_thumbnail` of each path, the missing ones decoded in a thread per core
+        (Pillow lets go of the GIL while it decodes)."""
+        keys = [_thumbnail_key(path, side) for path in paths]
+        missing = {
+            key: path
+            for key, path in zip(keys, paths, strict=True)
+            if key is not None and key not in self._used and key not in self._kept
+        }
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            made = pool.map(lambda path: _thumbnail(path, side), missing.values())
+            self._used.update(zip(missing, made, strict=True))
+        self._made += len(missing)
+        for key in keys:
+            if key is not None and key not in self._used:
+                self._used[key] = self._kept[key]
+        # a file that cannot be read: its warning says why
+        return [
+            self._used[key] if key is not None else _thumbnail(path, side)
+            for key, path in zip(keys, paths, strict=True)
+        ]
+
+    def save(self) -> int:
+        """Keep the thumbnails used (a new file, at most a report's worth); returns how many
+        were made."""
+        with contextlib.suppress(OSError), atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self._used))
+        return self._made
+
+
+def _thumbnail_key(path: Path | None, side: int) -> str | None:
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None  # unreadable: _thumbnail says why when it is asked
+    return f"{side}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}:{path}"
 
 
 def _thumbnail(path: Path | None, side: int = 112) -> str | None:
@@ -314,7 +379,7 @@ def _vectors(matrix: np.ndarray) -> np.ndarray:
     return matrix.mean(axis=1) if matrix.ndim == 3 else matrix
 
 
-def _map_page(store: Store, sample: _Sample) -> str:
+def _map_page(store: Store, sample: _Sample, thumbnails: _Thumbnails) -> str:
     coords, method = _coordinates(store, sample)
     classified = any(label is not None for label in sample.labels)
     groups = sample.labels if classified else sample.folders
@@ -331,7 +396,7 @@ def _map_page(store: Store, sample: _Sample) -> str:
     else:
         xy = coords
     dots = []
-    thumbs = _thumbnails(sample.paths, 96)
+    thumbs = thumbnails(sample.paths, 96)
     for i, (x, y) in enumerate(xy):
         group = str(groups[i])
         name = _name(sample.folders[i], sample.ids[i])
@@ -360,7 +425,9 @@ def _map_page(store: Store, sample: _Sample) -> str:
     return _page("Map of the embeddings", body)
 
 
-def _neighbours_page(store: Store, sample: _Sample, queries: int, top: int = 6) -> str:
+def _neighbours_page(
+    store: Store, sample: _Sample, queries: int, thumbnails: _Thumbnails, top: int = 6
+) -> str:
     if not sample.ids:
         return _page("Nearest neighbours", "<p>No embedded images.</p>")
     picks = np.unique(np.linspace(0, len(sample.ids) - 1, min(queries, len(sample.ids))).round())
@@ -369,10 +436,12 @@ def _neighbours_page(store: Store, sample: _Sample, queries: int, top: int = 6) 
     for i, hits in zip(picks.astype(int), found, strict=True):
         name = _name(sample.folders[i], sample.ids[i])
         others = [h for h in hits if (h.folder, h.image_id) != (sample.folders[i], sample.ids[i])]
-        figures = [_figure(sample.paths[i], name, "query", "query")]
+        paths = [sample.paths[i], *(Path(h.path) for h in others[:top])]
+        thumbs = thumbnails(paths, 112)
+        figures = [_figure(thumbs[0], name, "query", "query")]
         figures += [
-            _figure(Path(h.path), _name(h.folder, h.image_id), f"{h.score:.3f}", "")
-            for h in others[:top]
+            _figure(thumb, _name(h.folder, h.image_id), f"{h.score:.3f}", "")
+            for thumb, h in zip(thumbs[1:], others[:top], strict=True)
         ]
         strips.append(f'<div class="strip">{"".join(figures)}</div>')
     body = (
@@ -386,8 +455,7 @@ def _name(folder: str, image_id: str) -> str:
     return image_id if folder == ROOT_FOLDER else f"{folder}/{image_id}"
 
 
-def _figure(path: Path | None, name: str, caption: str, css: str) -> str:
-    thumb = _thumbnail(path)
+def _figure(thumb: str | None, name: str, caption: str, css: str) -> str:
     picture = f'<img src="{thumb}" alt="{html.escape(name)}">' if thumb else "<p>(not readable)</p>"
     return (
         f'<figure class="{css}">{picture}<figcaption><b>{html.escape(caption)}</b> '

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import h5py
@@ -42,11 +43,14 @@ from .layout import (
     WIDTH,
     folder_file,
 )
+from .shards import read_record
 
 __all__ = [
     "computed_from",
+    "index_shards",
+    "stored_state",
     "read_earlier",
-    "stale_copy",
+    "update_index",
     "write_folder",
     "write_index",
 ]
@@ -54,28 +58,22 @@ __all__ = [
 _STR = h5py.string_dtype()
 
 
-def stale_copy(path: str | Path) -> Path:
-    """Where a folder file that no longer matches its folder is moved aside to be recomputed
-    (``.{name}.stale`` beside it): out of every reader's sight, still lending the embeddings
-    of its unchanged images to the folder's next job, which removes it.
-
-    Example:
-        >>> stale_copy("results/embeddings/a/b.h5").name
-        '.b.h5.stale'
-    """
-    path = Path(path)
-    return path.with_name(f".{path.name}.stale")
-
-
 def computed_from(path: str | Path) -> str | None:
-    """The sha256 of the manifest a folder file was computed from, or None (a file written
-    before snakembed recorded it, or one that cannot be read)."""
+    """What a folder file was computed from (see :func:`snakembed.shards.job_key`), or None (a
+    file written before snakembed recorded it, or one that cannot be read)."""
+    return stored_state(path)[0]
+
+
+def stored_state(path: str | Path) -> tuple[str | None, int]:
+    """What a folder file was computed from (see :func:`computed_from`), and how many of its
+    images failed; ``(None, 0)`` for a file that cannot be read."""
     try:
         with h5py.File(path, "r") as f:
             value = f.attrs.get("manifest_sha256")
-    except (OSError, ValueError):
-        return None
-    return value.decode() if isinstance(value, bytes) else value
+            failed = int(f.attrs.get("num_failed", 0))
+    except (OSError, ValueError, TypeError):
+        return None, 0
+    return (value.decode() if isinstance(value, bytes) else value), failed
 
 
 @contextlib.contextmanager
@@ -217,7 +215,9 @@ def _write_image_groups(
             dataset(group, IMAGE_PATCH_BOXES, embeddings.patch_boxes[lo:hi])
 
 
-def write_index(folders: list[str], images_root: str | Path, output: str | Path) -> None:
+def write_index(
+    folders: list[str] | Mapping[str, str], images_root: str | Path, output: str | Path
+) -> None:
     """Write the index: nested groups that mirror the image tree, linking every folder file.
 
     A folder without image folders below it is one external link to its file's root; a folder
@@ -225,36 +225,188 @@ def write_index(folders: list[str], images_root: str | Path, output: str | Path)
     beside the groups of those below. Links are relative, so a results folder can be moved whole.
 
     Args:
-        folders: every folder key.
+        folders: every folder key, or ``{folder key: the checksum its file was computed
+            from}`` (which lets :func:`update_index` redo only what changed).
         images_root: the image root, recorded for lookups by absolute path.
         output: the index file, ``{results}/index.h5``.
     """
-    results = index_dir = Path(output).parent
-    keys = set(folders)
+    digests = dict(folders) if isinstance(folders, Mapping) else dict.fromkeys(folders, "")
+    parents = _parents(digests)
+    with _atomic_h5(output) as f:
+        _index_attrs(f, digests, parents, images_root)
+        for key in sorted(digests):
+            _link(f, key, parents, Path(output).parent)
+
+
+def update_index(folders: Mapping[str, str], images_root: str | Path, output: str | Path) -> str:
+    """Bring the index at ``output`` up to date with ``folders``, redoing only what changed:
+    the links of folders added or removed, and the image links of changed folders that have
+    folders below them (a folder without any is one link to its file, whatever it holds). An
+    index of another image root or version, or one that cannot be read, is written anew (see
+    :func:`write_index`). The file is updated in a copy that is renamed into place.
+
+    Args:
+        folders: ``{folder key: the checksum its file was computed from}``.
+        images_root: the image root.
+        output: the index file.
+
+    Returns:
+        What was done: ``written``, ``updated`` or ``unchanged``.
+
+    Example:
+        >>> update_index({"a": "1"}, "images", "results/index.h5")  # doctest: +SKIP
+        'written'
+    """
+    output = Path(output)
+    old = _index_digests(output, images_root)
+    if old is None:
+        write_index(folders, images_root, output)
+        return "written"
+    new = dict(folders)
+    parents, old_parents = _parents(new), _parents(old)
+
+    def role(key: str, among: set[str]) -> bool:
+        return key in among
+
+    kept = new.keys() & old.keys()
+    redo = {
+        key
+        for key in kept
+        if role(key, parents) != role(key, old_parents) or (key in parents and new[key] != old[key])
+    }
+    gone, added = old.keys() - new.keys(), new.keys() - old.keys()
+    if not (gone or added or redo):
+        os.utime(output)  # up to date: newer than the records it was made from
+        return "unchanged"
+    with atomic_path(output) as tmp:
+        shutil.copyfile(output, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for key in sorted(gone | redo, key=lambda k: -k.count("/")):
+                _unlink(f, key, old_parents)
+            for key in sorted(gone, key=lambda k: -k.count("/")):
+                _prune_groups(f, key, parents)
+            for key in sorted(added | redo):
+                _link(f, key, parents, output.parent)
+            _index_attrs(f, new, parents, images_root)
+    return "updated"
+
+
+def index_shards(records, images_root: str | Path, output: str | Path) -> str:
+    """Bring the index up to date with the shards' records (the ``index`` rule; see
+    :func:`update_index`).
+
+    Args:
+        records: every shard's record (see :mod:`snakembed.shards`).
+        images_root: the image root.
+        output: the index file.
+
+    Returns:
+        What was done (see :func:`update_index`).
+
+    Raises:
+        ValueError: for a record that cannot be read, naming it and the fix.
+    """
+    folders: dict[str, str] = {}
+    for path in records:
+        record = read_record(path)
+        if record is None:
+            raise ValueError(
+                f"{path}: not a shard record; delete it and run snakemake again, which runs "
+                "its shard again"
+            )
+        folders.update({key: str(e.get("key", "")) for key, e in record["folders"].items()})
+    return update_index(folders, images_root, output)
+
+
+def _parents(keys) -> set[str]:
+    """The keys that are groups in the index: the root, and every folder's ancestors."""
     parents = {ROOT_FOLDER}  # the root is always a group, never a link
-    for key in keys - {ROOT_FOLDER}:
+    for key in set(keys) - {ROOT_FOLDER}:
         parts = key.split("/")
         parents.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    with _atomic_h5(output) as f:
-        f.attrs.update(
-            {
-                "format_version": FORMAT_VERSION,
-                "snakembed_version": library_versions()["snakembed"],
-                "images_root": os.path.abspath(images_root),
-                "folders": json.dumps(sorted(keys), ensure_ascii=False),
-            }
-        )
-        for key in sorted(keys):
-            target = os.path.relpath(folder_file(results, key), index_dir)
-            if key not in parents:
-                parent, _, name = key.rpartition("/")
-                (f.require_group(parent) if parent else f)[name] = h5py.ExternalLink(target, "/")
-                continue
-            group = f if key == ROOT_FOLDER else f.require_group(key)
-            with h5py.File(folder_file(results, key), "r") as source:
-                ids = texts(source[IDS])
-            for image_id in ids:
-                group[image_id] = h5py.ExternalLink(target, "/" + image_id)
+    return parents
+
+
+def _index_attrs(f: h5py.File, digests: Mapping[str, str], parents: set[str], root) -> None:
+    f.attrs.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "snakembed_version": library_versions()["snakembed"],
+            "images_root": os.path.abspath(root),
+            "folders": json.dumps(sorted(digests), ensure_ascii=False),
+            # the groups' image links depend on their folders' content: what they were made from
+            "parent_digests": json.dumps(
+                {key: digests[key] for key in sorted(digests) if key in parents},
+                ensure_ascii=False,
+            ),
+        }
+    )
+
+
+def _index_digests(path: Path, images_root: str | Path) -> dict[str, str] | None:
+    """``{folder key: checksum}`` as the index at ``path`` was made (leaves: ``""``), or None
+    when it must be written anew."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in ("format_version", "images_root", "folders")}
+            parent_digests = json.loads(_attr_text(f.attrs["parent_digests"]))
+            folders = json.loads(_attr_text(attrs["folders"]))
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    if int(attrs["format_version"]) != FORMAT_VERSION:
+        return None
+    if _attr_text(attrs["images_root"]) != os.path.abspath(images_root):
+        return None
+    return {key: parent_digests.get(key, "") for key in folders}
+
+
+def _attr_text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _link(f: h5py.File, key: str, parents: set[str], index_dir: Path) -> None:
+    """Link folder ``key``: one link to its file, or a group of links to its images."""
+    results = index_dir
+    target = os.path.relpath(folder_file(results, key), index_dir)
+    if key not in parents:
+        parent, _, name = key.rpartition("/")
+        (f.require_group(parent) if parent else f)[name] = h5py.ExternalLink(target, "/")
+        return
+    group = f if key == ROOT_FOLDER else f.require_group(key)
+    with h5py.File(folder_file(results, key), "r") as source:
+        ids = texts(source[IDS])
+    for image_id in ids:
+        group[image_id] = h5py.ExternalLink(target, "/" + image_id)
+
+
+def _unlink(f: h5py.File, key: str, parents: set[str]) -> None:
+    """Remove the links of folder ``key`` as the index holds it (``parents``: its groups)."""
+    if key not in parents:
+        with contextlib.suppress(KeyError):
+            del f[key]
+        return
+    group = f if key == ROOT_FOLDER else f.get(key)
+    if group is None:
+        return
+    for name in list(group):
+        link = group.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink) and link.path != "/":  # an image's, not a folder's
+            del group[name]
+
+
+def _prune_groups(f: h5py.File, key: str, parents: set[str]) -> None:
+    """Remove the groups left empty by the removal of ``key`` that no folder needs now."""
+    parts = key.split("/")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i])
+        if path in parents:
+            break
+        node = f.get(path, getlink=True)
+        if node is None:
+            continue
+        if not isinstance(node, h5py.HardLink) or len(f[path]):
+            break
+        del f[path]
 
 
 #: What must match for a folder file's embeddings to be reused: the fingerprint of the settings

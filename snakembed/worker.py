@@ -53,7 +53,7 @@ __all__ = [
     "hash_cache",
     "identity",
     "prestart",
-    "run_folder_served",
+    "run_served",
     "serve",
     "services",
     "shared",
@@ -180,47 +180,23 @@ def _key(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def run_folder_served(
-    manifest: str | Path,
-    output: str | Path,
-    config: dict,
-    *,
-    head: str | Path | None,
-    threads: int,
-) -> None:
-    """Run one folder's job through this machine's worker (the ``embed_classify_store`` rule),
-    as :func:`snakembed.pipeline.run_folder` would in this process.
+def run_served(request: dict, config: dict, threads: int | None, *, models=None) -> None:
+    """Compute and store one folder through this machine's worker, as
+    :func:`snakembed.pipeline.run_folder` would in this process (which it does with
+    ``worker.enabled`` false, or where no worker can serve).
 
     Args:
-        manifest: the folder's manifest file (see :mod:`snakembed.manifest`).
-        output: the folder's ``.h5`` file.
-        config: a validated configuration; with ``worker.enabled`` false the folder is
-            run in this process.
-        head: the head file, or None to not classify.
+        request: the folder: ``images_root``, ``folder``, ``names``, ``output``, ``head``,
+            ``refused`` and ``manifest_sha256`` (see :func:`~snakembed.pipeline.run_folder`).
+        config: a validated configuration.
         threads: CPU threads for this job.
+        models: the network and head kept across this job's folders, when it computes them
+            itself.
     """
-    from .manifest import job_started, read_manifest_with_digest
-
-    folder, digest = read_manifest_with_digest(manifest)
-    request = {
-        "manifest_sha256": digest,
-        "images_root": os.path.abspath(folder.root),
-        "folder": folder.folder,
-        "names": folder.names,
-        "output": os.path.abspath(output),
-        "head": os.path.abspath(head) if head else None,
-        "refused": folder.refused,
-    }
-    # A note left behind if the job fails: Snakemake then restores the folder's previous file
-    # and still records the job as done; the next plan sees it and computes the folder again.
-    with job_started(manifest, digest):
-        _run_served(request, config, threads)
-
-
-def _run_served(request: dict, config: dict, threads: int) -> None:
     from .embed import log_to_stderr
     from .pipeline import run_folder, store_folder
 
+    threads = threads or config["threads"]
     if config["worker"]["enabled"]:
         start = time.monotonic()
         try:
@@ -242,7 +218,7 @@ def _run_served(request: dict, config: dict, threads: int) -> None:
                 start,
             )
             return
-    run_folder(**_arguments(request), config=config, threads=threads)
+    run_folder(**_arguments(request), config=config, threads=threads, models=models)
 
 
 def _arguments(request: dict) -> dict:

@@ -167,6 +167,24 @@ def embedding_meta(**overrides) -> dict:
     }
 
 
+def folder_shard(results: Path, key: str) -> str | None:
+    """The shard that holds folder ``key`` in the last plan of ``results`` (from its
+    manifests), or None."""
+    from snakembed.shards import read_shard_manifest
+
+    for path in sorted((results / "manifests").glob("*.json")):
+        if key in read_shard_manifest(path).folders:
+            return path.name.removesuffix(".json")
+    return None
+
+
+def shard_log(results: Path, key: str) -> str:
+    """The log of the last job of the shard that holds folder ``key``."""
+    shard = folder_shard(results, key)
+    assert shard is not None, f"no shard holds {key!r} in {results}"
+    return (results / "logs" / "embed_classify_store" / f"{shard}.log").read_text()
+
+
 def write_config(path: Path, **overrides) -> Path:
     """A YAML config file from FAST_CONFIG with top-level overrides."""
     config = {**FAST_CONFIG, **overrides}

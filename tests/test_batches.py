@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 import samples
-from conftest import FAST_CONFIG, run_snakemake, write_config
+from conftest import FAST_CONFIG, run_snakemake, shard_log, write_config
 from PIL import Image, ImageDraw
 
 from snakembed.config import load_config, numbers_fingerprint
@@ -181,7 +181,7 @@ def test_changing_the_decoder_recomputes_every_folder(tmp_path):
         with Folder(workdir / "results" / "embeddings" / f"{folder}.h5", folder) as stored:
             assert stored.attrs["decode"] == "torchvision"
             after = stored.matrix()
-        log = (workdir / "results" / "logs" / "embed_classify_store" / f"{folder}.log").read_text()
+        log = shard_log(workdir / "results", folder)
         assert "3 images stored (3 embedded, 0 reused)" in log
         assert "3 images decoded on cpu, 0 by Pillow" in log
         cosine = (before[folder] * after).sum(1) / (

@@ -82,8 +82,8 @@ def test_info(workflow_run, capsys):
 
 
 def test_info_after_a_run_stopped_part_way(workflow_run, capsys, tmp_path):
-    """A killed run leaves a folder's file moved aside and folders of two settings: info
-    names both, and the folder still to compute, rather than failing or describing one."""
+    """A killed run leaves a folder without its file and folders of two settings: info names
+    both, and the folder still to compute, rather than failing or describing one."""
     import shutil
 
     import h5py
@@ -92,15 +92,15 @@ def test_info_after_a_run_stopped_part_way(workflow_run, capsys, tmp_path):
 
     results = shutil.copytree(workflow_run["results"], tmp_path / "results")
     first, second, *_ = sorted(workflow_run["folders"])
-    gone = folder_file(results, first)
-    gone.rename(gone.with_name(f".{gone.name}.stale"))
+    folder_file(results, first).unlink()
     with h5py.File(folder_file(results, second), "r+") as f:
         f.attrs["layer"] = "layer3"
     assert main(["info", "--results", str(results)]) == 0
     out = capsys.readouterr().out
     n = len(workflow_run["folders"])
-    assert f"folders: {n}, images: " in out and ", not computed yet: 1" in out
-    assert f"  {first}: not computed yet; run the workflow to compute it" in out
+    assert f"folders: {n}, images: " in out and ", pending: 1" in out
+    assert f"  {first}: pending (no file yet); run the workflow to compute it" in out
+    assert "index.h5 is behind the folder files" in out
     models = [line for line in out.splitlines() if line.startswith("model: ")]
     assert len(models) == 2 and any(
         f"layer layer3 (pool avg), 512-d (1 of {n - 1} folders)" in m for m in models

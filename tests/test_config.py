@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
@@ -15,8 +13,8 @@ import yaml
 from conftest import REPO, machine_compute, make_image
 
 from snakembed.config import ConfigError, load_config, numbers_fingerprint, validate_config
-from snakembed.manifest import read_manifest
 from snakembed.plan import plan_run
+from snakembed.shards import read_shard_manifest, shard_name, shard_of
 
 
 def test_every_schema_key_has_a_description_and_a_default():
@@ -190,61 +188,72 @@ def _config(tmp_path: Path, **overrides) -> dict:
 def test_plan_finds_folders(tmp_path):
     plan = plan_run(_config(tmp_path))
     assert plan.folders == {"a": ["x.jpg"]} and plan.stems == {"a": "a"}
-    assert plan.manifest_file("a") == tmp_path / "results" / "manifests" / "a.json"
+    assert plan.shards == {"1-of-1": ["a"]}
+    assert plan.manifest_file("1-of-1") == tmp_path / "results" / "manifests" / "1-of-1.json"
+
+
+def _apart(*keys: str) -> int:
+    """A shard count that puts each of ``keys`` in a shard of its own."""
+    return next(n for n in range(2, 64) if len({shard_of(k, n) for k in keys}) == len(keys))
 
 
 def test_manifests_are_rewritten_only_where_images_changed(tmp_path):
-    config = _config(tmp_path)
+    count = _apart("a", "b{x}")
+    config = _config(tmp_path, shards={"count": count})
     make_image(tmp_path / "images" / "b{x}" / "{y}.jpg")
     assert plan_run(dict(config)).write_manifests() == 2
     assert plan_run(dict(config)).write_manifests() == 0  # nothing changed: nothing written
     plan = plan_run(dict(config))
-    first = {stem: plan.manifest_file(stem).stat().st_mtime_ns for stem in plan.stems}
+    shard = {key: shard_name(shard_of(key, count), count) for key in ("a", "b{x}")}
+    first = {s: plan.manifest_file(s).stat().st_mtime_ns for s in plan.shards}
 
-    # a brace in a name is just a name in a manifest; rewriting the image rewrites its folder's
+    # a brace in a name is just a name in a manifest; rewriting the image rewrites its shard's
     path = make_image(tmp_path / "images" / "b{x}" / "{y}.jpg", seed=3, size=(40, 30))
     os.utime(path, ns=(1, 1))
     assert plan_run(dict(config)).write_manifests() == 1
-    manifest = read_manifest(plan.manifest_file("b%7Bx%7D"))
+    manifest = read_shard_manifest(plan.manifest_file(shard["b{x}"]))
     info = path.stat()
-    assert manifest.folder == "b{x}"
-    assert manifest.images == {"{y}.jpg": [info.st_size, 1, info.st_ino, info.st_ctime_ns]}
-    assert plan.manifest_file("a").stat().st_mtime_ns == first["a"]
+    assert list(manifest.folders) == ["b{x}"]
+    assert manifest.folders["b{x}"]["images"] == {
+        "{y}.jpg": [info.st_size, 1, info.st_ino, info.st_ctime_ns]
+    }
+    assert plan.manifest_file(shard["a"]).stat().st_mtime_ns == first[shard["a"]]
 
     # an image added, or one that cannot be read, is a change too
     make_image(tmp_path / "images" / "a" / "new.jpg")
     (tmp_path / "images" / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     assert plan_run(dict(config)).write_manifests() == 1
-    manifest = read_manifest(plan.manifest_file("a"))
-    assert sorted(manifest.images) == ["new.jpg", "x.jpg"]
-    assert "broken symbolic link" in manifest.refused["gone.jpg"]
-    assert manifest.names == ["gone.jpg", "new.jpg", "x.jpg"]
+    folder = read_shard_manifest(plan.manifest_file(shard["a"])).folders["a"]
+    assert sorted(folder["images"]) == ["new.jpg", "x.jpg"]
+    assert "broken symbolic link" in folder["refused"]["gone.jpg"]
 
 
 def test_a_damaged_manifest_names_itself_and_the_fix(tmp_path):
-    path = tmp_path / "a.json"
+    path = tmp_path / "1-of-1.json"
     path.write_text("{")
-    with pytest.raises(ValueError, match=r"a\.json: not a folder manifest.*delete it"):
-        read_manifest(path)
+    with pytest.raises(ValueError, match=r"1-of-1\.json: not a shard manifest.*delete it"):
+        read_shard_manifest(path)
 
 
 def test_a_cluster_jobs_plan_reads_the_manifests_not_the_tree(tmp_path):
-    config = _config(tmp_path)
+    config = _config(tmp_path, shards={"count": _apart("a", "b{x}/deep", "gone")})
     make_image(tmp_path / "images" / "b{x}" / "deep" / "y.jpg")
     make_image(tmp_path / "images" / "b{x}" / "deep" / "z.jpg")
     make_image(tmp_path / "images" / "gone" / "y.jpg")
     plan_run(dict(config)).write_manifests()
+    assert len(list((tmp_path / "results" / "manifests").iterdir())) == 3
     shutil.rmtree(tmp_path / "images" / "gone")
     main = plan_run(dict(config))
-    main.write_manifests()  # the folder that is gone loses its manifest
-    assert not (tmp_path / "results" / "manifests" / "gone.json").exists()
+    main.write_manifests()  # the folder that is gone takes its shard's manifest with it
+    assert len(list((tmp_path / "results" / "manifests").iterdir())) == 2
 
     # a folder that appears after planning is not this run's: the job's plan does not see it
     make_image(tmp_path / "images" / "later" / "y.jpg")
     job = plan_run(dict(config), discover=False)
-    assert dict(job.stems) == dict(main.stems) == {"a": "a", "b%7Bx%7D/deep": "b{x}/deep"}
-    assert [job.image_count(s) for s in job.stems] == [main.image_count(s) for s in main.stems]
-    assert [job.image_count(s) for s in job.stems] == [1, 2]
+    assert {s: job.shards[s] for s in job.shards} == dict(main.shards)
+    assert sorted(key for keys in job.shards.values() for key in keys) == ["a", "b{x}/deep"]
+    assert [job.image_count(s) for s in job.shards] == [main.image_count(s) for s in main.shards]
+    assert sorted(job.image_count(s) for s in job.shards) == [1, 2]
     assert job.warnings() == []
     with pytest.raises(RuntimeError, match="manifests"):
         _ = job.folders
@@ -299,45 +308,6 @@ def test_two_folders_that_would_share_a_file_are_named(tmp_path):
         plan_run({"images": str(tmp_path / "images"), "results": str(tmp_path / "results")})
 
 
-def test_a_folder_file_not_computed_from_its_manifest_is_moved_aside(tmp_path):
-    """What a failed job leaves (Snakemake restores the previous file of an update() output,
-    yet records the job as done, and the job's note that it started): the next plan moves the
-    file aside, so that it is computed again."""
-    import h5py
-
-    from snakembed.manifest import job_started
-    from snakembed.store import computed_from, stale_copy
-
-    config = _config(tmp_path)
-    make_image(tmp_path / "images" / "b" / "y.jpg")
-    plan = plan_run(dict(config))
-    plan.write_manifests()
-    files = {}
-    for stem in ("a", "b"):
-        digest = hashlib.sha256(plan.manifest_file(stem).read_bytes()).hexdigest()
-        files[stem] = tmp_path / "results" / "embeddings" / f"{stem}.h5"
-        files[stem].parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(files[stem], "w") as f:
-            f.attrs["manifest_sha256"] = digest if stem == "a" else "0" * 64
-    assert computed_from(files["a"]) != computed_from(files["b"])
-    # no job started on b's manifest (a dry run wrote it): Snakemake will rerun b by its params
-    assert plan_run(dict(config)).write_manifests() == 0 and files["b"].is_file()
-    # b's job runs now (from another snakemake): its note is locked, nothing is moved
-    digest = hashlib.sha256(plan.manifest_file("b").read_bytes()).hexdigest()
-    with job_started(plan.manifest_file("b"), digest):
-        assert plan_run(dict(config)).write_manifests() == 0 and files["b"].is_file()
-    for stem in ("a", "b"):  # the jobs of both started, and b's failed
-        digest = hashlib.sha256(plan.manifest_file(stem).read_bytes()).hexdigest()
-        with contextlib.suppress(RuntimeError), job_started(plan.manifest_file(stem), digest):
-            raise RuntimeError("killed")
-    again = plan_run(dict(config))
-    assert again.write_manifests() == 0 and again.missed == ["b"]
-    assert files["a"].is_file() and not files["b"].exists() and stale_copy(files["b"]).is_file()
-    assert stale_copy(files["b"]) not in again.stale_files()  # kept: its folder is still there
-    shutil.rmtree(tmp_path / "images" / "b")
-    assert plan_run(dict(config)).stale_files() == [stale_copy(files["b"])]
-
-
 def test_plan_allows_patches_that_pad_or_shift(tmp_path):
     hashes = set()
     for border in ("pad", "shift"):
@@ -386,12 +356,21 @@ def test_a_plan_names_the_results_of_folders_that_are_gone(tmp_path):
     config = _config(tmp_path)
     make_image(tmp_path / "images" / "b" / "deep" / "y.jpg")
     results = tmp_path / "results"
-    kept = [results / "embeddings" / "a.h5", results / "logs" / "embed_classify_store" / "a.log"]
+    kept = [
+        results / "embeddings" / "a.h5",
+        results / "logs" / "embed_classify_store" / "1-of-1.log",
+        results / "shards" / "1-of-1.json",
+        results / "shards" / "1-of-1.json.old",
+    ]
     gone = [
         results / "embeddings" / "old.h5",
         results / "embeddings" / "b" / ".c.h5.123.tmp",
         results / "embeddings" / "b" / "c.h5",
-        results / "logs" / "embed_classify_store" / "old.log",
+        results / "embeddings" / ".a.h5.stale",  # an earlier version's moved-aside file
+        results / "logs" / "embed_classify_store" / "a.log",  # an earlier version's, per folder
+        results / "logs" / "embed_classify_store" / "2-of-2.log",  # a shard of another count
+        results / "shards" / "2-of-2.json",
+        results / "shards" / "2-of-2.json.old",
         results / "benchmarks" / "embed_classify_store" / "b" / "c.tsv",
     ]
     others = [results / "embeddings" / "notes.txt", results / "logs" / "index.log"]

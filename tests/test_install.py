@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_image, make_tree, run_snakemake, write_config
+from conftest import REPO, folder_shard, make_image, make_tree, run_snakemake, write_config
 
 import snakembed
 
@@ -153,9 +153,10 @@ def test_dry_run_shows_only_the_changed_folder_and_changes_nothing(tool_run):
             tool_run["bin"], work, "run", "../images", "--configfile", "../fast.yaml", "-n"
         )
         jobs = re.findall(
-            r"rule embed_classify_store:\n(?:.*\n)*?\s+wildcards: folder=(.*)", proc.stdout
+            r"rule embed_classify_store:\n(?:.*\n)*?\s+wildcards: shard=(.*)", proc.stdout
         )
-        assert jobs == ["alpha"], proc.stdout[-3000:]
+        assert jobs == [folder_shard(work / "results", "alpha")], proc.stdout[-3000:]
+        assert "1 folder changed: alpha (+1 image); 1 shard to run" in proc.stdout + proc.stderr
         assert "This was a dry-run" in proc.stdout
         assert (work / "results" / "index.h5").stat().st_mtime_ns == index
     finally:

@@ -16,7 +16,8 @@ from snakemake_interface_logger_plugins.tests import MockOutputSettings, TestLog
 import snakemake_logger_plugin_snakembed as plugin
 from snakembed.plan import FOLDER_RULE
 
-LINE = re.compile(r"^snakembed: .*$", re.MULTILINE)
+#: A progress line (not the plan's line, which says what changed and ends with the shards to run).
+LINE = re.compile(r"^snakembed: (?!.*(?:to run|up to date)$).*$", re.MULTILINE)
 
 
 class _Clock:
@@ -229,7 +230,10 @@ def test_durations_read_as_a_person_says_them():
     assert plugin.format_duration(59.6) == "1 min 0 s"
     assert plugin.format_duration(3600) == "1 h 0 min"
     assert plugin.format_duration(-3) == "0 s"
-    assert plugin.images_message({"a": 1}) == "1 image in 1 folder to embed"
+    assert plugin.images_message({"1-of-1": 1}) == "1 image in 1 job to embed"
+    assert plugin.images_message({"1-of-2": 4, "2-of-2": 2}, 3) == (
+        "6 images in 3 folders (2 jobs) to embed"
+    )
 
 
 def test_the_examples_in_the_docstrings_hold():
@@ -307,7 +311,8 @@ def test_a_run_shows_its_images(tmp_path, workers):
     _tree(tmp_path)
     config = write_config(tmp_path / "config.yaml", images="images", results="results")
     proc = run_snakemake(tmp_path, config, env=workers.env)
-    assert "6 images in 3 folders to embed" in proc.stderr
+    assert re.search(r"6 images in 3 folders \(\d jobs?\) to embed", proc.stderr)
+    assert "snakembed: 3 folders to compute; " in proc.stderr  # the plan's line
     lines = LINE.findall(proc.stderr)
     assert lines, proc.stderr[-4000:]
     assert re.fullmatch(
@@ -315,7 +320,8 @@ def test_a_run_shows_its_images(tmp_path, workers):
         lines[-1],
     )
     assert all(" of 6 images (" in line for line in lines)
-    assert proc.stderr.count("snakembed: ") == len(lines)  # every one on a line of its own
+    # every one on a line of its own (beside the plan's)
+    assert proc.stderr.count("snakembed: ") == len(lines) + 1
     assert "steps (100%) done" in proc.stderr  # Snakemake's own output stays
 
 
@@ -331,7 +337,7 @@ def test_the_logger_option_uses_the_plugin_once(tmp_path, workers):
     )
     lines = LINE.findall(proc.stderr)
     # every line on a line of its own: the plugin writes from the thread of Snakemake's queue
-    # listener, between Snakemake's own messages
-    assert proc.stderr.count("snakembed: ") == len(lines), proc.stderr[-4000:]
+    # listener, between Snakemake's own messages (and beside the plan's line)
+    assert proc.stderr.count("snakembed: ") == len(lines) + 1, proc.stderr[-4000:]
     finals = [line for line in lines if " done in " in line]
     assert len(finals) == 1 and finals[0].startswith("snakembed: 6 of 6 images (100 %)")

@@ -21,7 +21,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import NO_GPU, REPO, SNAKEMAKE, make_image, run_snakemake, write_config
+from conftest import (
+    NO_GPU,
+    REPO,
+    SNAKEMAKE,
+    folder_shard,
+    make_image,
+    run_snakemake,
+    shard_log,
+    write_config,
+)
 from labelled import make_labelled_tree
 from PIL import Image
 
@@ -70,9 +79,9 @@ def _mtimes(results: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
 
 
-def _log(workdir: Path, stem: str) -> str:
-    """The log of the folder's last job."""
-    return (workdir / "results" / "logs" / "embed_classify_store" / f"{stem}.log").read_text()
+def _log(workdir: Path, key: str) -> str:
+    """The log of the last job of the folder's shard."""
+    return shard_log(workdir / "results", key)
 
 
 def _attrs(results: Path, stem: str) -> dict:
@@ -84,10 +93,17 @@ def _out(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
 
 
-def _ran(proc: subprocess.CompletedProcess, stem: str) -> bool:
-    """Whether the run ran (or, dry, would run) the folder's job."""
-    pattern = rf"output: [^\n]*/embeddings/{re.escape(stem)}\.h5[ \n]"
-    return re.search(pattern, _out(proc)) is not None
+def _ran(proc: subprocess.CompletedProcess, key: str) -> bool:
+    """Whether the run computed the folder (its shard's job ran and stored it), or, dry,
+    would run its shard's job."""
+    results = Path(proc.args[proc.args.index("--directory") + 1]) / "results"
+    shard = folder_shard(results, key)
+    if shard is None or not re.search(rf"wildcards: shard={shard}\n", _out(proc)):
+        return False
+    if "--dry-run" in proc.args:
+        return True
+    stored = rf"^\S+ \S+ INFO {re.escape(key)}: \d+ images stored"
+    return re.search(stored, _log(results.parent, key), re.MULTILINE) is not None
 
 
 def test_a_checkpoint_rewritten_in_place_is_used_by_every_folder(tmp_path, workers):
@@ -124,8 +140,9 @@ def test_a_checkpoint_rewritten_in_place_is_used_by_every_folder(tmp_path, worke
 
 
 def test_a_folder_whose_job_failed_is_computed_again(tmp_path, workers):
-    """Snakemake restores the previous file of a failed job's update() output and records the
-    job as done; the next run must not take the old file for the new one."""
+    """A shard job that failed (a GPU asked for where there is none) leaves its folders'
+    files as they were; the next run computes the changed folder and keeps the other one,
+    whose file is still what its images and settings give."""
     _images(tmp_path / "images", "a", "b")
     config = write_config(tmp_path / "c.yaml", images="images", results="results")
     run_snakemake(tmp_path, config, env=workers.env)
@@ -138,10 +155,12 @@ def test_a_folder_whose_job_failed_is_computed_again(tmp_path, workers):
         assert "device 'cuda' asked for, but torch sees no GPU here" in _log(tmp_path, "b")
         assert proc.returncode != 0 and NOTHING not in _out(proc)
         assert _ran(proc, "a") and _ran(proc, "b")
-    # back on the CPU: both folders are computed again, and equal a clean run
+    # back on the CPU: the changed folder is computed, and the results equal a clean run
+    b = (tmp_path / "results" / "embeddings" / "b.h5").stat().st_mtime_ns
     proc = run_snakemake(tmp_path, config, env=workers.env)
-    assert _ran(proc, "a") and _ran(proc, "b")
-    assert "2 unchanged images reused" in _log(tmp_path, "b")  # from the file moved aside
+    assert _ran(proc, "a") and not _ran(proc, "b")
+    assert (tmp_path / "results" / "embeddings" / "b.h5").stat().st_mtime_ns == b
+    assert "a: 2 unchanged images reused" in _log(tmp_path, "a")
     assert not list((tmp_path / "results" / "embeddings").glob(".*"))
     clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
     run_snakemake(tmp_path, clean, env=workers.env)
@@ -214,7 +233,7 @@ def net():
     proc = run_snakemake(tmp_path, config, env=env)
     for stem in ("a", "b"):
         assert _ran(proc, stem)
-        log = (tmp_path / "results" / "logs" / "embed_classify_store" / f"{stem}.log").read_text()
+        log = _log(tmp_path, stem)
         assert "unchanged images reused" not in log
     clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
     run_snakemake(tmp_path, clean, env=env)
@@ -287,7 +306,7 @@ def test_a_probe_never_harms_a_worker_and_its_log_is_true(tmp_path, workers):
     make_image(tmp_path / "images" / "a" / "new.jpg", seed=99)
     # the run probes the live worker before its job, which that worker then serves
     run_snakemake(tmp_path, config, env=workers.env)
-    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "a.log").read_text()
+    log = _log(tmp_path, "a")
     assert f"worker {pid} runs folder a" in log
     assert workers.pids() == {pid} and workers.started() == 1
     lines = workers.logs()
@@ -304,14 +323,17 @@ def test_a_deleted_or_renamed_folder_leaves_nothing_behind(tmp_path, workers):
     assert "removed results/embeddings/a.h5" in _out(proc)
 
     results = tmp_path / "results"
+    files = sorted(p.relative_to(results).as_posix() for p in (results / "embeddings").rglob("*"))
+    assert files == ["embeddings/a2.h5", "embeddings/b.h5"]
+    shards = sorted({folder_shard(results, key) for key in ("a2", "b")})
     for top, suffix in (
-        ("embeddings", ".h5"),
         ("logs/embed_classify_store", ".log"),
         ("benchmarks/embed_classify_store", ".tsv"),
         ("manifests", ".json"),
+        ("shards", ".json"),
     ):
         left = sorted(p.relative_to(results / top).as_posix() for p in (results / top).rglob("*"))
-        assert left == [f"a2{suffix}", f"b{suffix}"], top
+        assert left == [f"{shard}{suffix}" for shard in shards], top
     os.unlink(results / "index.h5")  # a store read without its index lists the files
     assert sorted(snakembed.open_store(results)) == ["a2", "b"]
 
@@ -346,7 +368,7 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, worker
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     proc = run_snakemake(tmp_path, config, env=workers.env)
     assert _ran(proc, "a") and not _ran(proc, "b")
-    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "a.log").read_text()
+    log = _log(tmp_path, "a")
     assert "1 unchanged images reused" in log  # y.jpg was not embedded again
     with snakembed.open_store(tmp_path / "results")["a"] as folder:
         assert folder["x.bmp"].sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
@@ -363,7 +385,7 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, worker
         assert NOTHING in _out(proc)
     else:
         assert _ran(proc, "a") and not _ran(proc, "b")
-        log = (tmp_path / "results" / "logs" / "embed_classify_store" / "a.log").read_text()
+        log = _log(tmp_path, "a")
         assert "2 unchanged images reused" in log
     _assert_same(tmp_path / "results", tmp_path / "clean")
 
@@ -427,7 +449,7 @@ def test_a_killed_job_is_dropped_by_its_worker(tmp_path, workers):
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=out, start_new_session=True, env={**os.environ, **workers.env}
         )
-    log = tmp_path / "results" / "logs" / "embed_classify_store" / "big.log"
+    log = tmp_path / "results" / "logs" / "embed_classify_store" / "1-of-1.log"
     deadline = time.monotonic() + 120
     while "runs folder big" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline and proc.poll() is None, (

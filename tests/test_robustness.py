@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import samples
 import torch
-from conftest import finished_run, make_image, run_snakemake, write_config
+from conftest import finished_run, make_image, run_snakemake, shard_log, write_config
 from PIL import Image
 
 import snakembed
@@ -108,7 +108,7 @@ def test_each_bad_file_is_recorded_with_its_reason(hostile, name):
     with snakembed.open_store(hostile["results"])["mixed"] as folder:
         assert re.search(samples.BAD[name][1], folder.failed[name])
         assert name not in folder
-    log = (hostile["results"] / "logs" / "embed_classify_store" / "mixed.log").read_text()
+    log = shard_log(hostile["results"], "mixed")
     assert name in log
 
 
@@ -185,6 +185,7 @@ def test_a_changed_brace_named_image_reruns_its_folder(hostile):
     make_image(path, seed=1234)
     dry = run_snakemake(hostile["base"], hostile["base"] / "config.yaml", "--dry-run")
     assert re.search(r"embed_classify_store\s+1\b", dry.stdout), dry.stdout
+    assert "1 folder changed: files (1 image rewritten); 1 shard to run" in dry.stderr
     run_snakemake(hostile["base"], hostile["base"] / "config.yaml")
     assert folder_file(hostile["results"], "files").stat().st_mtime_ns > before
 

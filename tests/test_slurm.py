@@ -27,11 +27,12 @@ from conftest import (
 
 import snakembed
 from snakembed.layout import folder_file
+from snakembed.shards import shard_name, shard_of
 
 pytestmark = pytest.mark.slow
 
-#: Folders per SLURM job in these tests (the profile's 50 would put them all in one job).
-PER_JOB = 8
+#: Shards in these tests (auto would put this small tree in one shard, one SLURM job).
+SHARDS = 4
 SUBMITTED = re.compile(r"submitted with SLURM jobid (\d+)")
 
 
@@ -47,8 +48,6 @@ def _slurm_command(workdir: Path, configfile: Path, *extra: str) -> list[str]:
         "squeue",
         "--slurm-init-seconds-before-status-checks",
         "1",
-        "--group-components",
-        f"folders={PER_JOB}",
         *extra,
     )
 
@@ -88,7 +87,11 @@ def runs(slurm, tmp_path_factory):
     )
     run_snakemake(base, local)
     cluster = write_config(
-        base / "slurm.yaml", images=str(images), results=str(base / "slurm"), device="cpu"
+        base / "slurm.yaml",
+        images=str(images),
+        results=str(base / "slurm"),
+        device="cpu",
+        shards={"count": SHARDS},
     )
     # The jobs' $TMPDIR: node-local scratch (another filesystem), as clusters give jobs.
     scratch = other_filesystem(base)
@@ -98,11 +101,12 @@ def runs(slurm, tmp_path_factory):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def test_every_folder_job_is_a_real_slurm_job_in_groups(runs):
+def test_every_shard_job_is_a_real_slurm_job(runs):
     out = runs["proc"].stdout + runs["proc"].stderr
     folders = snakembed.open_store(runs["base"] / "slurm").folders()
+    shards = {shard_of(key, SHARDS) for key in folders}
     ids = SUBMITTED.findall(out)
-    assert len(ids) == -(-len(folders) // PER_JOB), out[-3000:]
+    assert len(ids) == len(shards) > 1, out[-3000:]
     states = _states()
     assert all(states.get(i) == "COMPLETED" for i in ids), states
 
@@ -121,13 +125,16 @@ def test_folder_files_are_built_in_the_nodes_scratch(runs):
     if runs["scratch"] is None:
         skip_unless_ci(f"no folder on another filesystem than the results: {OTHER_FILESYSTEMS}")
     logs = sorted((runs["base"] / "slurm" / "logs" / "embed_classify_store").rglob("*.log"))
-    assert len(logs) == 26
-    for log in logs:
-        assert f"(scratch), then copying it to {runs['base'] / 'slurm'}" in log.read_text(), log
+    text = "".join(log.read_text() for log in logs)
+    results = re.escape(str(runs["base"] / "slurm"))
+    built = re.findall(
+        rf"INFO (\S+): building its file in .* \(scratch\), then copying it to {results}", text
+    )
+    assert sorted(built) == snakembed.open_store(runs["base"] / "slurm").folders()
     assert not list(runs["scratch"].rglob("*.h5"))  # copied over, not left behind
 
 
-def test_a_rerun_submits_only_the_changed_folder(runs):
+def test_a_rerun_submits_only_the_changed_folders_shard(runs):
     results = runs["base"] / "slurm"
     before = {
         key: folder_file(results, key).stat().st_mtime_ns
@@ -146,20 +153,28 @@ def test_a_rerun_submits_only_the_changed_folder(runs):
         assert "new.jpg" in folder.ids()
 
 
-def test_a_folder_job_asks_for_memory_and_time_by_its_image_count(tmp_path):
-    """No cluster needed: the resources are in the plan (a dry run shows them)."""
+def test_a_shard_job_asks_for_memory_and_time_by_its_image_count(tmp_path):
+    """No cluster needed: the resources are in the plan (a dry run shows them). Time goes by
+    the shard's images, memory by its largest folder's (one folder is held at a time)."""
     make_image(tmp_path / "images" / "small" / "0.jpg")
-    for i in range(1200):  # empty files count as images (they are recorded as failed)
-        (tmp_path / "images" / "big" / f"{i}.jpg").parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "images" / "big" / f"{i}.jpg").touch()
-    config = write_config(tmp_path / "c.yaml", images=str(tmp_path / "images"), results="out")
+    for name, count in (("big", 1200), ("bigger", 1400)):
+        # empty files count as images (they are recorded as failed)
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(count):
+            (tmp_path / "images" / name / f"{i}.jpg").touch()
+    config = write_config(
+        tmp_path / "c.yaml", images=str(tmp_path / "images"), results="out", shards={"count": 2}
+    )
     proc = run_snakemake(tmp_path, config, "--dry-run")
     out = proc.stdout + proc.stderr
     asked = dict(
-        re.findall(r"wildcards: folder=(\w+)\n(?:\s+threads: \d+\n)?\s+resources: (.*)", out)
+        re.findall(r"wildcards: shard=(\S+)\n(?:\s+threads: \d+\n)?\s+resources: (.*)", out)
     )
-    assert "runtime=10, mem_mb=2000" in asked["small"]
-    assert "runtime=12, mem_mb=2060" in asked["big"]
+    folders = {"small": 1, "big": 1200, "bigger": 1400}
+    for shard, resources in asked.items():
+        sizes = [n for key, n in folders.items() if shard_name(shard_of(key, 2), 2) == shard]
+        assert f"runtime={10 + sum(sizes) // 600}, mem_mb={2000 + max(sizes) // 20}" in resources
+    assert len(asked) == len({shard_of(key, 2) for key in folders})
 
 
 def _cancel_first_running_job(proc: subprocess.Popen, cancelled: list[str]) -> None:
@@ -192,10 +207,10 @@ def _run_and_cancel(workdir: Path, configfile: Path, *extra: str) -> tuple[int, 
 
 
 def _assert_reported(workdir: Path, out: str, cancelled: str) -> None:
-    """The run names the failed group job and its SLURM log, which says it was cancelled."""
-    log = workdir / ".snakemake" / "slurm_logs" / "group_folders_embed_classify_store"
-    log = log / f"{cancelled}.log"
-    assert f"message: Error in group folders\n    log: {log}" in out, out[-4000:]
+    """The run names the failed shard job and its SLURM log, which says it was cancelled."""
+    logs = workdir / ".snakemake" / "slurm_logs" / "rule_embed_classify_store"
+    log = next(logs.rglob(f"{cancelled}.log"))
+    assert "Error in rule embed_classify_store" in out and str(log) in out, out[-4000:]
     assert f"JOB {cancelled} ON" in log.read_text() and "CANCELLED" in log.read_text()
 
 
@@ -209,6 +224,7 @@ def small_tree(slurm, tmp_path):
         images=str(tmp_path / "images"),
         results=str(tmp_path / "out"),
         device="cpu",
+        shards={"count": 2},
     )
     return tmp_path, config
 
@@ -229,7 +245,7 @@ def test_a_cluster_job_computes_on_the_device_planned_for_it(slurm, tmp_path):
     proc = _run_slurm(tmp_path, config, "--retries", "0", check=False)
     compute = json.loads((tmp_path / "out" / "compute.json").read_text())
     assert (compute["device"], compute["precision"]) == ("cuda", "bf16")
-    log = (tmp_path / "out" / "logs" / "embed_classify_store" / "a.log").read_text()
+    log = (tmp_path / "out" / "logs" / "embed_classify_store" / "1-of-1.log").read_text()
     if machine_compute()["device"] == "cuda":
         assert proc.returncode == 0, log
         with snakembed.open_store(tmp_path / "out")["a"] as folder:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_CONFIG, make_image, run_snakemake, write_config
+from conftest import FAST_CONFIG, make_image, run_snakemake, shard_log, write_config
 
 import snakembed
 import snakembed.reader
@@ -58,15 +58,10 @@ def test_one_worker_serves_every_folder_with_the_same_results(tmp_path):
         shutil.rmtree(short, ignore_errors=True)
     pids = set()
     for folder in ("f0", "f1", "f2"):
-        log = (tmp_path / "served" / "logs" / "embed_classify_store" / f"{folder}.log").read_text()
+        log = shard_log(tmp_path / "served", folder)
         pids.update(re.findall(r"worker (\d+) runs folder " + folder, log))
         assert f"{folder}: 3 images stored" in log  # progress reaches the job's log
-        assert (
-            "worker"
-            not in (
-                tmp_path / "alone" / "logs" / "embed_classify_store" / f"{folder}.log"
-            ).read_text()
-        )
+        assert "worker" not in shard_log(tmp_path / "alone", folder)
     assert len(pids) == 1  # the model was loaded once for the whole run
     a, b = snakembed.open_store(tmp_path / "served"), snakembed.open_store(tmp_path / "alone")
     for folder in a:
@@ -80,7 +75,7 @@ def test_without_a_private_temporary_folder_each_job_embeds_itself(tmp_path):
     shared.chmod(0o777)  # others could connect: never used
     config = write_config(tmp_path / "config.yaml", images="images", results="results")
     run_snakemake(tmp_path, config, env={"TMPDIR": str(tmp_path / "tmp")})
-    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f0.log").read_text()
+    log = shard_log(tmp_path / "results", "f0")
     assert "running in this job instead" in log and "has no private folder" in log
     assert "f0: 3 images stored" in log
     assert list(shared.iterdir()) == []
@@ -142,9 +137,8 @@ def test_a_job_that_no_worker_can_serve_embeds_its_folder_itself(
     tmp_path, monkeypatch, caplog, resnet18_checkpoint, hello, then, said
 ):
     from snakembed.config import load_config
-    from snakembed.manifest import folder_manifest, write_manifest
     from snakembed.pipeline import run_folder
-    from snakembed.worker import _sock_stem, identity, run_folder_served
+    from snakembed.worker import _sock_stem, identity, run_served
 
     _tree(tmp_path / "images", folders=1)
     short = Path(tempfile.mkdtemp(prefix="sw", dir="/tmp"))
@@ -153,15 +147,22 @@ def test_a_job_that_no_worker_can_serve_embeds_its_folder_itself(
         overrides = {"model": {"name": "resnet18", "weights": str(resnet18_checkpoint)}}
         config = load_config(overrides={**FAST_CONFIG, **overrides})
         names = ["0.jpg", "1.jpg", "2.jpg"]
-        manifest = tmp_path / "f0.json"
-        write_manifest(folder_manifest(tmp_path / "images", "f0", names), manifest)
+        request = {
+            "images_root": str(tmp_path / "images"),
+            "folder": "f0",
+            "names": names,
+            "output": str(tmp_path / "served.h5"),
+            "head": None,
+            "refused": {},
+            "manifest_sha256": "abc",
+        }
         ident = identity(config, 1)
         sock = Path(f"{_sock_stem(ident)}-0.sock")
         thread = _fake_worker(sock, hello(ident), then)
         errors = io.StringIO()
         monkeypatch.setattr(sys, "stderr", errors)
         with caplog.at_level(logging.INFO, logger="snakembed"):
-            run_folder_served(manifest, tmp_path / "served.h5", config, head=None, threads=1)
+            run_served(request, config, threads=1)
         thread.join()
     finally:
         shutil.rmtree(short, ignore_errors=True)
@@ -181,7 +182,7 @@ def test_a_temporary_folder_too_deep_for_sockets_is_said_and_the_job_runs_itself
     deep.mkdir()
     config = write_config(tmp_path / "config.yaml", images="images", results="results")
     run_snakemake(tmp_path, config, env={"TMPDIR": str(deep)})
-    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f0.log").read_text()
+    log = shard_log(tmp_path / "results", "f0")
     assert "too long for Unix sockets; set TMPDIR to a shorter folder" in log
     assert "f0: 3 images stored" in log
 
@@ -284,7 +285,7 @@ def test_shared_workers_give_every_folder_the_results_of_jobs_alone(tmp_path, wo
     a, b = snakembed.open_store(tmp_path / "served"), snakembed.open_store(tmp_path / "alone")
     assert sorted(a) == sorted(b) == ["f0", "f1", "f2", "f3"]
     for folder in a:
-        log = (tmp_path / "served" / "logs" / "embed_classify_store" / f"{folder}.log").read_text()
+        log = shard_log(tmp_path / "served", folder)
         assert re.search(rf"worker \d+ runs folder {folder}", log)
         assert f"{folder}: 3 images stored (3 embedded, 0 reused)" in log
         assert a[folder].ids() == b[folder].ids()
@@ -295,5 +296,5 @@ def test_shared_workers_give_every_folder_the_results_of_jobs_alone(tmp_path, wo
     # a rerun after one image changed: served again, the rest reused
     make_image(tmp_path / "images" / "f2" / "1.jpg", size=(70, 50), seed=99)
     run_snakemake(tmp_path, served, env=workers.env)
-    log = (tmp_path / "served" / "logs" / "embed_classify_store" / "f2.log").read_text()
+    log = shard_log(tmp_path / "served", "f2")
     assert "f2: 3 images stored (1 embedded, 2 reused)" in log

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from conftest import REPO, make_image, run_snakemake, write_config
+from conftest import REPO, folder_shard, make_image, run_snakemake, shard_log, write_config
 from labelled import make_labelled_tree
 
 import snakembed
@@ -125,13 +125,13 @@ def test_bad_files_are_recorded_and_the_rest_is_stored(workflow_run):
             assert name in f
         for name in workflow_run["bad"]:
             assert name not in f
-    log = (results / "logs" / "embed_classify_store" / "alpha.log").read_text()
+    log = shard_log(results, "alpha")
     assert "truncated.jpg" in log
 
 
 def test_logs_show_progress_per_folder_and_the_run_shows_folders_done(workflow_run):
     """Each folder's log ends its progress with a full bar; Snakemake counts the folder jobs."""
-    log = (workflow_run["results"] / "logs" / "embed_classify_store" / "alpha.log").read_text()
+    log = shard_log(workflow_run["results"], "alpha")
     total = len(workflow_run["folders"]["alpha"]) + len(workflow_run["bad"])  # failures count
     bar = rf"alpha: \[#{{20}}\] 100% {total}/{total} images, [\d.]+ images/s, ETA 0:00:00"
     assert re.search(bar, log), log
@@ -140,7 +140,7 @@ def test_logs_show_progress_per_folder_and_the_run_shows_folders_done(workflow_r
     assert f"{steps} of {steps} steps (100%) done" in out
 
 
-def test_one_job_per_folder_leaves_no_intermediates_and_keeps_logs(workflow_run):
+def test_shard_jobs_leave_no_intermediates_and_keep_logs(workflow_run):
     results = workflow_run["results"]
     assert sorted(p.name for p in results.iterdir()) == [
         "benchmarks",
@@ -148,14 +148,19 @@ def test_one_job_per_folder_leaves_no_intermediates_and_keeps_logs(workflow_run)
         "embeddings",
         "index.h5",
         "logs",
-        "manifests",
+        "manifests",  # each shard's folders and their images
         "report",
+        "shards",  # what each shard job stored
     ]
-    assert (results / "logs" / "embed_classify_store" / "alpha" / "deep" / "b c.log").is_file()
-    assert (results / "manifests" / "alpha" / "deep" / "b c.json").is_file()
+    shard = folder_shard(results, "alpha/deep/b c")
+    assert "alpha/deep/b c: 1 images stored" in shard_log(results, "alpha/deep/b c")
+    for top, suffix in (("manifests", ".json"), ("shards", ".json")):
+        assert (results / top / f"{shard}{suffix}").is_file()
     rules = sorted(p.name for p in (results / "benchmarks").iterdir())
     assert rules == ["embed_classify_store", "index.tsv", "report_pages.tsv"]
-    assert (results / "benchmarks" / "embed_classify_store" / "ünï cödé.tsv").is_file()
+    shards = {folder_shard(results, key) for key in workflow_run["folders"]}
+    benchmarks = results / "benchmarks" / "embed_classify_store"
+    assert sorted(p.name for p in benchmarks.iterdir()) == sorted(f"{s}.tsv" for s in shards)
 
 
 def test_index_mirrors_the_tree(workflow_run):
@@ -409,7 +414,7 @@ def test_a_new_classify_setting_reclassifies_every_folder_without_decoding(tmp_p
         tmp_path / "b.yaml", images="images", results="results", classify={"topk": 2}
     )
     run_snakemake(tmp_path, top2)
-    log = (tmp_path / "results" / "logs" / "embed_classify_store" / "f.log").read_text()
+    log = shard_log(tmp_path / "results", "f")
     assert "2 unchanged images reused" in log
     with h5py.File(tmp_path / "results" / "embeddings" / "f.h5", "r") as f:
         assert f["0.jpg"]["topk_labels"].shape == (2,)

@@ -8,6 +8,7 @@ from snakembed.backbones import is_local_weights, needs_fetch
 from snakembed.config import unused_model_keys
 from snakembed.heads import needs_labels
 from snakembed.plan import FINETUNE_CHECKPOINT, FOLDER_RULE, asks_for_gpu, plan_run
+from snakembed.shards import failed_images
 from snakembed.worker import prestart
 
 # envs/snakembed.yaml installs the library from this checkout (for --sdm conda): the folder of
@@ -34,25 +35,22 @@ PLAN = plan_run(
     gpu_jobs=asks_for_gpu(
         workflow.resource_settings.overwrite_resources.get(FOLDER_RULE_NAME, {})
     ),
+    # a local run's cores (None without --cores: a dry run, a cluster run)
+    cores=workflow._cores if workflow.local_exec else None,
 )
 validate(config, schema="../schemas/config.schema.yaml")
 for line in PLAN.warnings():
     logger.warning(line)
 RESULTS = str(PLAN.results)
 
-# Each folder's manifest is rewritten where its images or settings changed (a dry run too, so
-# that it reports those folders); its checksum is a parameter of the folder's job. The file of a
-# folder whose job failed on its unchanged manifest is moved aside, to be computed again.
+# Each shard's manifest is rewritten where its folders' images or settings changed (a dry run
+# too, so that it reports them); its checksum is a parameter of the shard's job. A shard's
+# record that no longer matches its folders' files is removed, so that the shard runs again.
 if workflow.is_main_process:
     for key in UNUSED:
         logger.warning(f"{key} is only used with model.name: custom; ignored")
     PLAN.write_manifests()
-    for key in PLAN.missed:
-        logger.warning(
-            f"{key}: its last job did not finish (it failed or was stopped) and Snakemake "
-            "kept its previous file: moved aside, to be computed again, reusing its unchanged "
-            "images"
-        )
+    logger.info(f"snakembed: {PLAN.changes.line()}")
     when = (
         f", if the workflow's onstart calls {MODULE_NAME}.start_run()"
         if MODULE_NAME
@@ -65,7 +63,7 @@ if workflow.is_main_process:
 
 
 wildcard_constraints:
-    folder=".+",
+    shard=r"\d+-of-\d+",
 
 
 # Only when jobs are about to run: never for a dry run, --lint, --unlock, --summary, --report
@@ -94,14 +92,34 @@ def start_run():
     show_image_progress()
 
 
+onsuccess:
+    say_failed_images()
+
+
+def say_failed_images():
+    """Name the folders with images that failed, after a run (never a silent 100 %)."""
+    failed = failed_images(RESULTS)
+    if failed:
+        names = ", ".join(f"{key} ({n})" for key, n in list(failed.items())[:8])
+        more = f" and {len(failed) - 8:,} more" if len(failed) > 8 else ""
+        images = sum(failed.values())
+        logger.warning(
+            f"snakembed: {images:,} image{'s' * (images != 1)} failed in {len(failed):,} "
+            f"folder{'s' * (len(failed) != 1)}: {names}{more}; see `snakembed info --results "
+            f"{RESULTS}` for why"
+        )
+
+
 def folder_jobs_will_run():
     return any(job.rule.name == FOLDER_RULE_NAME for job in workflow.dag.needrun_jobs())
 
 
 def get_final_outputs():
+    """The index, and every shard's record: a target, so that a record the plan set aside
+    runs its shard (Snakemake does not remake a missing input of an up-to-date output)."""
     return [
         f"{RESULTS}/index.h5",
-        *get_folder_files(),
+        *get_shard_records(),
         *get_reduced_file(),
         *get_report_pages(),
     ]
@@ -125,30 +143,28 @@ def get_reduced_file():
     return [f"{RESULTS}/reduced.h5"] if config["reduce"]["method"] != "none" else []
 
 
-def get_folder_files():
-    return [f"{RESULTS}/embeddings/{stem}.h5" for stem in PLAN.stems]
+def get_shard_records():
+    """Each shard's record, the output of its job (see snakembed/shards.py)."""
+    return [str(PLAN.record_file(shard)) for shard in PLAN.shards]
 
 
 def get_images_root(wildcards):
     return str(PLAN.images)
 
 
-def get_folder_keys(wildcards):
-    return list(PLAN.folders)
+def get_shard_manifest(wildcards):
+    """The shard's manifest: its folders and their images, which the job reads."""
+    return str(PLAN.manifest_file(wildcards.shard))
 
 
-def get_folder_manifest(wildcards):
-    """The folder's manifest: its images, which the job reads (see snakembed/manifest.py)."""
-    return str(PLAN.manifest_file(wildcards.folder))
-
-
-def get_folder_digest(wildcards):
-    """The manifest's checksum: an image added, removed or changed reruns the folder.
+def get_shard_digest(wildcards):
+    """The manifest's checksum: an image added, removed or changed in one of its folders
+    reruns the shard (which computes only that folder).
 
     A parameter, not an input: Snakemake checks every input of every ready job each time it
-    starts one, which on a tree of 1,000 folders cost more than their work.
+    starts one.
     """
-    return PLAN.manifest_digest(wildcards.folder)
+    return PLAN.manifest_digest(wildcards.shard)
 
 
 def get_weights_file(wildcards):
@@ -233,16 +249,17 @@ def get_finetune_settings(wildcards):
     return json.dumps(settings, sort_keys=True)
 
 
-def get_folder_mem_mb(wildcards, attempt):
-    """2 GB, plus 50 kB per image (the measured growth is 20 kB), more on each retry."""
-    images = PLAN.image_count(wildcards.folder)
+def get_shard_mem_mb(wildcards, attempt):
+    """2 GB, plus 50 kB per image of its largest folder (one folder is in memory at a time;
+    the measured growth is 20 kB), more on each retry."""
+    images = max(PLAN.folder_sizes(wildcards.shard), default=0)
     return (2000 + images // 20) * attempt
 
 
-def get_folder_runtime(wildcards, attempt):
+def get_shard_runtime(wildcards, attempt):
     """Minutes: 10, plus one per 600 images (10 images/s, slower than a CPU job), more on each
     retry."""
-    images = PLAN.image_count(wildcards.folder)
+    images = PLAN.image_count(wildcards.shard)
     return (10 + images // 600) * attempt
 
 
@@ -252,17 +269,19 @@ def get_gpus(wildcards):
 
 
 def show_image_progress():
-    """Progress lines in images, with their rate and the time left, as folder jobs finish (see
+    """Progress lines in images, with their rate and the time left, as shard jobs finish (see
     snakemake_logger_plugin_snakembed): its handler joins Snakemake's logger unless --logger
-    snakembed added it, and a record says how many images each folder job to run holds.
+    snakembed added it, and a record says how many images each shard job to run holds.
     """
     from snakemake_logger_plugin_snakembed import attach, images_extra, images_message
 
-    images = {
-        job.wildcards.folder: PLAN.image_count(job.wildcards.folder)
+    shards = [
+        job.wildcards.shard
         for job in workflow.dag.needrun_jobs()
         if job.rule.name.endswith(FOLDER_RULE)
-    }
+    ]
+    images = {shard: PLAN.pending_images(shard) for shard in shards}
     if images:
         attach(workflow.logger_manager)
-        logger.info(images_message(images), extra=images_extra(images))
+        folders = sum(len(PLAN.changes.pending.get(shard, [])) for shard in shards)
+        logger.info(images_message(images, folders), extra=images_extra(images))

@@ -1,6 +1,6 @@
 rule index:
     input:
-        get_folder_files(),
+        get_shard_records(),
     output:
         update(f"{RESULTS}/index.h5"),
     log:
@@ -12,6 +12,5 @@ rule index:
         "../../envs/snakembed.yaml"
     params:
         images=get_images_root,
-        folders=get_folder_keys,
     script:
         "../../scripts/index.py"

@@ -3,7 +3,7 @@ rule reduce:
     input:
         # the folders come from the index: it must be up to date first
         index=f"{RESULTS}/index.h5",
-        folders=get_folder_files(),
+        shards=get_shard_records(),
     output:
         f"{RESULTS}/reduced.h5",
     log:
