@@ -406,6 +406,7 @@ class Changes:
                 self.folders[key] = _difference(before, entry)
         for key in stored.keys() - current.keys():
             self.folders[key] = "removed"
+        self.settings = self.settings and bool(self.folders)  # records of an earlier version
 
     def line(self, limit: int = 8) -> str:
         """One line: the folders that changed and how, and the shards to run.

@@ -116,7 +116,8 @@ def folder_jobs_will_run():
 
 def get_final_outputs():
     """The index, and every shard's record: a target, so that a record the plan set aside
-    runs its shard (Snakemake does not remake a missing input of an up-to-date output)."""
+    runs its shard (Snakemake does not remake a missing input of an up-to-date output).
+    """
     return [
         f"{RESULTS}/index.h5",
         *get_shard_records(),
