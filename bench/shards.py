@@ -5,6 +5,8 @@ included), ``snakemake --cores N`` as a user runs it:
 
 - ``many``: the same photos (500x375 JPEGs) as a few big folders and as many small ones, timed
   A B B A (few, many, many, few); prints each and the ratio many / few (the best of two each).
+- ``worker``: the many-small-folders tree with the long-lived embed worker and with each shard
+  job loading the model itself (``worker.enabled: false``), A B B A.
 - ``plan``: a dry run of ``--folders`` one-image folders (discovery, manifests, Snakemake's
   plan), then a second one with nothing changed; prints seconds and the peak memory.
 - ``rerun``: ``--folders`` folders of ``--per-folder`` photos computed once; then one image is
@@ -14,6 +16,7 @@ included), ``snakemake --cores N`` as a user runs it:
 Usage::
 
     python bench/shards.py many                      # 2,000 photos: 4 x 500 against 400 x 5
+    python bench/shards.py worker                    # 400 x 5: shard jobs with and without workers
     python bench/shards.py plan --folders 100000
     python bench/shards.py plan --folders 1000000    # 10^6 (a few GB of small files)
     python bench/shards.py rerun --folders 400 --per-folder 5
@@ -39,10 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
 
 
-def _snakemake(workdir: Path, images: Path, cores: int, *extra: str) -> float:
-    """Run the workflow on ``images`` (results in ``workdir/results``); its wall seconds."""
+def _snakemake(
+    workdir: Path, images: Path, cores: int, *extra: str, settings: dict | None = None
+) -> float:
+    """Run the workflow on ``images`` (results in ``workdir/results``, ``settings`` added to
+    the config); its wall seconds."""
     configfile = workdir / "config.yaml"
-    configfile.write_text(yaml.safe_dump({"images": str(images), "results": "results"}))
+    config = {"images": str(images), "results": "results", **(settings or {})}
+    configfile.write_text(yaml.safe_dump(config))
     cmd = [
         SNAKEMAKE,
         "--snakefile",
@@ -63,10 +70,13 @@ def _snakemake(workdir: Path, images: Path, cores: int, *extra: str) -> float:
     return seconds
 
 
-def _rules(results: Path) -> dict[str, float]:
-    """Seconds per rule of the last run (Snakemake's benchmark files, newest per rule)."""
+def _rules(results: Path, since: float) -> dict[str, float]:
+    """Seconds per rule of the jobs that ran after ``since`` (``time.time()``), from
+    Snakemake's benchmark files."""
     seconds: dict[str, float] = {}
     for path in sorted((results / "benchmarks").rglob("*.tsv")):
+        if path.stat().st_mtime < since:
+            continue
         rule = path.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
         value = float(path.read_text().splitlines()[-1].split("\t")[0])
         seconds[rule] = seconds.get(rule, 0.0) + value
@@ -93,6 +103,25 @@ def many(args: argparse.Namespace, base: Path) -> None:
     print(f"  few  ({layouts['few'][0]} folders):  {few:.1f} s  ({total / few:.1f} images/s)")
     print(f"  many ({layouts['many'][0]} folders): {lots:.1f} s  ({total / lots:.1f} images/s)")
     print(f"  many / few: {lots / few:.2f}x")
+
+
+def worker(args: argparse.Namespace, base: Path) -> None:
+    """Shard jobs through the long-lived embed worker against each job loading the model."""
+    images = base / "images"
+    make_tree(images, args.images // 5, 5, "standard")
+    runs = {"worker": {"worker": {"enabled": True}}, "in-process": {"worker": {"enabled": False}}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name in ("worker", "in-process", "in-process", "worker"):
+        shutil.rmtree(base / "results", ignore_errors=True)
+        shutil.rmtree(base / ".snakemake", ignore_errors=True)
+        seconds = _snakemake(base, images, args.cores, settings=runs[name])
+        times[name].append(seconds)
+        print(f"{name}: {seconds:.1f} s", flush=True)
+    served, alone = min(times["worker"]), min(times["in-process"])
+    print(f"\n{args.images} photos in {args.images // 5} folders of 5, --cores {args.cores}")
+    print(f"  through workers:      {served:.1f} s")
+    print(f"  each job in-process:  {alone:.1f} s")
+    print(f"  in-process / worker: {alone / served:.2f}x")
 
 
 def plan(args: argparse.Namespace, base: Path) -> None:
@@ -125,9 +154,10 @@ def rerun(args: argparse.Namespace, base: Path) -> None:
     target = sorted(images.iterdir())[len(list(images.iterdir())) // 2]
     picture((500, 375), 12345).save(target / "added.jpg", quality=90)
     before = {p: p.stat().st_mtime_ns for p in (results / "embeddings").rglob("*.h5")}
+    since = time.time()
     seconds = _snakemake(base, images, args.cores)
     changed = [p for p, t in before.items() if p.stat().st_mtime_ns != t]
-    rules = _rules(results)
+    rules = _rules(results, since)
     print(f"\n{args.folders} folders of {args.per_folder} photos, --cores {args.cores}")
     print(f"  first run: {full:.1f} s; a rerun with nothing changed: {nothing:.1f} s")
     print(f"  one image added to {target.name}: the rerun took {seconds:.1f} s")
@@ -139,7 +169,7 @@ def rerun(args: argparse.Namespace, base: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("many", "plan", "rerun"))
+    parser.add_argument("what", choices=("many", "worker", "plan", "rerun"))
     parser.add_argument("--images", type=int, default=2000, help="many: photos in all")
     parser.add_argument("--folders", type=int, help="plan: 100,000; rerun: 400")
     parser.add_argument("--per-folder", type=int, default=5, help="rerun: photos per folder")
@@ -149,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args.folders = args.folders or (100_000 if args.what == "plan" else 400)
     base = Path(tempfile.mkdtemp(prefix="snakembed-bench-"))
     try:
-        {"many": many, "plan": plan, "rerun": rerun}[args.what](args, base)
+        {"many": many, "worker": worker, "plan": plan, "rerun": rerun}[args.what](args, base)
     finally:
         if args.keep:
             print(f"kept: {base}")

@@ -106,6 +106,13 @@ def _ran(proc: subprocess.CompletedProcess, key: str) -> bool:
     return re.search(stored, _log(results.parent, key), re.MULTILINE) is not None
 
 
+def _tried(proc: subprocess.CompletedProcess, key: str) -> bool:
+    """Whether the run's job for the folder's shard tried the folder and logged its failure."""
+    results = Path(proc.args[proc.args.index("--directory") + 1]) / "results"
+    failed = rf"^\S+ \S+ ERROR {re.escape(key)}: failed: "
+    return re.search(failed, _log(results.parent, key), re.MULTILINE) is not None
+
+
 def test_a_checkpoint_rewritten_in_place_is_used_by_every_folder(tmp_path, workers):
     _images(tmp_path / "images", *(f"f{f}" for f in range(6)))
     ckpt = _checkpoint(tmp_path / "ckpt.pt", seed=1)
@@ -154,7 +161,8 @@ def test_a_folder_whose_job_failed_is_computed_again(tmp_path, workers):
         proc = run_snakemake(tmp_path, config, *failing, check=False, env=env)
         assert "device 'cuda' asked for, but torch sees no GPU here" in _log(tmp_path, "b")
         assert proc.returncode != 0 and NOTHING not in _out(proc)
-        assert _ran(proc, "a") and _ran(proc, "b")
+        assert not _ran(proc, "a") and not _ran(proc, "b")
+        assert all(_tried(proc, key) for key in ("a", "b"))
     # back on the CPU: the changed folder is computed, and the results equal a clean run
     b = (tmp_path / "results" / "embeddings" / "b.h5").stat().st_mtime_ns
     proc = run_snakemake(tmp_path, config, env=workers.env)

@@ -130,13 +130,15 @@ def test_bad_files_are_recorded_and_the_rest_is_stored(workflow_run):
 
 
 def test_logs_show_progress_per_folder_and_the_run_shows_folders_done(workflow_run):
-    """Each folder's log ends its progress with a full bar; Snakemake counts the folder jobs."""
+    """Each folder's progress ends with a full bar in its shard's log; Snakemake counts the
+    shard jobs."""
     log = shard_log(workflow_run["results"], "alpha")
     total = len(workflow_run["folders"]["alpha"]) + len(workflow_run["bad"])  # failures count
     bar = rf"alpha: \[#{{20}}\] 100% {total}/{total} images, [\d.]+ images/s, ETA 0:00:00"
     assert re.search(bar, log), log
     out = workflow_run["proc"].stdout + workflow_run["proc"].stderr
-    steps = len(workflow_run["folders"]) + 3  # the folders, the index, the report and `all`
+    shards = {folder_shard(workflow_run["results"], key) for key in workflow_run["folders"]}
+    steps = len(shards) + 3  # the shards, the index, the report and `all`
     assert f"{steps} of {steps} steps (100%) done" in out
 
 
@@ -153,7 +155,8 @@ def test_shard_jobs_leave_no_intermediates_and_keep_logs(workflow_run):
         "shards",  # what each shard job stored
     ]
     shard = folder_shard(results, "alpha/deep/b c")
-    assert "alpha/deep/b c: 1 images stored" in shard_log(results, "alpha/deep/b c")
+    stored = len(workflow_run["folders"]["alpha/deep/b c"])
+    assert f"alpha/deep/b c: {stored} images stored" in shard_log(results, "alpha/deep/b c")
     for top, suffix in (("manifests", ".json"), ("shards", ".json")):
         assert (results / top / f"{shard}{suffix}").is_file()
     rules = sorted(p.name for p in (results / "benchmarks").iterdir())
