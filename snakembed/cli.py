@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -263,8 +264,6 @@ def _query_vectors(args: argparse.Namespace, store) -> tuple[dict, dict[str, str
     """``{image: vector}`` in the order given: a stored image's stored vector, the others
     embedded with the config's model (which must be the store's); ``{image: reason}`` for
     images that could not be read."""
-    from pathlib import Path
-
     stored = {}
     for image in args.images:
         with contextlib.suppress(KeyError):
@@ -338,7 +337,8 @@ def _info(args: argparse.Namespace) -> int:
         )
     for key, attrs in folders.items():
         if attrs is None:
-            print(f"  {key}: pending ({status.pending[key]}); run the workflow to compute it")
+            why = status.pending[key] + _shard_log(store.results, status.shards.get(key))
+            print(f"  {key}: pending ({why}); run the workflow to compute it")
             continue
         which = f" ({models[key]})" if mixed else ""
         count = _count(attrs["num_images"], "image")
@@ -346,6 +346,14 @@ def _info(args: argparse.Namespace) -> int:
     if failures:
         print("\n".join(failures))
     return 0
+
+
+def _shard_log(results: Path, shard: str | None) -> str:
+    """``"; log: {its shard's log}"`` where the folder's shard job has a log, else ``""``."""
+    from .plan import FOLDER_RULE
+
+    log = results / "logs" / FOLDER_RULE / f"{shard}.log"
+    return f"; log: {log}" if shard is not None and log.is_file() else ""
 
 
 def _describe_model(attrs: dict) -> str:
@@ -384,8 +392,6 @@ def _describe_head(head: str | None, results) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .export import export
 
     output = args.output or Path(args.results) / f"export.{args.format}"

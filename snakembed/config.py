@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -367,11 +368,17 @@ def merge_config(base: dict, extra: dict) -> dict:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that change the numbers, read without importing them.
+    """Versions of the libraries that change the numbers, read without importing them (once
+    per process: the libraries a process has loaded do not change while it runs).
 
     Returns:
         ``{"snakembed": ..., "torch": ..., "torchvision": ..., "timm": ...}``.
     """
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}

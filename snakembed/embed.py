@@ -489,8 +489,6 @@ class Embedder:
                 for it in good
             )
             progress.update(len(batch["items"]))
-        if known.used:
-            log.info("%s: %d unchanged images reused from the previous run", label, known.used)
         if counts.device:
             log.info(
                 "%s: %d images decoded on %s, %d by Pillow",

@@ -18,8 +18,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ._files import cached_sha256, scratch_folder
 from .classify import Predictions, predict
@@ -169,30 +172,152 @@ def compute_folder(
     Raises:
         Cancelled: when ``cancelled`` said so.
     """
+    part = {"folder": folder, "names": names, "output": output, "refused": refused}
+    return compute_folders(
+        images_root,
+        [part],
+        config,
+        head=head,
+        threads=threads,
+        models=models,
+        cancelled=cancelled,
+    )[0]
+
+
+def compute_folders(
+    images_root: str | Path,
+    parts: Sequence[dict],
+    config: dict,
+    *,
+    head: str | Path | None = None,
+    threads: int | None = None,
+    models: Models | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> list[tuple[Embeddings, Predictions | None]]:
+    """The embeddings and predictions of several image folders, their images embedded as one
+    stream (full batches, and decoding that overlaps the network, even for folders of a few
+    images), then split by folder: each folder's are what :func:`compute_folder` gives it.
+
+    Args:
+        images_root: the image root.
+        parts: the folders, each ``{"folder", "names", "output", "refused"}`` as the
+            arguments of :func:`run_folder`.
+        others: as :func:`compute_folder`.
+
+    Returns:
+        ``(embeddings, predictions)`` of each part, in order.
+
+    Raises:
+        Cancelled: when ``cancelled`` said so.
+
+    Example:
+        >>> parts = [{"folder": "animals", "names": ["chelsea.jpg"], "output": "a.h5"}]
+        >>> compute_folders("demo/images", parts, config)  # doctest: +SKIP
+    """
     models = models or Models()
     embedder = models.embedder(config, threads)
-    refused = dict(refused or {})
-    readable = [name for name in names if name not in refused]
-    directory = Path(images_root) / folder
+    paths, sources, owners, earlier = [], [], [], []
+    for n, part in enumerate(parts):
+        folder, refused = part["folder"], part.get("refused") or {}
+        for name in part["names"]:
+            if name in refused:
+                log.warning("%s: %s", _source(folder, name), refused[name])
+            else:
+                paths.append(Path(images_root) / folder / name)
+                sources.append(_source(folder, name))
+                owners.append(n)
+        earlier.append(read_earlier(part["output"], embedder.meta))
+    label = parts[0]["folder"]
+    if len(parts) > 1:
+        label = f"{label} and {len(parts) - 1} more folders"
+    reuse = _joined([e for e in earlier if e is not None])
     result = embedder(
-        [directory / n for n in readable],
-        ids=readable,
-        sources=[name if folder == "." else f"{folder}/{name}" for name in readable],
-        label=folder,
-        reuse=read_earlier(output, embedder.meta),
-        cancelled=cancelled,
+        paths, ids=sources, sources=sources, label=label, reuse=reuse, cancelled=cancelled
     )
-    for name, reason in refused.items():
-        log.warning("%s: %s", name if folder == "." else f"{folder}/{name}", reason)
-    result.failed = dict(sorted({**refused, **result.failed}.items()))
-    predictions = None
+    owner = dict(zip(sources, owners, strict=True))
+    known = frozenset(reuse.sha256) if reuse is not None else frozenset()
+    rows: list[list[int]] = [[] for _ in parts]
+    for i, source in enumerate(result.ids):
+        rows[owner[source]].append(i)
+    failed: list[dict[str, str]] = [dict(part.get("refused") or {}) for part in parts]
+    for source, why in result.failed.items():
+        n = owner[source]
+        failed[n][_name(parts[n]["folder"], source)] = why
     classifier = models.head(config, head, embedder.backbone)
-    if classifier is not None:
-        settings = config["classify"]
-        predictions = predict(
-            classifier, settings["head"], result.ids, result.vectors, settings["topk"]
-        )
-    return result, predictions
+    out = []
+    for n, part in enumerate(parts):
+        folder = part["folder"]
+        mine = _rows(result, rows[n], folder, failed[n])
+        mine.reused = sum(sha in known for sha in mine.sha256)
+        if mine.reused:
+            log.info("%s: %d unchanged images reused from the previous run", folder, mine.reused)
+        predictions = None
+        if classifier is not None:
+            settings = config["classify"]
+            predictions = predict(
+                classifier, settings["head"], mine.ids, mine.vectors, settings["topk"]
+            )
+        out.append((mine, predictions))
+    return out
+
+
+def _source(folder: str, name: str) -> str:
+    """An image's path relative to the image root."""
+    return name if folder == "." else f"{folder}/{name}"
+
+
+def _name(folder: str, source: str) -> str:
+    """An image's name in its folder, from its :func:`_source`."""
+    return source if folder == "." else source[len(folder) + 1 :]
+
+
+def _joined(parts: list[Embeddings]) -> Embeddings | None:
+    """Embeddings of several folder files as one (earlier embeddings to reuse by content)."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    joined = Embeddings(
+        ids=[i for e in parts for i in e.ids],
+        sources=[s for e in parts for s in e.sources],
+        sha256=[h for e in parts for h in e.sha256],
+        width=np.concatenate([e.width for e in parts]),
+        height=np.concatenate([e.height for e in parts]),
+        vectors=np.concatenate([e.vectors for e in parts]),
+    )
+    if all(e.patch_counts is not None for e in parts):
+        joined.patch_vectors = np.concatenate([e.patch_vectors for e in parts])
+        joined.patch_boxes = np.concatenate([e.patch_boxes for e in parts])
+        joined.patch_counts = np.concatenate([e.patch_counts for e in parts])
+    return joined
+
+
+def _rows(result: Embeddings, rows: list[int], folder: str, failed: dict) -> Embeddings:
+    """The rows of ``result`` that are one folder's images, named as in the folder."""
+    index = np.asarray(rows, np.int64)
+    part = Embeddings(
+        ids=[_name(folder, result.ids[i]) for i in rows],
+        sources=[result.sources[i] for i in rows],
+        sha256=[result.sha256[i] for i in rows],
+        width=result.width[index],
+        height=result.height[index],
+        vectors=result.vectors[index],
+        failed=dict(sorted(failed.items())),
+        meta=dict(result.meta),
+    )
+    if result.patch_counts is not None:
+        offsets = np.concatenate([[0], np.cumsum(result.patch_counts)])
+        slices = [slice(offsets[i], offsets[i + 1]) for i in rows]
+        part.patch_counts = result.patch_counts[index]
+        part.patch_vectors = _pieces(result.patch_vectors, slices)
+        part.patch_boxes = _pieces(result.patch_boxes, slices)
+    return part
+
+
+def _pieces(array: np.ndarray, slices: list[slice]) -> np.ndarray:
+    if not slices:
+        return array[:0]
+    return np.concatenate([array[s] for s in slices])
 
 
 def store_folder(
@@ -202,10 +327,11 @@ def store_folder(
     folder: str,
     config: dict,
     manifest_sha256: str | None,
-    start: float,
+    start: float | None,
 ) -> None:
     """Write a folder's file (in scratch first where the config says so), and log what was
-    stored since ``start`` (``time.monotonic()``)."""
+    stored, with the time since ``start`` (``time.monotonic()``; None for a folder computed
+    with others)."""
     scratch = scratch_folder(config["scratch"], output)
     if scratch is not None:
         log.info(
@@ -214,17 +340,14 @@ def store_folder(
     write_folder(
         result, predictions, output, folder, scratch=scratch, manifest_sha256=manifest_sha256
     )
-    seconds = time.monotonic() - start
-    log.info(
-        "%s: %d images stored (%d embedded, %d reused), %d failed, in %.1f s (%.1f images/s)",
-        folder,
-        len(result.ids),
-        len(result.ids) - result.reused,
-        result.reused,
-        len(result.failed),
-        seconds,
-        (len(result.ids) + len(result.failed)) / max(seconds, 1e-9),
-    )
+    stored = len(result.ids)
+    line = f"{folder}: {stored} images stored ({stored - result.reused} embedded, "
+    line += f"{result.reused} reused), {len(result.failed)} failed"
+    if start is not None:
+        seconds = time.monotonic() - start
+        rate = (stored + len(result.failed)) / max(seconds, 1e-9)
+        line += f", in {seconds:.1f} s ({rate:.1f} images/s)"
+    log.info("%s", line)
 
 
 class ShardError(RuntimeError):
@@ -233,6 +356,11 @@ class ShardError(RuntimeError):
 
 #: Seconds between two saves of a shard job's progress (see :func:`run_shard`).
 _SAVE_EVERY = 30.0
+
+#: Images of the small folders that a shard job embeds together: full batches, and decoding
+#: that overlaps the network, where each folder alone would be a few images (see
+#: :func:`compute_folders`).
+_GROUP_IMAGES = 256
 
 #: A shard stops after this many failed folders in a row before any succeeded: the cause is
 #: then the run's (weights, device, disk), not a folder's, and every folder would fail alike.
@@ -310,29 +438,49 @@ def run_shard(
         if key in shard.folders
     }
     saved = time.monotonic()
-    for key, entry, wanted, path in todo:
+    groups = deque(_groups(todo))
+    while groups:
+        group = groups.popleft()
         if time.monotonic() - saved > _SAVE_EVERY:
             write_record(partial, shard.settings, {**earlier, **record})
             saved = time.monotonic()
         request = {
-            "manifest_sha256": wanted,
             "images_root": os.path.abspath(shard.root),
-            "folder": key,
-            "names": sorted([*entry["images"], *entry["refused"]]),
-            "output": os.path.abspath(path),
             "head": os.path.abspath(head) if head else None,
-            "refused": entry["refused"],
+            "parts": [
+                {
+                    "folder": key,
+                    "names": sorted([*entry["images"], *entry["refused"]]),
+                    "output": os.path.abspath(path),
+                    "refused": entry["refused"],
+                    "manifest_sha256": wanted,
+                }
+                for key, entry, wanted, path in group
+            ],
         }
         try:
-            run_served(request, config, threads, models=models)
+            errors = run_served(request, config, threads, models=models)
         except Exception as exc:  # noqa: BLE001 - one folder's failure must not lose the others
-            log.exception("%s: failed: %s", key, exc)
-            failed[key] = f"{type(exc).__name__}: {exc}"
-            if len(failed) >= _FAILURES_BEFORE_STOP and "computed" not in outcome.values():
-                break
-            continue
-        record[key] = _recorded(entry, wanted, path)
-        outcome[key] = "computed"
+            if len(group) > 1:
+                log.warning(
+                    "%d folders computed together failed (%s: %s); computing each alone",
+                    len(group),
+                    type(exc).__name__,
+                    exc,
+                )
+                groups.extendleft([item] for item in reversed(group))
+                continue
+            errors = {group[0][0]: exc}
+        for key, entry, wanted, path in group:
+            if key in errors:
+                exc = errors[key]
+                log.error("%s: failed: %s", key, exc, exc_info=exc)
+                failed[key] = f"{type(exc).__name__}: {exc}"
+            else:
+                record[key] = _recorded(entry, wanted, path)
+                outcome[key] = "computed"
+        if len(failed) >= _FAILURES_BEFORE_STOP and "computed" not in outcome.values():
+            break
     if failed:
         write_record(partial, shard.settings, {**earlier, **record})
         left = len(todo) - len(failed) - sum(v == "computed" for v in outcome.values())
@@ -348,6 +496,24 @@ def run_shard(
     write_record(output, shard.settings, record)
     partial.unlink(missing_ok=True)
     return outcome
+
+
+def _groups(todo: list[tuple]) -> Iterator[list[tuple]]:
+    """A shard's folders to compute, in groups of about :data:`_GROUP_IMAGES` images embedded
+    together (a folder as large is a group of its own)."""
+    group: list[tuple] = []
+    images = 0
+    for item in todo:
+        if group and len(item[1]["images"]) >= _GROUP_IMAGES:
+            yield group
+            group, images = [], 0
+        group.append(item)
+        images += len(item[1]["images"])
+        if images >= _GROUP_IMAGES:
+            yield group
+            group, images = [], 0
+    if group:
+        yield group
 
 
 def _recorded(entry: dict, key: str, path: Path) -> dict:

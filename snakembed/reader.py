@@ -14,7 +14,7 @@ import json
 import operator
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -325,6 +325,8 @@ class TreeStatus:
             images or settings).
         index_behind: whether ``index.h5`` does not link exactly the folders done, as they
             are now (a run stopped before it updated the index).
+        shards: ``{folder: shard}`` of the last plan (its job's log is
+            ``logs/embed_classify_store/{shard}.log``).
     """
 
     root: Path | None
@@ -332,6 +334,7 @@ class TreeStatus:
     done: list[str]
     pending: dict[str, str]
     index_behind: bool
+    shards: dict[str, str] = field(default_factory=dict)
 
 
 #: Why a folder is pending.
@@ -357,6 +360,7 @@ def tree_status(results: str | Path) -> TreeStatus:
     """
     results = Path(results)
     planned: dict[str, str] = {}
+    shards: dict[str, str] = {}
     root = None
     for path in sorted((results / MANIFESTS_DIR).glob("*.json")):
         if parse_shard_name(path.name.removesuffix(".json")) is None:
@@ -364,6 +368,7 @@ def tree_status(results: str | Path) -> TreeStatus:
         with contextlib.suppress(ValueError):
             manifest = read_shard_manifest(path)
             planned.update({key: entry["digest"] for key, entry in manifest.folders.items()})
+            shards.update(dict.fromkeys(manifest.folders, manifest.shard))
             root = Path(manifest.root)
     stored: dict[str, dict] = {}
     for pattern in ("*.json.old", "*.json"):
@@ -383,7 +388,8 @@ def tree_status(results: str | Path) -> TreeStatus:
             pending[key] = OLD_FILE
     if not planned:
         done = sorted(_file_folders(results)) if (results / FOLDERS_DIR).is_dir() else []
-    return TreeStatus(root, sorted(planned) or done, done, pending, _index_behind(results, done))
+    behind = _index_behind(results, done)
+    return TreeStatus(root, sorted(planned) or done, done, pending, behind, shards)
 
 
 def _computed_from(path: Path) -> str | None:

@@ -20,7 +20,7 @@ from ._files import atomic_path, texts
 from .layout import folder_file
 from .reader import Store, open_store
 
-__all__ = ["PCA", "Reduced", "fit_pca", "read_reduced", "reduce_store"]
+__all__ = ["PCA", "Reduced", "fit_pca", "fit_pca_sample", "read_reduced", "reduce_store"]
 
 log = logging.getLogger("snakembed")
 
@@ -83,6 +83,39 @@ def fit_pca(matrices: Iterable[np.ndarray], dim: int) -> PCA:
     covariance = (scatter - count * np.outer(mean, mean)) / (count - 1)
     values, vectors = np.linalg.eigh(covariance)
     order = np.argsort(values)[::-1]
+    return _kept(mean, values[order], vectors[:, order].T, count, dim)
+
+
+def fit_pca_sample(vectors: np.ndarray, dim: int) -> PCA:
+    """Fit PCA on the rows of one matrix in memory, by its singular values: for a sample of
+    fewer rows than dimensions, a fraction of :func:`fit_pca`'s cost (the same fit).
+
+    Args:
+        vectors: ``[N, D]``.
+        dim: components to keep (as :func:`fit_pca`).
+
+    Returns:
+        The fit.
+
+    Raises:
+        ValueError: when there are fewer than two vectors.
+
+    Example:
+        >>> x = np.random.default_rng(0).standard_normal((100, 8))
+        >>> a, b = fit_pca_sample(x, 3), fit_pca([x], 3)
+        >>> bool(np.allclose(a.components, b.components))
+        True
+    """
+    rows = np.asarray(vectors, np.float64)
+    if len(rows) < 2:
+        raise ValueError(f"PCA needs at least two embedded images; there are {len(rows)}")
+    mean = rows.mean(axis=0)
+    _, singular, components = np.linalg.svd(rows - mean, full_matrices=False)
+    return _kept(mean, singular**2 / (len(rows) - 1), components, len(rows), dim)
+
+
+def _kept(mean: np.ndarray, values: np.ndarray, vectors: np.ndarray, count: int, dim: int) -> PCA:
+    """The fit from the variances (decreasing) and their unit vectors (rows)."""
     keep = min(dim, len(mean), count - 1)
     if keep < dim:
         log.warning(
@@ -92,7 +125,7 @@ def fit_pca(matrices: Iterable[np.ndarray], dim: int) -> PCA:
             len(mean),
             count,
         )
-    values, vectors = np.clip(values[order], 0, None), vectors[:, order[:keep]].T
+    values, vectors = np.clip(values, 0, None), vectors[:keep]
     signs = np.sign(vectors[np.arange(keep), np.abs(vectors).argmax(axis=1)])
     ratio = values[:keep] / values.sum() if values.sum() > 0 else np.zeros(keep)
     return PCA(mean, vectors * signs[:, None], ratio)

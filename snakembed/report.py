@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,9 @@ import numpy as np
 
 from ._files import atomic_path
 from .images import ImageError, decode_image, read_image_bytes
-from .layout import ROOT_FOLDER
+from .layout import ROOT_FOLDER, folder_file
 from .reader import Store, open_store
-from .reduce import fit_pca
+from .reduce import fit_pca_sample
 from .search import search
 
 __all__ = ["write_report_pages"]
@@ -100,9 +101,10 @@ def write_report_pages(
 
     log_to_stderr()
     store = open_store(results)
-    _write_text(summary, _summary_page(store, Path(results), metrics))
-    _plot_labels(store, labels)
-    sample = _sample(store, points)
+    folders = _read_folders(store, Path(embedding_map).parent / _FOLDERS)
+    _write_text(summary, _summary_page(folders, Path(results), metrics))
+    _plot_labels(folders, labels)
+    sample = _sample(store, folders, points)
     thumbnails = _Thumbnails(Path(embedding_map).parent / _THUMBNAILS)
     _write_text(embedding_map, _map_page(store, sample, thumbnails))
     _write_text(neighbours, _neighbours_page(store, sample, queries, thumbnails))
@@ -137,18 +139,60 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _summary_page(store: Store, results: Path, metrics: str | Path | None) -> str:
+def _read_folders(store: Store, path: Path) -> dict[str, dict]:
+    """What the pages need of each folder (its provenance, failures and label counts), read
+    from the folder files that changed since the last report and kept beside the pages: a
+    one-folder change reads one folder file."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    kept = kept if isinstance(kept, dict) else {}
+    folders, read = {}, 0
+    for key in store:
+        stamp = _file_key(folder_file(store.results, key))
+        entry = kept.get(key)
+        if not isinstance(entry, dict) or entry.get("stamp") != stamp or stamp is None:
+            with store[key] as folder:
+                attrs = folder.attrs
+                labels = folder.table(embeddings=False)["label"]
+            entry = {
+                "stamp": stamp,
+                "attrs": {name: attrs.get(name) for name in _FACTS},
+                "labels": Counter(_NOT_CLASSIFIED if label is None else label for label in labels),
+            }
+            read += 1
+        folders[key] = entry
+    with contextlib.suppress(OSError), atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(folders))
+    log.info(
+        "report: %d of %d folder files read (the others kept from the last report)",
+        read,
+        len(folders),
+    )
+    return folders
+
+
+def _file_key(path: Path) -> list[int] | None:
+    """A file's size, modification time and inode (None when there is none)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
+def _summary_page(folders: dict[str, dict], results: Path, metrics: str | Path | None) -> str:
     images = failed = 0
     failures, model = [], {}
-    for key in store:
-        with store[key] as folder:
-            attrs = folder.attrs
+    for key, entry in folders.items():
+        attrs = entry["attrs"]
         images += attrs["num_images"]
         failed += attrs["num_failed"]
         failures += [[key, image, why] for image, why in attrs["failed"].items()]
         model = model or attrs
     parts = [
-        _table(["folders", "images embedded", "images failed"], [[len(store), images, failed]])
+        _table(["folders", "images embedded", "images failed"], [[len(folders), images, failed]])
     ]
     if model:
         parts.append(
@@ -201,45 +245,38 @@ def _metrics_table(metrics: dict) -> str:
     )
 
 
-def _plot_labels(store: Store, path: str | Path) -> None:
+def _plot_labels(folders: dict[str, dict], path: str | Path) -> None:
     """Stacked bars: each folder's images by predicted label (the most frequent labels
     overall get a colour each, the rest are `other`)."""
     # a Figure of its own, drawn by Agg: no pyplot (its import alone costs a third of a second)
     from matplotlib.figure import Figure
 
-    counts: dict[str, dict[str, int]] = {}
-    for key in store:
-        with store[key] as folder:
-            labels = folder.table(embeddings=False)["label"]
-        counts[key] = {}
-        for label in labels:
-            name = "(not classified)" if label is None else label
-            counts[key][name] = counts[key].get(name, 0) + 1
-    folders = sorted(counts, key=lambda k: -sum(counts[k].values()))[:40]
+    counts: dict[str, dict[str, int]] = {key: entry["labels"] for key, entry in folders.items()}
+    largest = sorted(counts, key=lambda k: -sum(counts[k].values()))[:40]
     totals: dict[str, int] = {}
     for per in counts.values():
         for label, n in per.items():
             totals[label] = totals.get(label, 0) + n
     top = sorted(totals, key=lambda label: -totals[label])[:_TOP]
-    fig = Figure(figsize=(9, 1.5 + 0.32 * max(len(folders), 1)))
+    fig = Figure(figsize=(9, 1.5 + 0.32 * max(len(largest), 1)))
     ax = fig.add_subplot()
-    left = np.zeros(len(folders))
+    left = np.zeros(len(largest))
     for i, label in enumerate([*top, "other"]):
         widths = np.array(
             [
                 counts[k].get(label, 0)
                 if label != "other"
                 else sum(n for lab, n in counts[k].items() if lab not in top)
-                for k in folders
+                for k in largest
             ],
             float,
         )
         colour = _COLOURS[i] if label != "other" else _OTHER
-        ax.barh(folders, widths, left=left, color=colour, label=label[:40])
+        ax.barh(largest, widths, left=left, color=colour, label=label[:40])
         left += widths
     ax.invert_yaxis()
     ax.set_xlabel("images")
-    shown = f" (the {len(folders)} largest of {len(counts)})" if len(counts) > len(folders) else ""
+    shown = f" (the {len(largest)} largest of {len(counts)})" if len(counts) > len(largest) else ""
     ax.set_title(f"Predicted labels per folder{shown}", fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
@@ -247,9 +284,10 @@ def _plot_labels(store: Store, path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _sample(store: Store, points: int) -> _Sample:
-    """Up to ``points`` images, evenly spaced over the store in folder order."""
-    sizes = {key: len(store.view(key)) for key in store}
+def _sample(store: Store, read: dict[str, dict], points: int) -> _Sample:
+    """Up to ``points`` images, evenly spaced over the store in folder order (``read``: see
+    :func:`_read_folders`)."""
+    sizes = {key: entry["attrs"]["num_images"] for key, entry in read.items()}
     total = sum(sizes.values())
     picks = np.unique(np.linspace(0, total - 1, min(points, total)).round().astype(int))
     folders, ids, paths, labels, vectors = [], [], [], [], []
@@ -274,6 +312,16 @@ def _sample(store: Store, points: int) -> _Sample:
     dim = len(vectors[0]) if vectors else 0
     return _Sample(folders, ids, paths, labels, np.asarray(vectors, np.float32).reshape(-1, dim))
 
+
+#: What the pages need of each folder, kept from the last report (see :func:`_read_folders`).
+_FOLDERS = ".folders.json"
+
+#: The attributes of a folder file that the pages show.
+_FACTS = (
+    "num_images", "num_failed", "failed", "model", "weights", "layer", "embedding_dim", "classify"
+)  # fmt: skip
+
+_NOT_CLASSIFIED = "(not classified)"
 
 #: The thumbnails of the last report, beside its pages, so that the next one makes only new
 #: ones: a one-image change must not decode the thousand images of the map again.
@@ -355,9 +403,10 @@ def _thumbnail(path: Path | None, side: int = 112) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _coordinates(store: Store, sample: _Sample) -> tuple[np.ndarray, str]:
+def _coordinates(sample: _Sample) -> tuple[np.ndarray, str]:
     """2-D positions of the sample: UMAP where installed (and there are enough images), else
-    PCA fitted on every stored vector."""
+    PCA fitted on the sample (the images shown: evenly spread over the store, and a fit
+    whose cost does not grow with the store)."""
     if len(sample.ids) < 3:
         return np.zeros((len(sample.ids), 2)), "too few images to lay out"
     try:
@@ -369,18 +418,13 @@ def _coordinates(store: Store, sample: _Sample) -> tuple[np.ndarray, str]:
             return np.asarray(reducer.fit_transform(sample.vectors), float), "UMAP"
     except ImportError:
         pass
-    pca = fit_pca((_vectors(store.view(key)) for key in store), 2)
+    pca = fit_pca_sample(sample.vectors, 2)
     share = 100 * pca.explained_variance_ratio.sum()
     return pca.transform(sample.vectors).astype(float), f"PCA ({share:.0f}% of the variance)"
 
 
-def _vectors(matrix: np.ndarray) -> np.ndarray:
-    """A folder's vectors: maps (``pool: none``) by their mean over positions."""
-    return matrix.mean(axis=1) if matrix.ndim == 3 else matrix
-
-
 def _map_page(store: Store, sample: _Sample, thumbnails: _Thumbnails) -> str:
-    coords, method = _coordinates(store, sample)
+    coords, method = _coordinates(sample)
     classified = any(label is not None for label in sample.labels)
     groups = sample.labels if classified else sample.folders
     counts: dict[str, int] = {}

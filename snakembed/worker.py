@@ -180,50 +180,68 @@ def _key(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def run_served(request: dict, config: dict, threads: int | None, *, models=None) -> None:
-    """Compute and store one folder through this machine's worker, as
-    :func:`snakembed.pipeline.run_folder` would in this process (which it does with
-    ``worker.enabled`` false, or where no worker can serve).
+def run_served(
+    request: dict, config: dict, threads: int | None, *, models=None
+) -> dict[str, Exception]:
+    """Compute folders through this machine's worker, as
+    :func:`snakembed.pipeline.compute_folders` would in this process (which it does with
+    ``worker.enabled`` false, or where no worker can serve), and store each folder's file.
 
     Args:
-        request: the folder: ``images_root``, ``folder``, ``names``, ``output``, ``head``,
-            ``refused`` and ``manifest_sha256`` (see :func:`~snakembed.pipeline.run_folder`).
+        request: ``images_root``, ``head`` and ``parts``: the folders, each ``{"folder",
+            "names", "output", "refused", "manifest_sha256"}`` (see
+            :func:`~snakembed.pipeline.run_folder`).
         config: a validated configuration.
         threads: CPU threads for this job.
         models: the network and head kept across this job's folders, when it computes them
             itself.
+
+    Returns:
+        ``{folder: error}`` of the folders whose file could not be written (the others are
+        stored).
+
+    Raises:
+        Exception: when computing the folders failed (none of them is stored).
     """
     from .embed import log_to_stderr
-    from .pipeline import run_folder, store_folder
+    from .pipeline import compute_folders, store_folder
 
     threads = threads or config["threads"]
+    log_to_stderr()
+    start = time.monotonic()
+    computed = None
     if config["worker"]["enabled"]:
-        start = time.monotonic()
         try:
             ident = identity(config, threads)
             with _slot(ident, config) as base:
-                result, predictions = _relay(_connect(base, config, ident), request, ident)
+                computed = _relay(_connect(base, config, ident), request, ident)
         except WorkerUnavailable as exc:
             print(f"snakembed: running in this job instead: {exc}", file=sys.stderr, flush=True)
-        else:
-            # the file is written here, in parallel with the worker's next folders
-            log_to_stderr()
+    if computed is None:
+        computed = compute_folders(
+            **_folder_arguments(request), config=config, threads=threads, models=models
+        )
+    errors: dict[str, Exception] = {}
+    alone = len(request["parts"]) == 1
+    for part, (result, predictions) in zip(request["parts"], computed, strict=True):
+        try:
             store_folder(
                 result,
                 predictions,
-                request["output"],
-                request["folder"],
+                part["output"],
+                part["folder"],
                 config,
-                request["manifest_sha256"],
-                start,
+                part["manifest_sha256"],
+                start if alone else None,
             )
-            return
-    run_folder(**_arguments(request), config=config, threads=threads, models=models)
+        except Exception as exc:  # noqa: BLE001 - one folder's file must not lose the others
+            errors[part["folder"]] = exc
+    return errors
 
 
-def _arguments(request: dict) -> dict:
-    keys = ("images_root", "folder", "names", "output", "head", "refused", "manifest_sha256")
-    return {key: request[key] for key in keys}
+def _folder_arguments(request: dict) -> dict:
+    """The arguments of :func:`~snakembed.pipeline.compute_folders` that a request gives."""
+    return {key: request[key] for key in ("images_root", "parts", "head")}
 
 
 def shared(config: dict) -> bool:
@@ -460,9 +478,17 @@ def _open(sock_path: Path) -> socket.socket:
     return conn
 
 
-def _relay(conn: socket.socket, request: dict, ident: dict) -> tuple:
+def _named(request: dict) -> str:
+    """The folders of a request, in words."""
+    folders = [part["folder"] for part in request["parts"]]
+    if len(folders) == 1:
+        return f"folder {folders[0]}"
+    return f"folders {', '.join(folders[:5])}{' ...' if len(folders) > 5 else ''}"
+
+
+def _relay(conn: socket.socket, request: dict, ident: dict) -> list[tuple]:
     """Check the worker's identity against ``ident``, send the request, copy the worker's log
-    lines to stderr, and receive the folder's embeddings and predictions.
+    lines to stderr, and receive each folder's embeddings and predictions.
 
     Raises:
         WorkerUnavailable: when the worker computes with another identity (naming what
@@ -485,18 +511,19 @@ def _relay(conn: socket.socket, request: dict, ident: dict) -> tuple:
                 message = json.loads(line)
                 if "log" in message:
                     print(message["log"], file=sys.stderr, flush=True)
-                elif "result" in message:
-                    payload = stream.read(message["bytes"])
-                    if len(payload) != message["bytes"]:
-                        break
-                    return _unpack(message["result"], payload)
+                elif "results" in message:
+                    out = []
+                    for header, size in zip(message["results"], message["bytes"], strict=True):
+                        payload = stream.read(size)
+                        if len(payload) != size:
+                            raise WorkerUnavailable("the worker stopped while it sent its results")
+                        out.append(_unpack(header, payload))
+                    return out
                 elif "error" in message:
-                    raise RuntimeError(
-                        f"embedding folder {request['folder']!r} failed:\n{message['error']}"
-                    )
+                    raise RuntimeError(f"embedding {_named(request)} failed:\n{message['error']}")
         except (OSError, ValueError) as exc:
             raise WorkerUnavailable(f"lost the worker ({exc})") from exc
-    raise WorkerUnavailable("the worker stopped before it finished the folder")
+    raise WorkerUnavailable("the worker stopped before it finished the folders")
 
 
 def _pack(result, predictions) -> tuple[dict, bytes]:
@@ -755,7 +782,7 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
     Raises:
         OSError: when the job's connection breaks (the caller drops it).
     """
-    from .pipeline import Cancelled, compute_folder
+    from .pipeline import Cancelled, compute_folders
 
     conn.sendall(hello)
     with conn.makefile("rwb") as stream:
@@ -765,12 +792,12 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
         handler = _SocketLog(stream)
         log.addHandler(handler)
         hangup = _Hangup(conn)
-        payload = b""
+        payloads: list[bytes] = []
         try:
             request = json.loads(line)
-            log.info("worker %d runs folder %s", os.getpid(), request["folder"])
-            result, predictions = compute_folder(
-                **{k: v for k, v in _arguments(request).items() if k != "manifest_sha256"},
+            log.info("worker %d runs %s", os.getpid(), _named(request))
+            computed = compute_folders(
+                **_folder_arguments(request),
                 config=config,
                 threads=threads,
                 models=models,
@@ -778,18 +805,19 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
             )
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             log.info("worker %d: peak memory %.0f MiB", os.getpid(), peak)
-            header, payload = _pack(result, predictions)
-            reply = {"result": header, "bytes": len(payload)}
+            packed = [_pack(result, predictions) for result, predictions in computed]
+            payloads = [payload for _, payload in packed]
+            reply = {"results": [header for header, _ in packed], "bytes": list(map(len, payloads))}
         except Cancelled as exc:
             log.removeHandler(handler)
-            log.warning("worker %d dropped folder %s: %s", os.getpid(), request["folder"], exc)
+            log.warning("worker %d dropped %s: %s", os.getpid(), _named(request), exc)
             return 0
         except Exception:  # noqa: BLE001 - reported to the job, the worker goes on
             reply = {"error": traceback.format_exc()}
         finally:
             hangup.close()
             log.removeHandler(handler)
-        stream.write(json.dumps(reply).encode() + b"\n" + payload)
+        stream.write(json.dumps(reply).encode() + b"\n" + b"".join(payloads))
         stream.flush()
     return 1
 

@@ -238,7 +238,9 @@ def test_a_failed_folder_loses_nothing_and_info_names_what_is_pending(tmp_path, 
     assert main(["info", "--results", str(results)]) == 0
     info = capsys.readouterr().out
     assert "folders: 6, images: 10, failed: 0, pending: 1" in info
-    assert f"f03: pending ({NO_FILE})" in info and "index.h5 is behind" in info
+    shard_log = results / "logs" / "embed_classify_store" / "1-of-1.log"
+    assert f"f03: pending ({NO_FILE}; log: {shard_log})" in info
+    assert "index.h5 is behind" in info
     store = snakembed.open_store(results)
     assert store.folders() == [f"f{i:02d}" for i in range(6) if i != 3]
 
@@ -297,3 +299,33 @@ def test_a_change_reruns_only_its_shard_and_only_its_folder(tmp_path):
     run_snakemake(tmp_path, clean)
     _assert_same(results, tmp_path / "cl")
     assert tree_status(results).pending == {}
+
+
+def test_a_report_after_a_change_reads_only_the_changed_folder_and_equals_a_fresh_one(
+    workflow_run, tmp_path, caplog
+):
+    """The report's pages keep what they need of each folder between reports; a folder file
+    that changed is read again, and the pages equal those of a report made from nothing."""
+    import logging
+
+    from snakembed.layout import LABELS
+    from snakembed.report import write_report_pages
+
+    results = shutil.copytree(workflow_run["results"], tmp_path / "results")
+    shutil.rmtree(results / "report")
+
+    def pages(where: Path) -> dict[str, bytes]:
+        names = ("summary.html", "labels.png", "map.html", "neighbours.html")
+        write_report_pages(results, *(where / name for name in names))
+        return {name: (where / name).read_bytes() for name in names}
+
+    first = pages(tmp_path / "kept")
+    with h5py.File(folder_file(results, "alpha"), "r+") as f:
+        f[LABELS][0] = "zebra"  # another label for one image
+    with caplog.at_level(logging.INFO, logger="snakembed"):
+        again = pages(tmp_path / "kept")
+    n = len(workflow_run["folders"])
+    assert f"report: 1 of {n} folder files read" in caplog.text
+    fresh = pages(tmp_path / "fresh")
+    assert again == fresh
+    assert again["labels.png"] != first["labels.png"]

@@ -59,7 +59,7 @@ def test_one_worker_serves_every_folder_with_the_same_results(tmp_path):
     pids = set()
     for folder in ("f0", "f1", "f2"):
         log = shard_log(tmp_path / "served", folder)
-        pids.update(re.findall(r"worker (\d+) runs folder " + folder, log))
+        pids.update(re.findall(rf"worker (\d+) runs folders? (?:.*, )?{folder}\b", log))
         assert f"{folder}: 3 images stored" in log  # progress reaches the job's log
         assert "worker" not in shard_log(tmp_path / "alone", folder)
     assert len(pids) == 1  # the model was loaded once for the whole run
@@ -147,22 +147,21 @@ def test_a_job_that_no_worker_can_serve_embeds_its_folder_itself(
         overrides = {"model": {"name": "resnet18", "weights": str(resnet18_checkpoint)}}
         config = load_config(overrides={**FAST_CONFIG, **overrides})
         names = ["0.jpg", "1.jpg", "2.jpg"]
-        request = {
-            "images_root": str(tmp_path / "images"),
+        part = {
             "folder": "f0",
             "names": names,
             "output": str(tmp_path / "served.h5"),
-            "head": None,
             "refused": {},
             "manifest_sha256": "abc",
         }
+        request = {"images_root": str(tmp_path / "images"), "head": None, "parts": [part]}
         ident = identity(config, 1)
         sock = Path(f"{_sock_stem(ident)}-0.sock")
         thread = _fake_worker(sock, hello(ident), then)
         errors = io.StringIO()
         monkeypatch.setattr(sys, "stderr", errors)
         with caplog.at_level(logging.INFO, logger="snakembed"):
-            run_served(request, config, threads=1)
+            assert run_served(request, config, threads=1) == {}
         thread.join()
     finally:
         shutil.rmtree(short, ignore_errors=True)
@@ -286,7 +285,7 @@ def test_shared_workers_give_every_folder_the_results_of_jobs_alone(tmp_path, wo
     assert sorted(a) == sorted(b) == ["f0", "f1", "f2", "f3"]
     for folder in a:
         log = shard_log(tmp_path / "served", folder)
-        assert re.search(rf"worker \d+ runs folder {folder}", log)
+        assert re.search(rf"worker \d+ runs folders? (?:.*, )?{folder}\b", log)
         assert f"{folder}: 3 images stored (3 embedded, 0 reused)" in log
         assert a[folder].ids() == b[folder].ids()
         assert np.allclose(a[folder].matrix(), b[folder].matrix(), atol=1e-5)

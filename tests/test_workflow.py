@@ -129,13 +129,19 @@ def test_bad_files_are_recorded_and_the_rest_is_stored(workflow_run):
     assert "truncated.jpg" in log
 
 
-def test_logs_show_progress_per_folder_and_the_run_shows_folders_done(workflow_run):
-    """Each folder's progress ends with a full bar in its shard's log; Snakemake counts the
-    shard jobs."""
-    log = shard_log(workflow_run["results"], "alpha")
-    total = len(workflow_run["folders"]["alpha"]) + len(workflow_run["bad"])  # failures count
-    bar = rf"alpha: \[#{{20}}\] 100% {total}/{total} images, [\d.]+ images/s, ETA 0:00:00"
-    assert re.search(bar, log), log
+def test_logs_show_progress_per_shard_and_the_run_shows_shards_done(workflow_run):
+    """Each shard's log ends the progress of its folders with full bars that count every
+    image given to the network (failures too); Snakemake counts the shard jobs."""
+    from snakembed.shards import read_shard_manifest
+
+    results = workflow_run["results"]
+    shard = folder_shard(results, "alpha")
+    folders = read_shard_manifest(results / "manifests" / f"{shard}.json").folders
+    total = sum(len(entry["images"]) for entry in folders.values())
+    bar = r"INFO (alpha|\S.* and \d+ more folders): \[#{20}\] 100% (\d+)/\2 images, "
+    bar += r"[\d.]+ images/s, ETA 0:00:00"
+    full = re.findall(bar, shard_log(results, "alpha"))
+    assert full and sum(int(n) for _, n in full) == total, shard_log(results, "alpha")
     out = workflow_run["proc"].stdout + workflow_run["proc"].stderr
     shards = {folder_shard(workflow_run["results"], key) for key in workflow_run["folders"]}
     steps = len(shards) + 3  # the shards, the index, the report and `all`
