@@ -1,11 +1,14 @@
 """Image folders from their files to their HDF5 files: embed, classify, store.
 
-A shard's job (rule ``embed_classify_store``, see :mod:`snakembed.shards`) runs its folders
-that changed one after another (:func:`run_shard`). The three steps of a folder run in one
-process because each is short next to starting a process: in an embed worker, which keeps the
-prepared network and the head for every folder it serves, or in the job itself.
+A shard's job (rule ``embed_classify_store``, see :mod:`snakembed.shards`) computes its folders
+that changed (:func:`run_shard`): small folders are embedded together, a group of about
+:data:`_GROUP_IMAGES` images at a time, so that the network sees full batches and decoding
+overlaps it; the embeddings are then split by folder and each folder's file is written as soon
+as its group is done. The three steps run in one process because each is short next to
+starting a process: in an embed worker, which keeps the prepared network and the head across
+jobs and runs, or in the job itself.
 
-A folder's job reuses the embeddings of its previous file for images whose content did not
+A folder reuses the embeddings of its previous file for images whose content did not
 change, when that file was written with the same numbers (model, weights, preprocessing,
 patches, library versions): a new head, or a few images added to a folder, costs no decoding of
 the rest.
@@ -20,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ __all__ = [
     "ShardError",
     "compute_folder",
     "run_folder",
+    "store_folders",
     "run_shard",
     "store_folder",
 ]
@@ -350,6 +355,39 @@ def store_folder(
     log.info("%s", line)
 
 
+def store_folders(
+    parts: Sequence[dict], computed: Sequence[tuple], config: dict, start: float
+) -> dict[str, Exception]:
+    """Write the files of folders computed together (see :func:`compute_folders`).
+
+    Args:
+        parts: the folders, each ``{"folder", "output", "manifest_sha256", ...}``.
+        computed: each part's ``(embeddings, predictions)``.
+        config: a validated configuration.
+        start: when their computation began (``time.monotonic()``), for the log.
+
+    Returns:
+        ``{folder: error}`` of the folders whose file could not be written (the others are
+        stored).
+    """
+    errors: dict[str, Exception] = {}
+    alone = len(parts) == 1
+    for part, (result, predictions) in zip(parts, computed, strict=True):
+        try:
+            store_folder(
+                result,
+                predictions,
+                part["output"],
+                part["folder"],
+                config,
+                part["manifest_sha256"],
+                start if alone else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - one folder's file must not lose the others
+            errors[part["folder"]] = exc
+    return errors
+
+
 class ShardError(RuntimeError):
     """Folders of a shard that failed (the shard's other folders are stored)."""
 
@@ -401,7 +439,7 @@ def run_shard(
         >>> run_shard("results/manifests/1-of-1.json", "results/shards/1-of-1.json",
         ...           config)  # doctest: +SKIP
     """
-    from .worker import hash_cache, run_served
+    from .worker import compute_served, hash_cache
 
     log_to_stderr()
     shard = read_shard_manifest(manifest)
@@ -437,40 +475,8 @@ def run_shard(
         for key, entry in (read_record(partial) or {}).get("folders", {}).items()
         if key in shard.folders
     }
-    saved = time.monotonic()
-    groups = deque(_groups(todo))
-    while groups:
-        group = groups.popleft()
-        if time.monotonic() - saved > _SAVE_EVERY:
-            write_record(partial, shard.settings, {**earlier, **record})
-            saved = time.monotonic()
-        request = {
-            "images_root": os.path.abspath(shard.root),
-            "head": os.path.abspath(head) if head else None,
-            "parts": [
-                {
-                    "folder": key,
-                    "names": sorted([*entry["images"], *entry["refused"]]),
-                    "output": os.path.abspath(path),
-                    "refused": entry["refused"],
-                    "manifest_sha256": wanted,
-                }
-                for key, entry, wanted, path in group
-            ],
-        }
-        try:
-            errors = run_served(request, config, threads, models=models)
-        except Exception as exc:  # noqa: BLE001 - one folder's failure must not lose the others
-            if len(group) > 1:
-                log.warning(
-                    "%d folders computed together failed (%s: %s); computing each alone",
-                    len(group),
-                    type(exc).__name__,
-                    exc,
-                )
-                groups.extendleft([item] for item in reversed(group))
-                continue
-            errors = {group[0][0]: exc}
+
+    def settle(group: list[tuple], errors: dict[str, BaseException]) -> None:
         for key, entry, wanted, path in group:
             if key in errors:
                 exc = errors[key]
@@ -479,8 +485,52 @@ def run_shard(
             else:
                 record[key] = _recorded(entry, wanted, path)
                 outcome[key] = "computed"
-        if len(failed) >= _FAILURES_BEFORE_STOP and "computed" not in outcome.values():
-            break
+
+    saved = time.monotonic()
+    groups = deque(_groups(todo))
+    # the files of a group a worker computed are written in a thread while the worker computes
+    # the next group (a job that computes itself writes between groups: its decoding
+    # processes are forked, which a writing thread must not be when they are)
+    writing: list[tuple[list[tuple], Future]] = []
+
+    def written() -> None:
+        while writing:
+            group, future = writing.pop()
+            settle(group, future.result())
+
+    with ThreadPoolExecutor(1, thread_name_prefix="store") as writer:
+        while groups:
+            if len(failed) >= _FAILURES_BEFORE_STOP and "computed" not in outcome.values():
+                break
+            group = groups.popleft()
+            if time.monotonic() - saved > _SAVE_EVERY:
+                write_record(partial, shard.settings, {**earlier, **record})
+                saved = time.monotonic()
+            request = _request(shard, head, group)
+            start = time.monotonic()
+            try:
+                computed, served = compute_served(
+                    request, config, threads, models=models, before_here=written
+                )
+            except Exception as exc:  # noqa: BLE001 - one folder's failure must not lose others
+                if len(group) > 1:
+                    log.warning(
+                        "%d folders computed together failed (%s: %s); computing each alone",
+                        len(group),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    groups.extendleft([item] for item in reversed(group))
+                else:
+                    settle(group, {group[0][0]: exc})
+                continue
+            written()
+            stored = (request["parts"], computed, config, start)
+            if served:
+                writing.append((group, writer.submit(store_folders, *stored)))
+            else:
+                settle(group, store_folders(*stored))
+        written()
     if failed:
         write_record(partial, shard.settings, {**earlier, **record})
         left = len(todo) - len(failed) - sum(v == "computed" for v in outcome.values())
@@ -496,6 +546,24 @@ def run_shard(
     write_record(output, shard.settings, record)
     partial.unlink(missing_ok=True)
     return outcome
+
+
+def _request(shard, head: str | Path | None, group: list[tuple]) -> dict:
+    """What a worker (or the job itself) computes for a group of a shard's folders."""
+    return {
+        "images_root": os.path.abspath(shard.root),
+        "head": os.path.abspath(head) if head else None,
+        "parts": [
+            {
+                "folder": key,
+                "names": sorted([*entry["images"], *entry["refused"]]),
+                "output": os.path.abspath(path),
+                "refused": entry["refused"],
+                "manifest_sha256": wanted,
+            }
+            for key, entry, wanted, path in group
+        ],
+    }
 
 
 def _groups(todo: list[tuple]) -> Iterator[list[tuple]]:

@@ -1,11 +1,12 @@
-"""A long-lived process that runs the folder jobs (embed, classify, store) of one machine.
+"""A long-lived process that computes the folders of the shard jobs of one machine.
 
-Every folder job would otherwise pay for starting Python, importing torch, initialising CUDA and
-loading the model: seconds, as long as embedding a few hundred images. Instead, the first folder
-job on a machine starts a worker that prepares the network once and listens on a Unix socket;
-every later job with the same identity hands its folder to that worker and relays its progress
-lines to the job's log. Each job still writes only its own folder's output, so Snakemake's
-per-folder tracking is unchanged, and the output is the same as running in the job itself.
+Every shard job would otherwise pay for starting torch, initialising CUDA and loading the model:
+seconds, as long as embedding a few hundred images, and paid again by every job of a run and
+every run of a session. Instead, the first job on a machine starts a worker that prepares the
+network once and listens on a Unix socket; every later job with the same identity hands it its
+folders (a group of small folders at a time, see :func:`snakembed.pipeline.compute_folders`) and
+relays its progress lines to the job's log. The job still writes each folder's file itself, and
+the output is the same as computing in the job.
 
 A worker serves a job only if it computes exactly what the job would compute itself. Its
 *identity* (:func:`identity`) holds everything that decides the numbers, by content: the
@@ -14,16 +15,16 @@ custom network's source file, snakembed's code, the Python, the threads, the res
 precision, and the environment that picks weights (``TORCH_HOME``, ``HF_HOME``,
 ``CUDA_VISIBLE_DEVICES``, ...). Workers are found by a hash of it, and on every connection the
 worker first sends the identity it computed from what it actually loaded; the job compares it
-with its own and embeds the folder itself when they differ. A trained head is read by content
-for every folder.
+with its own and computes the folders itself when they differ. A trained head is read by
+content for every request.
 
 Workers live in a private folder of the system's temporary folder, serve one job at a time (a
 job holds a slot's lock while it is served; concurrent jobs use further slots, up to the CPU
 count over the job's threads), and exit after ``worker.idle`` seconds without a job. A job that
-dies while it is served (killed, cancelled, Ctrl-C) closes its connection: the worker stops that
-folder between two batches and writes nothing. A connection that sends nothing (a probe) is
-closed without a word. Where no worker can be used (the temporary folder is not private, the
-worker cannot start, dies, or serves another identity), the job embeds the folder itself, with a
+dies while it is served (killed, cancelled, Ctrl-C) closes its connection: the worker stops
+between two batches and writes nothing. A connection that sends nothing (a probe) is closed
+without a word. Where no worker can be used (the temporary folder is not private, the worker
+cannot start, dies, or serves another identity), the job computes the folders itself, with a
 line in its log saying why.
 """
 
@@ -45,11 +46,12 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
     "WorkerUnavailable",
+    "compute_served",
     "hash_cache",
     "identity",
     "prestart",
@@ -183,9 +185,7 @@ def _key(ident: dict) -> str:
 def run_served(
     request: dict, config: dict, threads: int | None, *, models=None
 ) -> dict[str, Exception]:
-    """Compute folders through this machine's worker, as
-    :func:`snakembed.pipeline.compute_folders` would in this process (which it does with
-    ``worker.enabled`` false, or where no worker can serve), and store each folder's file.
+    """Compute folders (:func:`compute_served`) and store each folder's file.
 
     Args:
         request: ``images_root``, ``head`` and ``parts``: the folders, each ``{"folder",
@@ -203,40 +203,54 @@ def run_served(
     Raises:
         Exception: when computing the folders failed (none of them is stored).
     """
+    from .pipeline import store_folders
+
+    start = time.monotonic()
+    computed, _ = compute_served(request, config, threads, models=models)
+    return store_folders(request["parts"], computed, config, start)
+
+
+def compute_served(
+    request: dict,
+    config: dict,
+    threads: int | None,
+    *,
+    models=None,
+    before_here: Callable[[], None] | None = None,
+) -> tuple[list[tuple], bool]:
+    """Compute folders through this machine's worker, as
+    :func:`snakembed.pipeline.compute_folders` would in this process (which it does with
+    ``worker.enabled`` false, or where no worker can serve).
+
+    Args:
+        before_here: called before the folders are computed in this process (its decoding
+            processes are forked then: a caller's threads must be done).
+        others: as :func:`run_served`.
+
+    Returns:
+        Each part's ``(embeddings, predictions)``, and whether a worker computed them.
+
+    Raises:
+        Exception: when computing the folders failed.
+    """
     from .embed import log_to_stderr
-    from .pipeline import compute_folders, store_folder
+    from .pipeline import compute_folders
 
     threads = threads or config["threads"]
     log_to_stderr()
-    start = time.monotonic()
-    computed = None
     if config["worker"]["enabled"]:
         try:
             ident = identity(config, threads)
             with _slot(ident, config) as base:
-                computed = _relay(_connect(base, config, ident), request, ident)
+                return _relay(_connect(base, config, ident), request, ident), True
         except WorkerUnavailable as exc:
             print(f"snakembed: running in this job instead: {exc}", file=sys.stderr, flush=True)
-    if computed is None:
-        computed = compute_folders(
-            **_folder_arguments(request), config=config, threads=threads, models=models
-        )
-    errors: dict[str, Exception] = {}
-    alone = len(request["parts"]) == 1
-    for part, (result, predictions) in zip(request["parts"], computed, strict=True):
-        try:
-            store_folder(
-                result,
-                predictions,
-                part["output"],
-                part["folder"],
-                config,
-                part["manifest_sha256"],
-                start if alone else None,
-            )
-        except Exception as exc:  # noqa: BLE001 - one folder's file must not lose the others
-            errors[part["folder"]] = exc
-    return errors
+    if before_here is not None:
+        before_here()
+    computed = compute_folders(
+        **_folder_arguments(request), config=config, threads=threads, models=models
+    )
+    return computed, False
 
 
 def _folder_arguments(request: dict) -> dict:
