@@ -5,11 +5,12 @@ with the same routing of what it does not take, the same fallbacks and the same 
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
 import samples
-from conftest import FAST_CONFIG, run_snakemake, shard_log, write_config
+from conftest import FAST_CONFIG, folder_shard, run_snakemake, shard_log, write_config
 from PIL import Image, ImageDraw
 
 from snakembed.config import load_config, numbers_fingerprint
@@ -183,7 +184,11 @@ def test_changing_the_decoder_recomputes_every_folder(tmp_path):
             after = stored.matrix()
         log = shard_log(workdir / "results", folder)
         assert "3 images stored (3 embedded, 0 reused)" in log
-        assert "3 images decoded on cpu, 0 by Pillow" in log
+        # each group of the folder's shard says how its JPEGs were decoded: all on the device
+        shard = folder_shard(workdir / "results", folder)
+        shard_images = 3 * sum(folder_shard(workdir / "results", f) == shard for f in "xy")
+        decoded = re.findall(r": (\d+) images decoded on cpu, (\d+) by Pillow", log)
+        assert sum(int(d) for d, _ in decoded) == shard_images and {p for _, p in decoded} == {"0"}
         cosine = (before[folder] * after).sum(1) / (
             np.linalg.norm(before[folder], axis=1) * np.linalg.norm(after, axis=1)
         )

@@ -276,3 +276,60 @@ def test_a_folder_file_is_built_in_scratch_on_a_cluster_node(tmp_path, monkeypat
     ]
     with Folder(results / "a.h5", "a") as stored:
         assert stored.ids() == built.ids and np.array_equal(stored.matrix(), built.vectors)
+
+
+@pytest.mark.parametrize("patches", [False, True])
+def test_folders_computed_together_get_what_each_gets_alone(tmp_path, patches):
+    """A shard job embeds its small folders as one stream and splits it: each folder's
+    embeddings, patches, failures, reuse and predictions equal computing it alone, including
+    the root folder, a folder whose images all fail, and one with an earlier file to reuse."""
+    from snakembed.pipeline import compute_folder, compute_folders
+
+    root = tmp_path / "images"
+    names = {".": ["top.png"], "a": ["0.png", "1.jpg"], "b/c": ["x.png", "bad.jpg"], "d": ["e.png"]}
+    for f, (folder, files) in enumerate(names.items()):
+        for i, name in enumerate(files):
+            make_image(root / folder / name, size=(60 + 7 * i, 44), seed=10 * f + i)
+    (root / "b/c/bad.jpg").write_bytes(b"not an image")
+    (root / "d/e.png").write_bytes(b"")
+    refused = {"d": {}, "b/c": {"gone.png": "refused at discovery: test"}}
+    overrides = {**FAST_CONFIG, "batch_size": 3}
+    if patches:
+        overrides["patches"] = {"enabled": True, "size": 32, "stride": 32}
+    config = load_config(overrides=overrides)
+    models = Models()
+    earlier = tmp_path / "a-earlier.h5"
+    run_folder(root, "a", ["0.png"], earlier, config, models=models)  # 0.png can be reused
+    parts = []
+    for folder, files in names.items():
+        output = earlier if folder == "a" else tmp_path / f"{folder.replace('/', '_')}.h5"
+        mine = refused.get(folder, {})
+        parts.append(
+            {"folder": folder, "names": [*files, *mine], "output": output, "refused": mine}
+        )
+    together = compute_folders(root, parts, config, models=models)
+    for part, (result, predictions) in zip(parts, together, strict=True):
+        alone, alone_predictions = compute_folder(
+            root,
+            part["folder"],
+            part["names"],
+            part["output"],
+            config,
+            refused=part["refused"],
+            models=models,
+        )
+        assert result.ids == alone.ids and result.sources == alone.sources, part["folder"]
+        assert result.sha256 == alone.sha256 and result.failed == alone.failed
+        assert result.reused == alone.reused
+        assert np.array_equal(result.width, alone.width)
+        assert np.allclose(result.vectors, alone.vectors, atol=1e-4)
+        assert predictions.ids == alone_predictions.ids
+        assert np.array_equal(predictions.labels, alone_predictions.labels)
+        if patches:
+            assert np.array_equal(result.patch_counts, alone.patch_counts)
+            assert np.array_equal(result.patch_boxes, alone.patch_boxes)
+            assert np.allclose(result.patch_vectors, alone.patch_vectors, atol=1e-4)
+    by_folder = {part["folder"]: result for part, (result, _) in zip(parts, together, strict=True)}
+    assert by_folder["a"].reused == 1 and by_folder["."].ids == ["top.png"]
+    assert set(by_folder["b/c"].failed) == {"bad.jpg", "gone.png"}
+    assert by_folder["d"].ids == [] and set(by_folder["d"].failed) == {"e.png"}
