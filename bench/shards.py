@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -83,22 +84,33 @@ def _rules(results: Path, since: float) -> dict[str, float]:
     return seconds
 
 
+def _abba(a: str, b: str, run: Callable[[str], float]) -> tuple[float, float]:
+    """``run`` timed as a, b, b, a, each from clean results; the best of two of each."""
+    times: dict[str, list[float]] = {a: [], b: []}
+    for name in (a, b, b, a):
+        seconds = run(name)
+        times[name].append(seconds)
+        print(f"{name}: {seconds:.1f} s", flush=True)
+    return min(times[a]), min(times[b])
+
+
+def _fresh(workdir: Path) -> Path:
+    """``workdir`` without the results and Snakemake's state of an earlier run."""
+    shutil.rmtree(workdir / "results", ignore_errors=True)
+    shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
+    return workdir
+
+
 def many(args: argparse.Namespace, base: Path) -> None:
     total = args.images
     layouts = {"few": (4, total // 4), "many": (total // 5, 5)}
-    trees = {}
     for name, (folders, per) in layouts.items():
-        trees[name] = base / name / "images"
-        make_tree(trees[name], folders, per, "standard")
-    times: dict[str, list[float]] = {"few": [], "many": []}
-    for name in ("few", "many", "many", "few"):
-        shutil.rmtree(base / name / "results", ignore_errors=True)
-        shutil.rmtree(base / name / ".snakemake", ignore_errors=True)
-        seconds = _snakemake(base / name, trees[name], args.cores)
-        times[name].append(seconds)
-        folders, per = layouts[name]
-        print(f"{name}: {folders} folders of {per}: {seconds:.1f} s", flush=True)
-    few, lots = min(times["few"]), min(times["many"])
+        make_tree(base / name / "images", folders, per, "standard")
+
+    def run(name: str) -> float:
+        return _snakemake(_fresh(base / name), base / name / "images", args.cores)
+
+    few, lots = _abba("few", "many", run)
     print(f"\n{total} photos, --cores {args.cores}, best of two each (A B B A)")
     print(f"  few  ({layouts['few'][0]} folders):  {few:.1f} s  ({total / few:.1f} images/s)")
     print(f"  many ({layouts['many'][0]} folders): {lots:.1f} s  ({total / lots:.1f} images/s)")
@@ -109,15 +121,12 @@ def worker(args: argparse.Namespace, base: Path) -> None:
     """Shard jobs through the long-lived embed worker against each job loading the model."""
     images = base / "images"
     make_tree(images, args.images // 5, 5, "standard")
-    runs = {"worker": {"worker": {"enabled": True}}, "in-process": {"worker": {"enabled": False}}}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for name in ("worker", "in-process", "in-process", "worker"):
-        shutil.rmtree(base / "results", ignore_errors=True)
-        shutil.rmtree(base / ".snakemake", ignore_errors=True)
-        seconds = _snakemake(base, images, args.cores, settings=runs[name])
-        times[name].append(seconds)
-        print(f"{name}: {seconds:.1f} s", flush=True)
-    served, alone = min(times["worker"]), min(times["in-process"])
+
+    def run(name: str) -> float:
+        settings = {"worker": {"enabled": name == "worker"}}
+        return _snakemake(_fresh(base), images, args.cores, settings=settings)
+
+    served, alone = _abba("worker", "in-process", run)
     print(f"\n{args.images} photos in {args.images // 5} folders of 5, --cores {args.cores}")
     print(f"  through workers:      {served:.1f} s")
     print(f"  each job in-process:  {alone:.1f} s")

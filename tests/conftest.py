@@ -185,6 +185,28 @@ def shard_log(results: Path, key: str) -> str:
     return (results / "logs" / "embed_classify_store" / f"{shard}.log").read_text()
 
 
+def folder_matrices(results: Path) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Every folder's image ids and matrix, as ``open_store`` reads them."""
+    import snakembed
+
+    store = snakembed.open_store(results)
+    out = {}
+    for key in store:
+        with store[key] as folder:
+            out[key] = (folder.ids(), folder.matrix())
+    return out
+
+
+def assert_same_results(results: Path, clean: Path) -> None:
+    """The same folders, images and embeddings as a clean run's (up to float rounding: an
+    image embedded in another batch than in the clean run may differ in the last bits)."""
+    got, expected = folder_matrices(results), folder_matrices(clean)
+    assert sorted(got) == sorted(expected)
+    for key, (ids, matrix) in expected.items():
+        assert got[key][0] == ids, key
+        assert np.allclose(got[key][1], matrix, rtol=1e-4, atol=1e-5), key
+
+
 def write_config(path: Path, **overrides) -> Path:
     """A YAML config file from FAST_CONFIG with top-level overrides."""
     config = {**FAST_CONFIG, **overrides}

@@ -25,6 +25,8 @@ from conftest import (
     NO_GPU,
     REPO,
     SNAKEMAKE,
+    assert_same_results,
+    folder_matrices,
     folder_shard,
     make_image,
     run_snakemake,
@@ -52,26 +54,6 @@ def _checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     return path
-
-
-def _folders(results: Path) -> dict[str, tuple[list[str], np.ndarray]]:
-    """Every folder's image ids and matrix."""
-    store = snakembed.open_store(results)
-    out = {}
-    for key in store:
-        with store[key] as folder:
-            out[key] = (folder.ids(), folder.matrix())
-    return out
-
-
-def _assert_same(results: Path, clean: Path) -> None:
-    """The same folders, images and embeddings (up to float rounding: an image embedded in
-    another batch than in the clean run may differ in the last bits)."""
-    got, expected = _folders(results), _folders(clean)
-    assert sorted(got) == sorted(expected)
-    for key, (ids, matrix) in expected.items():
-        assert got[key][0] == ids, key
-        assert np.allclose(got[key][1], matrix, rtol=1e-4, atol=1e-5), key
 
 
 def _mtimes(results: Path) -> dict[Path, int]:
@@ -142,7 +124,7 @@ def test_a_checkpoint_rewritten_in_place_is_used_by_every_folder(tmp_path, worke
 
     clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
     run_snakemake(tmp_path, clean, env=workers.env)
-    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert_same_results(tmp_path / "results", tmp_path / "clean")
     assert NOTHING in _out(run_snakemake(tmp_path, config, env=workers.env))
 
 
@@ -172,7 +154,7 @@ def test_a_folder_whose_job_failed_is_computed_again(tmp_path, workers):
     assert not list((tmp_path / "results" / "embeddings").glob(".*"))
     clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
     run_snakemake(tmp_path, clean, env=workers.env)
-    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert_same_results(tmp_path / "results", tmp_path / "clean")
     assert NOTHING in _out(run_snakemake(tmp_path, config, env=workers.env))
 
 
@@ -245,7 +227,7 @@ def net():
         assert "unchanged images reused" not in log
     clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
     run_snakemake(tmp_path, clean, env=env)
-    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert_same_results(tmp_path / "results", tmp_path / "clean")
     assert NOTHING in _out(run_snakemake(tmp_path, config, env=env))
 
 
@@ -348,7 +330,7 @@ def test_a_deleted_or_renamed_folder_leaves_nothing_behind(tmp_path, workers):
     run_snakemake(tmp_path, config, env=workers.env)
     clean = write_config(tmp_path / "clean.yaml", images="images", results="clean")
     run_snakemake(tmp_path, clean, env=workers.env)
-    _assert_same(results, tmp_path / "clean")
+    assert_same_results(results, tmp_path / "clean")
 
 
 def _bmp(path: Path, seed: int) -> None:
@@ -383,7 +365,7 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, worker
 
     clean = write_config(tmp_path / "clean.yaml", results="clean", **settings)
     run_snakemake(tmp_path, clean, env=workers.env)
-    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert_same_results(tmp_path / "results", tmp_path / "clean")
 
     # what does not change an image's content: a false alarm costs reading, never embedding
     os.chmod(target, 0o600)
@@ -395,7 +377,7 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, worker
         assert _ran(proc, "a") and not _ran(proc, "b")
         log = _log(tmp_path, "a")
         assert "2 unchanged images reused" in log
-    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert_same_results(tmp_path / "results", tmp_path / "clean")
 
 
 def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, workers):
@@ -405,7 +387,7 @@ def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, wo
     _images(tmp_path / "images", "a", "b")
     config = write_config(tmp_path / "c.yaml", images="images", results="results", device="auto")
     run_snakemake(tmp_path, config, env=env)  # device and precision: auto
-    fp32 = _folders(tmp_path / "results")
+    fp32 = folder_matrices(tmp_path / "results")
     for stem in ("a", "b"):
         attrs = _attrs(tmp_path / "results", stem)
         assert (attrs["device"], attrs["precision"]) == ("cpu", "fp32")
@@ -417,14 +399,14 @@ def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, wo
     make_image(tmp_path / "images" / "a" / "new.jpg", seed=50)
     proc = run_snakemake(tmp_path, config, "--config", "precision=bf16", env=env)
     assert _ran(proc, "a") and _ran(proc, "b")
-    bf16 = _folders(tmp_path / "results")
+    bf16 = folder_matrices(tmp_path / "results")
     for stem in ("a", "b"):
         assert _attrs(tmp_path / "results", stem)["precision"] == "bf16"
         assert "unchanged images reused" not in _log(tmp_path, stem)
     assert not np.array_equal(bf16["b"][1], fp32["b"][1])
     clean = write_config(tmp_path / "clean.yaml", images="images", results="clean", device="auto")
     run_snakemake(tmp_path, clean, "--config", "precision=bf16", env=env)
-    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert_same_results(tmp_path / "results", tmp_path / "clean")
 
     # Folder jobs that ask a cluster for a GPU resolve auto to cuda (bf16) where the run is
     # planned, though this machine shows none: every folder would be computed again...
@@ -436,7 +418,7 @@ def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, wo
     assert proc.returncode != 0
     assert "device 'cuda' asked for, but torch sees no GPU here" in _log(tmp_path, "b")
     assert _attrs(tmp_path / "results", "b")["precision"] == "bf16"
-    _assert_same(tmp_path / "results", tmp_path / "clean")
+    assert_same_results(tmp_path / "results", tmp_path / "clean")
 
 
 @pytest.mark.slow
@@ -480,4 +462,4 @@ def test_a_killed_job_is_dropped_by_its_worker(tmp_path, workers):
     run_snakemake(tmp_path, config, "--unlock", env=workers.env)
     run_snakemake(tmp_path, config, env=workers.env)
     assert f"worker {pid} runs folder big" in log.read_text()
-    assert len(_folders(tmp_path / "results")["big"][0]) == 600
+    assert len(folder_matrices(tmp_path / "results")["big"][0]) == 600

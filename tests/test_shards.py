@@ -11,7 +11,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import make_image, python_in_new_process, run_snakemake, write_config
+from conftest import (
+    assert_same_results,
+    make_image,
+    python_in_new_process,
+    run_snakemake,
+    write_config,
+)
 
 import snakembed
 from snakembed.cli import main
@@ -197,23 +203,6 @@ def _mtimes(results: Path) -> dict[str, int]:
     }
 
 
-def _matrices(results: Path) -> dict[str, tuple[list[str], np.ndarray]]:
-    store = snakembed.open_store(results)
-    out = {}
-    for key in store:
-        with store[key] as folder:
-            out[key] = (folder.ids(), folder.matrix())
-    return out
-
-
-def _assert_same(results: Path, clean: Path) -> None:
-    got, expected = _matrices(results), _matrices(clean)
-    assert sorted(got) == sorted(expected)
-    for key, (ids, matrix) in expected.items():
-        assert got[key][0] == ids, key
-        assert np.allclose(got[key][1], matrix, rtol=1e-4, atol=1e-5), key
-
-
 @pytest.mark.slow
 def test_a_failed_folder_loses_nothing_and_info_names_what_is_pending(tmp_path, capsys):
     """One folder's file cannot be written: the shard's other folders are stored, the run
@@ -254,7 +243,7 @@ def test_a_failed_folder_loses_nothing_and_info_names_what_is_pending(tmp_path, 
         tmp_path / "clean.yaml", images=str(tmp_path / "images"), results="clean"
     )
     run_snakemake(tmp_path, clean_config)
-    _assert_same(results, tmp_path / "clean")
+    assert_same_results(results, tmp_path / "clean")
     status = tree_status(results)
     assert status.pending == {} and not status.index_behind
 
@@ -297,7 +286,7 @@ def test_a_change_reruns_only_its_shard_and_only_its_folder(tmp_path):
     )
     clean = write_config(tmp_path / "clean.yaml", images=str(tmp_path / "images"), results="cl")
     run_snakemake(tmp_path, clean)
-    _assert_same(results, tmp_path / "cl")
+    assert_same_results(results, tmp_path / "cl")
     assert tree_status(results).pending == {}
 
 
