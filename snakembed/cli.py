@@ -17,6 +17,9 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+#: Folders that ``snakembed info`` lists one by one without ``--folders``.
+_LISTED = 30
+
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -117,7 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument(
         "--folder", metavar="F", help="search only folder F and the folders below it"
     )
-    results_option(command("info", "Summarise a results folder."))
+    info = command("info", "Summarise a results folder.")
+    results_option(info)
+    info.add_argument(
+        "--folders",
+        action="store_true",
+        help=f"list every folder (default: each one up to {_LISTED} folders, else the pending)",
+    )
     export = command(
         "export",
         "Write every stored image (path, folder, id, label, score, embedding) to one table.",
@@ -335,14 +344,22 @@ def _info(args: argparse.Namespace) -> int:
             "index.h5 is behind the folder files (a run stopped before it updated it): "
             "run the workflow to update it; open_store reads the folder files meanwhile"
         )
+    every = args.folders or len(folders) <= _LISTED
+    pending = 0
     for key, attrs in folders.items():
         if attrs is None:
-            why = status.pending[key] + _shard_log(store.results, status.shards.get(key))
-            print(f"  {key}: pending ({why}); run the workflow to compute it")
+            pending += 1
+            if every or pending <= _LISTED:
+                why = status.pending[key] + _shard_log(store.results, status.shards.get(key))
+                print(f"  {key}: pending ({why}); run the workflow to compute it")
             continue
-        which = f" ({models[key]})" if mixed else ""
-        count = _count(attrs["num_images"], "image")
-        print(f"  {key}: {count}, {attrs['num_failed']} failed{which}")
+        if every:
+            which = f" ({models[key]})" if mixed else ""
+            count = _count(attrs["num_images"], "image")
+            print(f"  {key}: {count}, {attrs['num_failed']} failed{which}")
+    if not every:
+        more = f", {pending - _LISTED:,} more pending" if pending > _LISTED else ""
+        print(f"  ({len(done):,} folders done{more}: --folders lists each)")
     if failures:
         print("\n".join(failures))
     return 0

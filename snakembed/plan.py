@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,9 +119,9 @@ class Plan:
     def pending_images(self, shard: str) -> int:
         """How many image files the folders of shard ``shard`` to compute hold (see
         :attr:`Changes.pending`; all of its folders when the plan did not compare them)."""
-        pending = self.changes.pending.get(shard)
-        if pending is None or self.discovery is None:
+        if self.discovery is None or not self.changes.compared:
             return self.image_count(shard)
+        pending = self.changes.pending.get(shard, [])
         return sum(len(self.discovery.folders[key]) for key in pending)
 
     def folder_sizes(self, shard: str) -> list[int]:
@@ -155,9 +155,7 @@ class Plan:
         folder_dir = _manifest_folder(self.results)
         old_texts = _read_texts(folder_dir)
         records = _read_records(self.results / RECORDS_DIR)
-        stored: dict[str, dict] = {}  # what the records say is stored, by folder
-        for record in records.values():
-            stored.update(record["folders"])
+        stored = _stored(records, self.results)
         current: dict[str, dict] = {}
         with ThreadPoolExecutor(max_workers=8 if checksum else 1) as pool:
             for shard, keys in self.shards.items():
@@ -188,6 +186,10 @@ class Plan:
         self.changes.describe(
             stored, current, settings != {json.dumps(self.settings, sort_keys=True)}
         )
+        counts = {parsed[1] for name in records if (parsed := parse_shard_name(name))}
+        now = _shard_count(self.shards)
+        if counts and now and counts != {now}:
+            self.changes.regrouped = (max(counts), now)
         for path in folder_dir.iterdir() if folder_dir.is_dir() else []:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)  # an earlier version's manifests
@@ -228,6 +230,34 @@ class Plan:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(path, path.with_name(path.name + _OLD))
             self.changes.shards.add(shard)
+
+    def stale_lines(self, stale: list[Path], when: str = "", limit: int = 5) -> list[str]:
+        """What :meth:`stale_files` found, in words: the folder files whose folders are gone,
+        and the files of shards no longer planned (a line each, a few paths named; ``when``
+        follows "when jobs run").
+
+        Example:
+            >>> plan.stale_lines([Path("results/embeddings/old.h5")])  # doctest: +SKIP
+            ['1 folder file goes when jobs run: results/embeddings/old.h5 (its folder is ...']
+        """
+        folders_dir = self.results / FOLDERS_DIR
+        files = [p for p in stale if p.is_relative_to(folders_dir)]
+        others = [p for p in stale if not p.is_relative_to(folders_dir)]
+        lines = []
+        for paths, noun, why in (
+            (files, "folder file", f"no longer in {self.images}"),
+            (others, "shard file", f"no longer planned: {_shard_count(self.shards):,} shards now"),
+        ):
+            if paths:
+                named = ", ".join(map(str, paths[:limit]))
+                more = f" and {len(paths) - limit:,} more" if len(paths) > limit else ""
+                verb, whose = ("goes", "its") if len(paths) == 1 else ("go", "their")
+                owner = "folder" if noun == "folder file" else "shard"
+                lines.append(
+                    f"{_plural(len(paths), noun)} {verb} when jobs run{when}: {named}{more} "
+                    f"({whose} {owner}{' is' if len(paths) == 1 else 's are'} {why})"
+                )
+        return lines
 
     def stale_files(self) -> list[Path]:
         """The results of folders and shards that are gone: the ``.h5`` files of folders no
@@ -349,6 +379,26 @@ _OLD = ".old"
 _SET_ASIDE = "set_aside"
 
 
+def _stored(records: Mapping[str, dict], results: Path) -> dict[str, dict]:
+    """What the records say is stored, by folder: where records of several shard counts name
+    a folder (a regrouping whose old records are not removed yet), the entry that names its
+    file as it is."""
+    stored: dict[str, dict] = {}
+    for record in records.values():
+        for key, entry in record["folders"].items():
+            if key in stored and isinstance(entry, dict):
+                stamp = file_stamp(folder_file(results, key))
+                if stored[key].get("file") == stamp and entry.get("file") != stamp:
+                    continue
+            stored[key] = entry
+    return stored
+
+
+def _shard_count(names: Iterable[str]) -> int:
+    """The shard count of shard names (0 for none): shards without folders are not planned."""
+    return max((parsed[1] for name in names if (parsed := parse_shard_name(name))), default=0)
+
+
 def _read_records(folder: Path) -> dict[str, dict]:
     """``{shard: record}`` of the shards' records in ``folder`` that can be read (a record
     set aside where the shard's job has not written a new one yet)."""
@@ -385,7 +435,11 @@ class Changes:
         first: whether nothing was stored yet.
         shards: the shards whose jobs will run (a folder of theirs is not stored as it is
             now, or their record does not hold exactly their folders).
-        pending: ``{shard: its folders to compute}``.
+        pending: ``{shard: its folders to compute}`` (a shard that is not in it has none).
+        regrouped: ``(shards before, shards now)`` when the shard count changed (the tree
+            outgrew its shards or shrank to a quarter, or ``shards.count`` changed): every
+            shard runs once and reads its folders; only changed folders are computed.
+        compared: whether the folders were compared with the records.
     """
 
     folders: dict[str, str] = field(default_factory=dict)
@@ -393,9 +447,12 @@ class Changes:
     first: bool = False
     shards: set[str] = field(default_factory=set)
     pending: dict[str, list[str]] = field(default_factory=dict)
+    regrouped: tuple[int, int] | None = None
+    compared: bool = False
 
     def describe(self, stored: Mapping[str, dict], current: Mapping[str, dict], settings: bool):
         """Compare the folders as the records hold them (``stored``) with ``current``."""
+        self.compared = True
         self.first = not stored
         self.settings = settings and not self.first
         for key, entry in current.items():
@@ -416,6 +473,16 @@ class Changes:
             >>> c.line()
             '2 folders changed: animals (+3 images), space (removed); 1 shard to run'
         """
+        line = self._line(limit)
+        if self.regrouped is not None and not self.first:
+            before, now = self.regrouped
+            line += (
+                f" (the folders regrouped from {before:,} shards into {now:,}: each reads its "
+                "folders, and computes only those that changed)"
+            )
+        return line
+
+    def _line(self, limit: int) -> str:
         shards = _plural(len(self.shards), "shard")
         if self.first:
             return f"{_plural(len(self.folders), 'folder')} to compute; {shards} to run"
@@ -427,9 +494,13 @@ class Changes:
         if not self.folders:
             if not self.shards:
                 return "nothing changed: every folder is up to date"
+            if self.regrouped is not None:
+                return f"no folder changed; {shards} to run"
+            pending = sum(map(len, self.pending.values()))
             return (
-                f"no folder changed; {shards} to run (a run stopped before it finished, or "
-                "files not as they were stored)"
+                f"no folder changed; {shards} to run: {_plural(pending, 'folder')} not "
+                "stored as they are now (a run stopped before it finished, or files changed "
+                "by hand)"
             )
         names = sorted(self.folders)
         listed = ", ".join(f"{key} ({self.folders[key]})" for key in names[:limit])

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from conftest import folder_shard
 
 import snakembed
 from snakembed.cli import main
@@ -99,7 +100,9 @@ def test_info_after_a_run_stopped_part_way(workflow_run, capsys, tmp_path):
     out = capsys.readouterr().out
     n = len(workflow_run["folders"])
     assert f"folders: {n}, images: " in out and ", pending: 1" in out
-    assert f"  {first}: pending (no file yet); run the workflow to compute it" in out
+    shard_log = results / "logs" / "embed_classify_store" / f"{folder_shard(results, first)}.log"
+    pending = f"  {first}: pending (no file yet; log: {shard_log}); run the workflow to compute it"
+    assert pending in out
     assert "index.h5 is behind the folder files" in out
     models = [line for line in out.splitlines() if line.startswith("model: ")]
     assert len(models) == 2 and any(
@@ -238,3 +241,26 @@ def test_run_refuses_a_bad_configuration_in_one_line_before_snakemake(
     assert err.startswith("snakembed: error: invalid configuration: config key 'modle' is unknown")
     assert "did you mean 'model'?; config key 'batch_size': -3 is less than" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no results folder
+
+
+def test_info_lists_folders_one_by_one_only_for_a_small_tree_or_when_asked(
+    workflow_run, capsys, monkeypatch, tmp_path
+):
+    import shutil
+
+    import snakembed.cli
+    from snakembed.layout import folder_file
+
+    results = shutil.copytree(workflow_run["results"], tmp_path / "results")
+    first = sorted(workflow_run["folders"])[0]
+    folder_file(results, first).unlink()  # pending
+    monkeypatch.setattr(snakembed.cli, "_LISTED", 1)
+    assert main(["info", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    n = len(workflow_run["folders"])
+    assert f"  {first}: pending (no file yet" in out  # pending folders are named
+    assert f"  ({n - 1} folders done: --folders lists each)" in out
+    assert not [line for line in out.splitlines() if " failed" in line and line.startswith("  ")]
+    assert main(["info", "--results", str(results), "--folders"]) == 0
+    every = capsys.readouterr().out
+    assert all(f"  {key}: " in every for key in workflow_run["folders"])

@@ -156,6 +156,33 @@ def test_the_plan_says_what_changed_in_words(tmp_path):
     assert plan.changes.pending == {"1-of-1": ["f01", "f03"]}
 
 
+def test_a_regrouped_tree_says_why_its_shards_run_and_counts_only_what_changed(tmp_path):
+    """The shard count changes (here by the config; with auto, when the tree outgrows its
+    shards): the run says the folders were regrouped, and its progress counts the images of
+    the folders that changed, not of every shard that runs."""
+    _tree(tmp_path / "images", 6)
+    config = {"images": str(tmp_path / "images"), "results": str(tmp_path / "results")}
+    plan = plan_run({**config, "shards": {"count": 2}})
+    plan.write_manifests()
+    _store_as_planned(plan)
+    make_image(tmp_path / "images" / "f09" / "0.jpg", seed=90)
+    again = plan_run({**config, "shards": {"count": 4}})
+    again.write_manifests()
+    line = again.changes.line()
+    assert line.startswith("1 folder changed: f09 (new, 1 image); ")
+    assert "regrouped from 2 shards into 4" in line
+    assert sum(again.pending_images(shard) for shard in again.shards) == 1
+    stale = again.stale_lines(again.stale_files())
+    assert stale and all("shard file" in s and "planned: 4 shards now" in s for s in stale)
+    # nothing changed, regrouped again: said so, and nothing to embed
+    _store_as_planned(again)
+    third = plan_run({**config, "shards": {"count": 8}})
+    third.write_manifests()
+    assert third.changes.line().startswith("no folder changed; ")
+    assert "shards to run (the folders regrouped from 4 shards into 8: " in third.changes.line()
+    assert sum(third.pending_images(shard) for shard in third.shards) == 0
+
+
 def _store_as_planned(plan) -> None:
     """Write each folder's file and the shards' records as a shard job would."""
     from snakembed.pipeline import _recorded

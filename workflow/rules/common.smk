@@ -56,10 +56,8 @@ if workflow.is_main_process:
         if MODULE_NAME
         else ""
     )
-    for path in PLAN.stale_files():
-        logger.info(
-            f"{path} goes when jobs run{when}: its folder is no longer in {PLAN.images}"
-        )
+    for line in PLAN.stale_lines(PLAN.stale_files(), when):
+        logger.info(line)
 
 
 wildcard_constraints:
