@@ -2,7 +2,7 @@
 
 A shard's job (rule ``embed_classify_store``, see :mod:`snakembed.shards`) computes its folders
 that changed (:func:`run_shard`): small folders are embedded together, a group of about
-:data:`_GROUP_IMAGES` images at a time, so that the network sees full batches and decoding
+``shards.group`` images at a time, so that the network sees full batches and decoding
 overlaps it; the embeddings are then split by folder and each folder's file is written as soon
 as its group is done. The three steps run in one process because each is short next to
 starting a process: in an embed worker, which keeps the prepared network and the head across
@@ -395,11 +395,6 @@ class ShardError(RuntimeError):
 #: Seconds between two saves of a shard job's progress (see :func:`run_shard`).
 _SAVE_EVERY = 30.0
 
-#: Images of the small folders that a shard job embeds together: full batches, and decoding
-#: that overlaps the network, where each folder alone would be a few images (see
-#: :func:`compute_folders`).
-_GROUP_IMAGES = 256
-
 #: A shard stops after this many failed folders in a row before any succeeded: the cause is
 #: then the run's (weights, device, disk), not a folder's, and every folder would fail alike.
 _FAILURES_BEFORE_STOP = 3
@@ -487,7 +482,7 @@ def run_shard(
                 outcome[key] = "computed"
 
     saved = time.monotonic()
-    groups = deque(_groups(todo))
+    groups = deque(_groups(todo, config["shards"]["group"]))
     # the files of a group a worker computed are written in a thread while the worker computes
     # the next group (a job that computes itself writes between groups: its decoding
     # processes are forked, which a writing thread must not be when they are)
@@ -566,18 +561,18 @@ def _request(shard, head: str | Path | None, group: list[tuple]) -> dict:
     }
 
 
-def _groups(todo: list[tuple]) -> Iterator[list[tuple]]:
-    """A shard's folders to compute, in groups of about :data:`_GROUP_IMAGES` images embedded
-    together (a folder as large is a group of its own)."""
+def _groups(todo: list[tuple], size: int) -> Iterator[list[tuple]]:
+    """A shard's folders to compute, in groups of about ``size`` images embedded together
+    (``shards.group``; a folder as large is a group of its own)."""
     group: list[tuple] = []
     images = 0
     for item in todo:
-        if group and len(item[1]["images"]) >= _GROUP_IMAGES:
+        if group and len(item[1]["images"]) >= size:
             yield group
             group, images = [], 0
         group.append(item)
         images += len(item[1]["images"])
-        if images >= _GROUP_IMAGES:
+        if images >= size:
             yield group
             group, images = [], 0
     if group:

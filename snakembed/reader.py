@@ -492,6 +492,11 @@ class Store:
 
     def _file(self, folder: str) -> Path:
         if folder not in self._known:
+            if folder in self.status.pending:
+                raise KeyError(
+                    f"folder {folder!r} is pending in {self.results} "
+                    f"({self.status.pending[folder]}): run the workflow to compute it"
+                )
             raise KeyError(f"no folder {folder!r} in {self.results}; folders: {self._folders[:20]}")
         return folder_file(self.results, folder)
 

@@ -82,8 +82,14 @@ def runs(slurm, tmp_path_factory):
         for j in range(2):
             make_image(images / "gen" / f"f{i:02d}" / f"{j}.jpg", seed=i * 10 + j)
     # The test cluster's GPU is fake: the folder jobs, which ask for one, compute on the CPU.
+    # The same shards as the cluster's: their small folders are then embedded in the same
+    # batches, bit for bit.
     local = write_config(
-        base / "local.yaml", images=str(images), results=str(base / "local"), device="cpu"
+        base / "local.yaml",
+        images=str(images),
+        results=str(base / "local"),
+        device="cpu",
+        shards={"count": SHARDS},
     )
     run_snakemake(base, local)
     cluster = write_config(

@@ -171,12 +171,12 @@ def test_a_damaged_file_names_itself_and_the_fix(workflow_run, tmp_path):
 def test_a_missing_folder_file_is_reported_through_the_store(workflow_run, tmp_path):
     import shutil
 
-    from snakembed.reader import StoreError
+    from snakembed.reader import NO_FILE
 
     copy = tmp_path / "results"
     shutil.copytree(workflow_run["results"], copy)
     folder_file(copy, "alpha").unlink()
     store = snakembed.open_store(copy)
-    assert "alpha" in store
-    with pytest.raises(StoreError, match="alpha.h5 does not exist"):
+    assert "alpha" not in store and store.status.pending == {"alpha": NO_FILE}
+    with pytest.raises(KeyError, match="folder 'alpha' is pending .*run the workflow"):
         store["alpha"]
