@@ -92,7 +92,8 @@ def _matrices(results: Path) -> dict[str, bytes]:
 
 def test_killed_runs_resume_to_the_same_results(tmp_path, workers):
     images = tmp_path / "images"
-    keys = _tree(images)
+    # folders large enough that a kill lands while the shard job still has folders to do
+    keys = _tree(images, per_folder=16)
     reference_dir, work_dir = tmp_path / "reference", tmp_path / "work"
     for directory in (reference_dir, work_dir):
         directory.mkdir()
