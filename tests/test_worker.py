@@ -208,6 +208,10 @@ def test_a_pid_taken_by_another_program_is_no_starting_worker(tmp_path, monkeypa
         assert not _alive(other.pid)
         assert _starting(tmp_path / "k-0.lock") is None
         (tmp_path / "k-0.pid").write_text(str(worker.pid))
+        # until the child has exec'd, its command line is still this process's
+        deadline = time.monotonic() + 10
+        while not _alive(worker.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _alive(worker.pid)
         assert _starting(tmp_path / "k-0.lock") == worker.pid
     finally:
