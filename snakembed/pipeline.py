@@ -41,10 +41,11 @@ __all__ = [
     "Models",
     "ShardError",
     "compute_folder",
+    "compute_folders",
     "run_folder",
-    "store_folders",
     "run_shard",
     "store_folder",
+    "store_folders",
 ]
 
 log = logging.getLogger("snakembed")
@@ -409,8 +410,9 @@ def run_shard(
     threads: int | None = None,
 ) -> dict[str, str]:
     """The job of one shard: compute its folders whose files were not computed from their
-    current manifest (and head), one after another, each file written as soon as its folder
-    is done; then write the shard's record.
+    current manifest (and head), small folders embedded together (``shards.group`` images at
+    a time, see :func:`compute_folders`), each file written as soon as its group is done; then
+    write the shard's record.
 
     A folder whose file is up to date is not touched (same bytes, same modification time): a
     shard killed half-way resumes on the next run with the folders it had not finished. A
@@ -447,8 +449,9 @@ def run_shard(
     for key, entry in shard.folders.items():
         path = folder_file(results, key)
         wanted = job_key(entry["digest"], head_sha256)
-        if stored_state(path)[0] == wanted:
-            record[key] = _recorded(entry, wanted, path)
+        computed_from, failed_images = stored_state(path)
+        if computed_from == wanted:
+            record[key] = _recorded(entry, wanted, path, failed_images)
             outcome[key] = "up to date"
         else:
             todo.append((key, entry, wanted, path))
@@ -478,7 +481,7 @@ def run_shard(
                 log.error("%s: failed: %s", key, exc, exc_info=exc)
                 failed[key] = f"{type(exc).__name__}: {exc}"
             else:
-                record[key] = _recorded(entry, wanted, path)
+                record[key] = _recorded(entry, wanted, path, stored_state(path)[1])
                 outcome[key] = "computed"
 
     saved = time.monotonic()
@@ -579,8 +582,8 @@ def _groups(todo: list[tuple], size: int) -> Iterator[list[tuple]]:
         yield group
 
 
-def _recorded(entry: dict, key: str, path: Path) -> dict:
-    """A folder's entry in its shard's record (see :func:`snakembed.shards.write_record`)."""
+def _recorded(entry: dict, key: str, path: Path, failed: int) -> dict:
+    """A folder's entry in its shard's record (see :func:`snakembed.shards.write_record`):
+    ``failed`` is how many of its images its file records as failed."""
     fields = ("digest", "images", "refused")
-    failed = stored_state(path)[1]
     return {**{k: entry[k] for k in fields}, "key": key, "file": file_stamp(path), "failed": failed}

@@ -25,7 +25,7 @@ from snakembed.layout import folder_file
 from snakembed.plan import plan_run
 from snakembed.reader import NO_FILE, tree_status
 from snakembed.shards import assign_shards, shard_count, shard_name, shard_of
-from snakembed.store import update_index, write_index
+from snakembed.store import stored_state, update_index, write_index
 
 # --- the assignment ------------------------------------------------------------------------
 
@@ -195,7 +195,8 @@ def _store_as_planned(plan) -> None:
             _folder_file(plan.results, key, sorted(entry["images"]))
             with h5py.File(folder_file(plan.results, key), "a") as f:
                 f.attrs["manifest_sha256"] = entry["digest"]
-            record[key] = _recorded(entry, entry["digest"], folder_file(plan.results, key))
+            path = folder_file(plan.results, key)
+            record[key] = _recorded(entry, entry["digest"], path, stored_state(path)[1])
         write_record(plan.record_file(shard), manifest.settings, record)
 
 
