@@ -30,6 +30,7 @@ Usage::
     python bench/throughput.py --folders 1 --per-folder 50000 --crop 64 # memory of a big folder
     python bench/throughput.py --device cuda --folders 200 --per-folder 1000 --cores 16
     python bench/throughput.py --abba        # seeds, workflow, workflow, seeds: best of two each
+    python bench/throughput.py --abba --precision fp32   # the workflow in fp32 on any CPU
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def ceiling(
     images: int,
     size: dict,
     compile: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """The network alone on random tensors, prepared and run as the workflow runs it (with
     ``compile``: ``torch.compile``'d too, its warm-up timed apart)."""
@@ -191,6 +193,7 @@ def ceiling(
         overrides={
             "model": {"name": model, "weights": "none"},
             "device": device,
+            "precision": precision,
             "batch_size": batch,
             "threads": threads,
             "preprocess": size,
@@ -225,6 +228,7 @@ def workflow(
     threads: int,
     batch: int,
     size: dict,
+    precision: str = "auto",
 ) -> dict:
     """``snakemake --cores N`` from discovery to index, after timing its plan."""
     config = {
@@ -233,6 +237,7 @@ def workflow(
         "model": {"name": model, "weights": "none"},
         "preprocess": size,
         "device": device,
+        "precision": precision,
         "threads": threads,
         "batch_size": batch,
     }
@@ -307,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: 32 CPU, 256 GPU)")
     parser.add_argument("--resize", type=int, help="preprocess.resize (default: the model's)")
     parser.add_argument("--crop", type=int, help="preprocess.crop (default: the model's)")
+    parser.add_argument(
+        "--precision", default="auto", help="the workflow's precision (default: auto)"
+    )
     parser.add_argument("--keep", help="build the tree here and keep it")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument(
@@ -326,7 +334,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(eager(args.model, args.device, threads, batch, args.images, size)))
         return
     if args.part == "ceiling":
-        print(json.dumps(ceiling(args.model, args.device, threads, batch, args.images, size)))
+        figures = ceiling(
+            args.model, args.device, threads, batch, args.images, size, precision=args.precision
+        )
+        print(json.dumps(figures))
         return
     if args.part == "workflow":
         tree = Path(args.tree)
@@ -339,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
             threads,
             batch,
             size,
+            args.precision,
         )
         print(json.dumps(figures))
         return
@@ -368,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         str(batch),
         *(["--resize", str(args.resize)] if args.resize else []),
         *(["--crop", str(args.crop)] if args.crop else []),
+        "--precision",
+        args.precision,
     ]
 
     def run_workflow() -> dict:

@@ -93,10 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     command("config", "Print the default configuration, every key with its description.")
 
-    def images_command(name: str, help: str) -> argparse.ArgumentParser:
+    def images_command(name: str, help: str, results: bool = True) -> argparse.ArgumentParser:
         p = command(name, help)
         p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
         p.add_argument("--configfile", help="the workflow's config.yaml (model, preprocessing)")
+        if results:
+            results_option(
+                p,
+                "a results folder: compute as its run did (its model, weights, layer, "
+                "preprocessing, precision and head, a trained one included)",
+                default=None,
+                says="the --configfile's model, else the default",
+            )
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         p.add_argument("--device", help="override the config's device (cpu, cuda, ...)")
         return p
@@ -111,9 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     images_command("embed", "Print the embedding vectors of images.")
     query = images_command(
-        "query",
-        "Print the stored images most similar to images (stored ones, or new ones embedded "
-        "with the config's model), by cosine similarity.",
+        results=False,
+        name="query",
+        help="Print the stored images most similar to images (stored ones, or new ones embedded "
+        "as the results' run embedded them), by cosine similarity.",
     )
     results_option(query)
     query.add_argument("--top", type=int, default=10, metavar="K", help="hits per image (10)")
@@ -174,50 +183,109 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace) -> dict:
-    from .config import load_config
+#: ``predict`` and ``embed`` trace the network (1-4 s, repaid by 1.4-2.4x faster batches on
+#: the CPU) only for more images than this.
+_TRACE_FROM = 256
+
+#: Exit status for what was asked wrong (a config key, a missing file, a name that does not
+#: exist), and for images that could not be read.
+_ASKED, _UNREADABLE = 2, 1
+
+
+def _settings(args: argparse.Namespace) -> dict | None:
+    """The recorded settings of ``--results`` (predict, embed; query without --configfile)."""
+    from .reader import open_store
+
+    if args.command == "query":
+        if args.configfile:
+            return None
+        with contextlib.suppress(ValueError):
+            return open_store(args.results).settings()
+        return None
+    return open_store(args.results).settings() if args.results else None
+
+
+def _config(args: argparse.Namespace, settings: dict | None = None) -> dict:
+    """The config to compute with: the run's recorded settings, over the --configfile, under
+    the command line's options."""
+    from .config import load_config, merge_config
 
     overrides: dict = {}
+    if settings:
+        overrides = {key: value for key, value in settings.items() if key != "classify"}
+        if settings.get("classify"):
+            overrides["classify"] = {"head": settings["classify"]}
     if getattr(args, "device", None):
         overrides["device"] = args.device
     if getattr(args, "topk", None):
-        overrides["classify"] = {"topk": args.topk}
+        merge_config(overrides, {"classify": {"topk": args.topk}})
     return load_config(args.configfile, overrides)
 
 
 def _embed(args: argparse.Namespace, config: dict):
+    """The backbone and the embeddings of the images that exist; a missing one is a failure
+    whose reason says so."""
     from .embed import embed_images, load_backbone
 
+    images = [image for image in args.images if Path(image).is_file()]
+    missing = {image: _missing(image) for image in args.images if image not in images}
+    for image, reason in missing.items():
+        print(f"snakembed: {image}: {reason}", file=sys.stderr)
+    if not images:
+        return None, None, missing
+    # a handful of images: the network as it is, without the trace's seconds
+    config = {**config, "optimize": config["optimize"] and len(images) > _TRACE_FROM}
     backbone = load_backbone(config)
-    result = embed_images(args.images, config, ids=args.images, backbone=backbone)
-    return backbone, result
+    result = embed_images(images, config, ids=images, backbone=backbone)
+    return backbone, result, missing
 
 
-def _report_failures(failed: dict[str, str], as_json: bool) -> int:
-    """Failures are logged to stderr as they happen; with --json they are also lines."""
+def _missing(image: str) -> str:
+    path = Path(image)
+    if path.is_dir():
+        return "is a folder; give image files (snakembed run embeds a folder tree)"
+    return "no such file; check the path"
+
+
+def _report_failures(failed: dict[str, str], missing: dict[str, str], as_json: bool) -> int:
+    """Failures are logged to stderr as they happen; with --json they are also lines. Exit
+    status: 2 for a missing file, 1 for an unreadable one, else 0."""
     if as_json:
-        for image, reason in failed.items():
+        for image, reason in {**missing, **failed}.items():
             print(json.dumps({"image": image, "error": reason}))
-    return 1 if failed else 0
+    return _ASKED if missing else _UNREADABLE if failed else 0
+
+
+def _check_results(args: argparse.Namespace, meta: dict) -> None:
+    """With --results: the new vectors must be comparable with the stored ones."""
+    if args.results:
+        from .reader import open_store
+
+        _check_same_model(open_store(args.results), meta)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .classify import predict
     from .heads import create_head, load_head, needs_labels
 
-    config = _config(args)
+    config = _config(args, _settings(args))
     name = config["classify"]["head"]
     if name == "none":
         name = "pretrained"
-    if args.head:
-        name = str(args.head)
-    elif needs_labels(name):
-        raise ValueError(
-            f"head {name!r} is trained by the workflow; pass its file, for example "
-            f"--head {config['results']}/heads/{name}/head.npz"
-        )
-    backbone, result = _embed(args, config)
-    head = load_head(args.head) if args.head else create_head(name, config, backbone)
+    head_file = args.head
+    if head_file is None and needs_labels(name):
+        results = args.results or config["results"]
+        head_file = Path(results) / "heads" / name / "head.npz"
+        if not head_file.is_file():
+            raise FileNotFoundError(
+                f"head {name!r} is trained by the workflow, and {head_file} does not exist; "
+                f"pass its file with --head, or the run's results with --results"
+            )
+    backbone, result, missing = _embed(args, config)
+    if result is None:
+        return _report_failures({}, missing, args.json)
+    _check_results(args, result.meta)
+    head = load_head(head_file) if head_file else create_head(name, config, backbone)
     predictions = predict(head, name, result.ids, result.vectors, config["classify"]["topk"])
     for i, image in enumerate(predictions.ids):
         topk = [
@@ -230,17 +298,20 @@ def _predict(args: argparse.Namespace) -> int:
             )
         else:
             print(f"{image}\t{topk[0][0]}\t{topk[0][1]:.4f}")
-    return _report_failures(result.failed, args.json)
+    return _report_failures(result.failed, missing, args.json)
 
 
 def _embed_command(args: argparse.Namespace) -> int:
-    _, result = _embed(args, _config(args))
+    _, result, missing = _embed(args, _config(args, _settings(args)))
+    if result is None:
+        return _report_failures({}, missing, args.json)
+    _check_results(args, result.meta)
     for image, vector in zip(result.ids, result.vectors, strict=True):
         if args.json:
             print(json.dumps({"image": image, "embedding": vector.tolist()}))
         else:
             print(image + "\t" + " ".join(repr(float(v)) for v in vector.reshape(-1)))
-    return _report_failures(result.failed, args.json)
+    return _report_failures(result.failed, missing, args.json)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -254,7 +325,7 @@ def _query(args: argparse.Namespace) -> int:
         folders = [k for k in store if folder == "." or k == folder or k.startswith(folder + "/")]
         if not folders:
             raise ValueError(f"no folder {args.folder!r} in {store.results}; see `snakembed info`")
-    vectors, failed = _query_vectors(args, store)
+    vectors, failed, missing = _query_vectors(args, store)
     found = search(store, list(vectors.values()), top=args.top, folders=folders) if vectors else []
     for image, hits in zip(vectors, found, strict=True):
         if args.json:
@@ -266,25 +337,27 @@ def _query(args: argparse.Namespace) -> int:
         else:
             print(image)
             print("\n".join(f"  {h.score:.4f}\t{h.path}" for h in hits))
-    return _report_failures(failed, args.json)
+    return _report_failures(failed, missing, args.json)
 
 
-def _query_vectors(args: argparse.Namespace, store) -> tuple[dict, dict[str, str]]:
+def _query_vectors(args: argparse.Namespace, store) -> tuple[dict, dict, dict]:
     """``{image: vector}`` in the order given: a stored image's stored vector, the others
-    embedded with the config's model (which must be the store's); ``{image: reason}`` for
-    images that could not be read."""
+    embedded as the store's run embedded them (or with --configfile's model, which must be the
+    store's); ``{image: reason}`` for images that could not be read, and for missing ones."""
     stored = {}
     for image in args.images:
         with contextlib.suppress(KeyError):
             stored[image] = store.lookup(Path(image).resolve()).embedding
     new = [image for image in args.images if image not in stored]
-    embedded, failed = {}, {}
+    embedded, failed, missing = {}, {}, {}
     if new:
-        _, result = _embed(argparse.Namespace(**{**vars(args), "images": new}), _config(args))
-        _check_same_model(store, result.meta)
-        embedded, failed = dict(zip(result.ids, result.vectors, strict=True)), result.failed
+        config = _config(args, _settings(args))
+        _, result, missing = _embed(argparse.Namespace(**{**vars(args), "images": new}), config)
+        if result is not None:
+            _check_same_model(store, result.meta)
+            embedded, failed = dict(zip(result.ids, result.vectors, strict=True)), result.failed
     vectors = {**stored, **embedded}
-    return {image: vectors[image] for image in args.images if image in vectors}, failed
+    return {image: vectors[image] for image in args.images if image in vectors}, failed, missing
 
 
 def _check_same_model(store, meta: dict) -> None:
@@ -305,7 +378,8 @@ def _check_same_model(store, meta: dict) -> None:
         raise ValueError(
             f"{store.results} was embedded with another {', '.join(differ)} than this config "
             f"gives ({', '.join(f'{k}: {stored[k]!r}' for k in differ)}); pass the workflow's "
-            "config with --configfile"
+            "config with --configfile, or, if its checkpoint or network changed since, run the "
+            "workflow again"
         )
 
 

@@ -22,6 +22,7 @@ import yaml
 from .workflow import schema_file
 
 __all__ = [
+    "RESOLVED_KEYS",
     "ConfigError",
     "describe_defaults",
     "library_versions",
@@ -32,6 +33,10 @@ __all__ = [
     "unused_model_keys",
     "validate_config",
 ]
+
+
+#: The config keys that ``auto`` leaves to where the run is planned (see :func:`resolved`).
+RESOLVED_KEYS = ("device", "precision", "decode", "compile")
 
 
 class ConfigError(ValueError):
@@ -391,7 +396,7 @@ def _library_versions() -> dict[str, str]:
 
 
 def resolved(config: dict, *, gpu: bool | None = None) -> dict:
-    """``config`` with ``device``, ``precision`` and ``decode`` concrete (see
+    """``config`` with ``device``, ``precision``, ``decode`` and ``compile`` concrete (see
     :func:`snakembed.devices.resolve_compute`): itself when they are, else a copy.
 
     Args:
@@ -399,16 +404,23 @@ def resolved(config: dict, *, gpu: bool | None = None) -> dict:
         gpu: whether the computing machine has a GPU; None asks torch here.
 
     Example:
-        >>> c = resolved(validate_config({}), gpu=False)
-        >>> c["device"], c["precision"]
-        ('cpu', 'fp32')
+        >>> c = resolved(validate_config({"precision": "fp32"}), gpu=False)
+        >>> c["device"], c["precision"], c["compile"]
+        ('cpu', 'fp32', False)
     """
     from .devices import resolve_compute
 
-    compute = resolve_compute(config["device"], config["precision"], config["decode"], gpu=gpu)
-    if all(config[key] == value for key, value in compute.items()):
+    compute = resolve_compute(
+        config["device"],
+        config["precision"],
+        config["decode"],
+        compile=config.get("compile", "auto"),
+        gpu=gpu,
+    ).to_dict()
+    concrete = {key: compute[key] for key in RESOLVED_KEYS}
+    if all(config.get(key) == value for key, value in concrete.items()):
         return config
-    return {**config, **compute}
+    return {**config, **concrete}
 
 
 def numbers_fingerprint(config: dict) -> dict[str, Any]:

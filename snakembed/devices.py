@@ -1,25 +1,35 @@
-"""Where the numbers are computed: ``device``, ``precision`` and ``decode`` made concrete.
+"""Where the numbers are computed: one :class:`Compute` setting, every part of it concrete.
 
-``device: auto``, ``precision: auto`` and ``decode: auto`` give different numbers on a GPU
-(bf16, JPEGs decoded by nvJPEG) and on a CPU (fp32, Pillow), so they are resolved once, before
-anything is computed, and the concrete values are what every folder file records, what decides
-whether earlier embeddings may be reused, and what reruns a folder when they change. The
-workflow resolves them where it is planned (see :func:`resolve_compute`); the library and the
-CLI resolve them where they run.
+``device``, ``precision``, ``decode``, ``batch_size`` and ``compile`` may be ``auto``, and
+``auto`` gives different numbers on a GPU (bf16, JPEGs decoded by nvJPEG), on a CPU with bf16
+matrix units (bf16) and on other CPUs (fp32, Pillow). So they are resolved once, before anything
+is computed, into one :class:`Compute` value that is passed down to everything that computes:
+the concrete values are what every folder file records, what decides whether earlier
+embeddings may be reused, and what reruns a folder when they change. The workflow resolves them
+where it is planned (see :func:`resolve_compute`); the library and the CLI where they run.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = [
     "AUTO",
+    "BF16_CPU_FLAGS",
+    "COMPILE_MIN_IMAGES",
+    "Compute",
+    "bf16_warning",
+    "compute_from_config",
+    "cpu_has_bf16",
     "device_type",
     "gpu_count",
     "gpu_visible",
     "resolve_batch_size",
+    "resolve_compile",
     "resolve_compute",
     "resolve_decode",
     "resolve_precision",
@@ -28,9 +38,76 @@ __all__ = [
 #: The configured value that leaves the choice to snakembed.
 AUTO = "auto"
 
+#: CPU flags (Linux ``/proc/cpuinfo``) of bf16 matrix units that oneDNN uses through
+#: ``torch.autocast("cpu", torch.bfloat16)``: Intel AMX, and AVX512-BF16 (Intel since Cooper
+#: Lake, AMD since Zen 4).
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
 #: Device files whose absence means that torch cannot see a GPU on Linux (NVIDIA; AMD ROCm;
 #: WSL2's GPU paravirtualisation).
 _GPU_DEVICE_FILES = ("nvidia[0-9]*", "kfd", "dxg")
+
+#: ``compile: auto`` compiles on a GPU only for runs that compute at least this many images:
+#: inductor's warm-up (tens of seconds the first time on a machine, seconds once its cache on
+#: disk holds the graphs) is repaid by 1.4-1.6x faster batches (DESIGN: ResNet-18 34.6k -> 50k
+#: images/s, ResNet-50 12.8k -> 20.8k on an H100) only over many images. On the CPU it gained
+#: 3-7 % over the traced network for 8-24 s of warm-up (bench/precision.py): never by itself.
+COMPILE_MIN_IMAGES = 200_000
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How a run computes its numbers, resolved once: what is recorded and passed down.
+
+    Attributes:
+        device: a torch device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast).
+        decode: ``pillow`` or ``torchvision``.
+        batch_size: images per forward pass (on a GPU, halved where memory runs out).
+        compile: whether the network is ``torch.compile``'d.
+        optimize: whether, on the CPU in fp32, the network is traced and frozen (TorchScript,
+            with oneDNN's graph fusion).
+
+    Example:
+        >>> c = resolve_compute("cpu", "fp32")
+        >>> c.device_type, c.batch_size, c.compile
+        ('cpu', 32, False)
+    """
+
+    device: str
+    precision: str
+    decode: str
+    batch_size: int
+    compile: bool = False
+    optimize: bool = True
+
+    @property
+    def device_type(self) -> str:
+        """The kind of device (``cpu``, ``cuda``, ``mps``): what changes the numbers."""
+        return device_type(self.device)
+
+    def to_dict(self) -> dict:
+        """The setting as a JSON-serialisable dict."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for logs: ``cpu, fp32, pillow, batch 32, traced``."""
+        way = "compiled" if self.compile else "traced" if self.traced else "eager"
+        return (
+            f"{self.device}, {self.precision}, {self.decode} decoding, batch {self.batch_size}, "
+            f"{way}"
+        )
+
+    @property
+    def traced(self) -> bool:
+        """Whether the network is traced and frozen: with ``optimize``, on the CPU in fp32,
+        uncompiled (bf16 on the CPU runs eager autocast, which agrees better with fp32)."""
+        return (
+            self.optimize
+            and not self.compile
+            and self.device_type == "cpu"
+            and self.precision == "fp32"
+        )
 
 
 def device_type(device: str) -> str:
@@ -45,16 +122,55 @@ def device_type(device: str) -> str:
     return device.split(":", 1)[0]
 
 
-def resolve_precision(device: str, precision: str) -> str:
-    """A ``precision`` made concrete for ``device``: ``auto`` is bf16 on a GPU, else fp32.
+def cpu_has_bf16() -> bool:
+    """Whether this machine's CPU has bf16 matrix units (:data:`BF16_CPU_FLAGS`), where bf16
+    autocast is 1.8-4x faster than fp32; elsewhere it is emulated, and several times slower.
+
+    Read from ``/proc/cpuinfo`` on Linux (no torch import, so planning stays fast), else asked
+    of torch.
 
     Example:
-        >>> resolve_precision("cuda:0", "auto"), resolve_precision("cpu", "auto")
-        ('bf16', 'fp32')
+        >>> isinstance(cpu_has_bf16(), bool)
+        True
+    """
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & BF16_CPU_FLAGS)
+    try:
+        import torch
+
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except (ImportError, AttributeError):
+        return False
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo``, None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
+
+
+def resolve_precision(device: str, precision: str) -> str:
+    """A ``precision`` made concrete for ``device``: ``auto`` is bf16 on a GPU and on a CPU
+    with bf16 matrix units (:func:`cpu_has_bf16`), else fp32.
+
+    Example:
+        >>> resolve_precision("cuda:0", "auto")
+        'bf16'
+        >>> resolve_precision("cpu", "auto") == ("bf16" if cpu_has_bf16() else "fp32")
+        True
     """
     if precision != AUTO:
         return precision
-    return "bf16" if device_type(device) == "cuda" else "fp32"
+    kind = device_type(device)
+    return "bf16" if kind == "cuda" or (kind == "cpu" and cpu_has_bf16()) else "fp32"
 
 
 def resolve_decode(device: str, decode: str) -> str:
@@ -81,6 +197,22 @@ def resolve_batch_size(device: str, batch_size: int | str) -> int:
     if batch_size != AUTO:
         return int(batch_size)
     return 512 if device_type(device) == "cuda" else 32
+
+
+def resolve_compile(device: str, compile: bool | str, images: int | None = None) -> bool:
+    """A ``compile`` made concrete: ``auto`` compiles on a GPU for a run of at least
+    :data:`COMPILE_MIN_IMAGES` images to compute (``images``; None: unknown, no), never on a
+    CPU or MPS.
+
+    Example:
+        >>> resolve_compile("cuda", "auto", 10**6), resolve_compile("cuda", "auto", 500)
+        (True, False)
+        >>> resolve_compile("cpu", "auto", 10**6), resolve_compile("cpu", True)
+        (False, True)
+    """
+    if compile != AUTO:
+        return bool(compile)
+    return device_type(device) == "cuda" and (images or 0) >= COMPILE_MIN_IMAGES
 
 
 def gpu_visible() -> bool:
@@ -118,35 +250,80 @@ def gpu_count() -> int:
 
 
 def resolve_compute(
-    device: str, precision: str, decode: str = AUTO, *, gpu: bool | None = None
-) -> dict[str, str]:
-    """Concrete ``device``, ``precision`` and ``decode`` values for configured ones.
+    device: str,
+    precision: str,
+    decode: str = AUTO,
+    *,
+    batch_size: int | str = AUTO,
+    compile: bool | str = AUTO,
+    optimize: bool = True,
+    images: int | None = None,
+    gpu: bool | None = None,
+) -> Compute:
+    """The concrete :class:`Compute` setting for configured values.
 
     Args:
         device: the config's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``).
         precision: the config's ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``).
         decode: the config's ``decode`` (``auto``, ``pillow``, ``torchvision``).
+        batch_size: the config's ``batch_size`` (``auto`` or a number).
+        compile: the config's ``compile`` (``auto``, true, false).
+        optimize: the config's ``optimize``.
+        images: how many images the run computes (for ``compile: auto``); None: unknown.
         gpu: whether the computing machine has a GPU, where the caller knows better than this
             machine (the workflow: folder jobs that ask a cluster for a GPU get one); None asks
             torch here (:func:`gpu_visible`).
 
     Returns:
-        ``{"device": ..., "precision": ..., "decode": ...}``, with ``auto`` replaced: the
-        device is ``cuda`` when there is a GPU, else ``cpu``; the precision bf16 on a GPU,
-        else fp32; the decoder torchvision's on a GPU, else Pillow.
+        The setting, with ``auto`` replaced: the device is ``cuda`` when there is a GPU, else
+        ``cpu``; the precision bf16 on a GPU and on a CPU with bf16 matrix units, else fp32;
+        the decoder torchvision's on a GPU, else Pillow; the batch 512 on a GPU, else 32;
+        compiled on a GPU for large runs only.
 
     Example:
-        >>> resolve_compute("auto", "auto", gpu=False)
-        {'device': 'cpu', 'precision': 'fp32', 'decode': 'pillow'}
-        >>> resolve_compute("auto", "auto", gpu=True)
-        {'device': 'cuda', 'precision': 'bf16', 'decode': 'torchvision'}
-        >>> resolve_compute("cpu", "bf16", "torchvision")
-        {'device': 'cpu', 'precision': 'bf16', 'decode': 'torchvision'}
+        >>> resolve_compute("auto", "auto", gpu=True).to_dict()
+        {'device': 'cuda', 'precision': 'bf16', 'decode': 'torchvision', 'batch_size': 512, \
+'compile': False, 'optimize': True}
+        >>> resolve_compute("cpu", "fp32", "torchvision", batch_size=8).describe()
+        'cpu, fp32, torchvision decoding, batch 8, traced'
     """
     if device == AUTO:
         device = "cuda" if (gpu_visible() if gpu is None else gpu) else "cpu"
-    return {
-        "device": device,
-        "precision": resolve_precision(device, precision),
-        "decode": resolve_decode(device, decode),
-    }
+    return Compute(
+        device=device,
+        precision=resolve_precision(device, precision),
+        decode=resolve_decode(device, decode),
+        batch_size=resolve_batch_size(device, batch_size),
+        compile=resolve_compile(device, compile, images),
+        optimize=bool(optimize),
+    )
+
+
+def compute_from_config(config: dict, *, device: str | None = None) -> Compute:
+    """The :class:`Compute` setting of a validated config (``device`` overrides its device).
+
+    Example:
+        >>> from snakembed.config import validate_config
+        >>> compute_from_config(validate_config({"device": "cpu", "precision": "fp32"})).precision
+        'fp32'
+    """
+    return resolve_compute(
+        device or config["device"],
+        config["precision"],
+        config["decode"],
+        batch_size=config["batch_size"],
+        compile=config.get("compile", AUTO),
+        optimize=config["optimize"],
+    )
+
+
+def bf16_warning(compute: Compute) -> str | None:
+    """A warning for bf16 on a CPU without bf16 matrix units (emulated: several times slower
+    than fp32), else None."""
+    if compute.precision == "bf16" and compute.device_type == "cpu" and not cpu_has_bf16():
+        return (
+            "precision: bf16 on a CPU without bf16 matrix units (no amx_bf16 or avx512_bf16 "
+            "among its flags): bf16 is emulated there and runs several times slower than fp32; "
+            "set precision: auto or fp32"
+        )
+    return None

@@ -20,6 +20,8 @@ import torch
 
 from ._files import atomic_path
 from .backbones import Backbone, backbone_from_config
+from .config import resolved
+from .devices import compute_from_config
 from .embed import autocast, log_to_stderr, resolve_device
 from .images import ImageError, Preprocess, read_image
 from .labels import labels_from_config
@@ -113,7 +115,8 @@ def finetune(
     categories = labelled.categories
     backbone, network = _network(config, categories)
     loaders = _loaders(labelled, backbone.preprocess, config, threads)
-    device = resolve_device(config["device"])
+    compute = compute_from_config(resolved(config))
+    device = resolve_device(compute.device)
     network.to(device)
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"]
@@ -123,7 +126,7 @@ def finetune(
     if settings["max_steps"]:
         total = min(total, settings["max_steps"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps_per_epoch, total))
-    run = _Run(network, backbone.preprocess, device, config["precision"])
+    run = _Run(network, backbone.preprocess, device, compute.precision)
     epochs, best, stopped = [], None, "epochs"
     for epoch in range(1, settings["epochs"] + 1):
         start = time.monotonic()

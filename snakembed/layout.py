@@ -97,7 +97,7 @@ IMAGE_PATCH_EMBEDDINGS = "patch_embeddings"
 IMAGE_PATCH_BOXES = "patch_boxes"
 
 #: The root attributes of a folder file that hold JSON text.
-JSON_ATTRS = ("preprocess", "patches", "versions", "classify", "failed")
+JSON_ATTRS = ("preprocess", "patches", "versions", "classify", "failed", "settings")
 
 
 def folder_stem(folder: str) -> str:

@@ -23,8 +23,8 @@ from .backbones import (
     is_local_weights,
     model_file_hashes,
 )
-from .config import ConfigError, numbers_fingerprint, validate_config
-from .devices import resolve_compute
+from .config import RESOLVED_KEYS, ConfigError, numbers_fingerprint, validate_config
+from .devices import bf16_warning, resolve_compute
 from .heads import HEADS, needs_labels
 from .images import Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
@@ -344,11 +344,14 @@ class Plan:
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def warnings(self) -> list[str]:
-        """One line per folder link that was not followed, and per folder with refused files
-        (none in a plan read from the manifests: the planning process warned)."""
+        """One line per folder link that was not followed, per folder with refused files, and
+        for bf16 on a CPU without bf16 units (none in a plan read from the manifests: the
+        planning process warned)."""
         if self.discovery is None:
             return []
-        lines = [f"not followed: {path}: {why}" for path, why in self.discovery.skipped.items()]
+        compute = resolve_compute(**{k: self.compute[k] for k in ("device", "precision")})
+        lines = [line for line in [bf16_warning(compute)] if line]
+        lines += [f"not followed: {path}: {why}" for path, why in self.discovery.skipped.items()]
         for folder, refused in self.discovery.refused.items():
             lines.append(f"{folder}: {len(refused)} file(s) will be recorded as failed, not read")
         return lines
@@ -638,14 +641,15 @@ def plan_run(
         config["model"]["weights"] if is_local_weights(config["model"]["weights"]) else None
     )
     results = Path(config["results"])
-    compute = _resolve(config, results, planned=not discover, gpu_jobs=gpu_jobs)
-    config.update({key: compute[key] for key in ("device", "precision", "decode")})
+    discovery = _discover(config) if discover else None
+    images = sum(map(len, discovery.folders.values())) if discovery else None
+    compute = _resolve(config, results, planned=not discover, gpu_jobs=gpu_jobs, images=images)
+    config.update({key: compute[key] for key in RESOLVED_KEYS})
     numbers = _numbers(config)
     settings = {
         "numbers": hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest(),
         "classify": config["classify"],
     }
-    discovery = _discover(config) if discover else None
     return Plan(
         images=Path(config["images"]),
         results=results,
@@ -674,18 +678,28 @@ def _numbers(config: dict) -> dict:
     return {**numbers_fingerprint(config), **model_file_hashes(model, hash_cache())}
 
 
-def _resolve(config: dict, results: Path, *, planned: bool, gpu_jobs: bool) -> dict:
-    """The run's concrete device and precision, with what was configured: read from what the
-    planning process recorded (``planned``) when it was planned with the same settings, else
-    resolved here."""
-    configured = {key: config[key] for key in ("device", "precision", "decode")}
+def _resolve(
+    config: dict, results: Path, *, planned: bool, gpu_jobs: bool, images: int | None
+) -> dict:
+    """The run's concrete device, precision, decoder and compile, with what was configured:
+    read from what the planning process recorded (``planned``) when it was planned with the
+    same settings, else resolved here (``compile: auto`` by the tree's ``images``)."""
+    configured = {key: config[key] for key in RESOLVED_KEYS}
     if planned:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             recorded = json.loads(_compute_file(results).read_text())
             if recorded["configured"] == configured:
                 return recorded
-    resolved = resolve_compute(**configured, gpu=True if gpu_jobs else None)
-    return {**resolved, "configured": configured}
+    compute = resolve_compute(
+        config["device"],
+        config["precision"],
+        config["decode"],
+        compile=config["compile"],
+        images=images,
+        gpu=True if gpu_jobs else None,
+    )
+    concrete = {key: value for key, value in compute.to_dict().items() if key in RESOLVED_KEYS}
+    return {**concrete, "configured": configured}
 
 
 def _discover(config: dict) -> Discovery:

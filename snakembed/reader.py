@@ -469,6 +469,28 @@ class Store:
         """Every folder key, sorted."""
         return list(self._folders)
 
+    def settings(self) -> dict:
+        """The config's keys that made the stored numbers (``model``, ``preprocess``,
+        ``patches``, ``max_pixels``, ``precision``, ``decode``, ``device``) and the head that
+        labelled them (``classify``: its name, None without classification), as the first
+        folder file records them: what embeds a new image as the run would have.
+
+        Raises:
+            ValueError: when no folder file records them (none yet, or all written before
+                snakembed recorded them), naming the fix.
+        """
+        for key in self._folders:
+            with self[key] as folder:
+                attrs = folder.attrs
+            if attrs.get("settings"):
+                return {**attrs["settings"], "classify": attrs.get("classify")}
+            break
+        raise ValueError(
+            f"{self.results} holds no folder file that records the settings of its run (none "
+            "yet, or written by an older snakembed); run the workflow again, or give the "
+            "run's config with --configfile instead of --results"
+        )
+
     def __len__(self) -> int:
         return len(self._folders)
 

@@ -130,6 +130,8 @@ def write_folder(
             "precision": meta["precision"],
             "decode": meta.get("decode", ""),
             "config_hash": meta["config_hash"],
+            # the config's keys that made these numbers, for `snakembed predict --results`
+            "settings": json.dumps(meta.get("settings")),
             "versions": json.dumps(library_versions()),
             "classify": json.dumps(predictions.head if predictions is not None else None),
             "num_images": n,

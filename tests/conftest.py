@@ -39,6 +39,7 @@ SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or 
 FAST_CONFIG = {
     "model": {"name": "resnet18", "weights": "none"},
     "device": "cpu",
+    "precision": "fp32",
     "preprocess": {"resize": 64, "crop": 56},
     "classify": {"head": "pretrained", "topk": 3},
     "batch_size": 4,
@@ -67,15 +68,17 @@ def skip_unless_ci(reason: str) -> None:
     pytest.skip(reason)
 
 
-def machine_compute() -> dict[str, str]:
+def machine_compute(gpu: bool | None = None) -> dict[str, str]:
     """What ``device``, ``precision`` and ``decode: auto`` must resolve to on this machine,
-    asked of torch directly: ``cuda``, ``bf16``, ``torchvision`` where it sees a GPU, else
-    ``cpu``, ``fp32``, ``pillow``."""
+    asked of torch directly: ``cuda``, ``bf16``, ``torchvision`` where it sees a GPU (``gpu``:
+    None asks torch), else ``cpu`` and ``pillow``, with bf16 on a CPU with bf16 matrix units
+    (AMX or AVX512-BF16), else fp32."""
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if gpu is None else gpu:
         return {"device": "cuda", "precision": "bf16", "decode": "torchvision"}
-    return {"device": "cpu", "precision": "fp32", "decode": "pillow"}
+    units = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return {"device": "cpu", "precision": "bf16" if units else "fp32", "decode": "pillow"}
 
 
 #: Folders that are often a filesystem of their own (a tmpfs), to stand for node-local scratch.

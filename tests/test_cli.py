@@ -22,6 +22,59 @@ def test_embed_gives_the_stored_vector(workflow_run, capsys):
     assert np.allclose(np.array(line["embedding"], np.float32), stored, rtol=1e-5, atol=1e-5)
 
 
+def test_embed_and_predict_with_results_compute_as_the_run_did(workflow_run, capsys):
+    """--results R alone: the run's model, checkpoint, layer, preprocessing and precision give
+    the stored vector, and its head the stored label, from any working directory."""
+    image = workflow_run["images"] / "alpha" / "a2.png"
+    results = str(workflow_run["results"])
+    stored = snakembed.open_store(results).lookup("alpha/a2.png")
+    assert main(["embed", str(image), "-r", results, "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert np.allclose(np.array(line["embedding"], np.float32), stored.embedding, atol=1e-5)
+    assert main(["predict", str(image), "--results", results, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["label"] == stored.label
+
+
+def test_a_checkpoint_changed_since_the_run_is_refused(workflow_run, capsys, tmp_path):
+    """--results with a checkpoint rewritten since the run: its vectors would not be the
+    stored ones' kind, so nothing is printed, and the error says what differs."""
+    import shutil
+
+    import h5py
+    import torch
+    import torchvision
+
+    results = tmp_path / "results"
+    shutil.copytree(workflow_run["results"], results)
+    other = tmp_path / "other.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), other)
+    for path in (results / "embeddings").rglob("*.h5"):
+        with h5py.File(path, "r+") as f:
+            settings = json.loads(f.attrs["settings"])
+            settings["model"]["weights"] = str(other)
+            f.attrs["settings"] = json.dumps(settings)
+    image = str(workflow_run["images"] / "alpha" / "a2.png")
+    assert main(["embed", image, "-r", str(results)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "another weights_sha256" in captured.err
+    assert "run the workflow again" in captured.err
+
+
+def test_missing_images_exit_2_and_the_others_are_still_answered(workflow_run, capsys, tmp_path):
+    good = str(workflow_run["images"] / "alpha" / "a1.jpg")
+    missing = str(tmp_path / "typo.jpg")
+    config = str(workflow_run["config"])
+    assert main(["predict", good, missing, "--configfile", config, "--json"]) == 2
+    captured = capsys.readouterr()
+    lines = [json.loads(x) for x in captured.out.strip().splitlines()]
+    assert lines[0]["image"] == good and "label" in lines[0]
+    assert lines[1] == {"image": missing, "error": "no such file; check the path"}
+    assert f"{missing}: no such file" in captured.err
+    assert main(["embed", missing]) == 2  # nothing to embed: no model is loaded
+    assert main(["embed", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 def test_predict_json_lines_and_topk(workflow_run, capsys):
     images = [workflow_run["images"] / "alpha" / n for n in ("a1.jpg", "a3.jpeg")]
     code = main(
@@ -126,6 +179,8 @@ def test_every_command_takes_the_results_folder_the_same_way(
     export = ["export", "--format", "npz", "-o", str(tmp_path / "e.npz")]
     for argv in (["info"], ["query", image, "--top", "1"], export):
         assert main(argv) == 0, argv
+    for command in ("predict", "embed"):  # explicitly: without it they use the config's model
+        assert main([command, image, "-r", "results"]) == 0
     out = capsys.readouterr().out
     assert "alpha/a1.jpg" in out and f"folders: {len(workflow_run['folders'])}" in out
     with pytest.raises(SystemExit) as exit_:

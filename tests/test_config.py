@@ -333,7 +333,13 @@ def test_the_plan_resolves_device_precision_and_decoder_once_for_the_run(tmp_pat
     plan = plan_run(auto)
     machine = machine_compute()  # what torch says of this machine
     assert {key: auto[key] for key in machine} == machine
-    assert plan.compute["configured"] == {"device": "auto", "precision": "auto", "decode": "auto"}
+    assert plan.compute["configured"] == {
+        "device": "auto",
+        "precision": "auto",
+        "decode": "auto",
+        "compile": "auto",
+    }
+    assert plan.compute["compile"] is False  # a tree of one image, on a CPU or a GPU
     explicit = plan_run(_config(tmp_path, **machine))
     assert explicit.numbers["hash"] == plan.numbers["hash"]
 

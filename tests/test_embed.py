@@ -20,6 +20,7 @@ from conftest import (
 )
 
 from snakembed.config import load_config
+from snakembed.devices import resolve_compute
 from snakembed.embed import Embedder, embed_images, load_backbone, prepare_model
 from snakembed.pipeline import Models, run_folder
 from snakembed.reader import Folder
@@ -132,7 +133,7 @@ class _Untraceable(torch.nn.Module):
 def test_a_network_whose_trace_differs_runs_untraced(caplog):
     net = _Untraceable()
     with caplog.at_level(logging.INFO, logger="snakembed"):
-        ready = prepare_model(net, torch.device("cpu"), size=8)
+        ready = prepare_model(net, resolve_compute("cpu", "fp32"), size=8)
     assert ready is net and "runs untraced" in caplog.text
     x = torch.randn(5, 3, 8, 8)
     assert torch.equal(ready(x), net(x))
@@ -149,7 +150,7 @@ def test_a_traced_network_that_fails_at_run_time_hands_over_to_the_network(setup
     embedder.forward.model = broken
     with caplog.at_level(logging.WARNING, logger="snakembed"):
         got = embedder(paths)
-    assert "running it untraced" in caplog.text
+    assert "running it as it is" in caplog.text
     assert np.array_equal(got.vectors, expected.vectors)
 
 

@@ -123,5 +123,13 @@ def test_the_cli_predicts_with_the_trained_head(trained, capsys):
     store = snakembed.open_store(trained["base"] / "results")
     for line, path in zip(lines, paths, strict=True):
         assert line["label"] == store.lookup(path.relative_to(trained["base"] / "labelled")).label
-    assert main(args) == 2  # without --head: the error names the file to pass
-    assert f"--head results/heads/{trained['name']}/head.npz" in capsys.readouterr().err
+    assert main(args) == 2  # without --head or --results: the error names the file to pass
+    err = capsys.readouterr().err
+    assert f"results/heads/{trained['name']}/head.npz does not exist" in err
+    assert "pass its file with --head, or the run's results with --results" in err
+    # the run's results alone: its model, preprocessing and trained head
+    results = trained["base"] / "results"
+    assert main(["predict", *map(str, paths), "--results", str(results), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for line, path in zip(lines, paths, strict=True):
+        assert line["label"] == store.lookup(path.relative_to(trained["base"] / "labelled")).label

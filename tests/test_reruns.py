@@ -28,6 +28,7 @@ from conftest import (
     assert_same_results,
     folder_matrices,
     folder_shard,
+    machine_compute,
     make_image,
     run_snakemake,
     shard_log,
@@ -381,31 +382,37 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, worker
 
 
 def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, workers):
-    """On a machine where torch sees no GPU (its GPUs hidden, on any machine), auto is cpu and
-    fp32; a run whose folder jobs ask for a GPU is planned for cuda and bf16."""
+    """On a machine where torch sees no GPU (its GPUs hidden, on any machine), auto is cpu, and
+    bf16 where the CPU has bf16 matrix units, else fp32; the other precision reruns every folder
+    and reuses no vector of the first."""
     env = {**workers.env, **NO_GPU}
     _images(tmp_path / "images", "a", "b")
-    config = write_config(tmp_path / "c.yaml", images="images", results="results", device="auto")
+    auto = {"device": "auto", "precision": "auto"}
+    config = write_config(tmp_path / "c.yaml", images="images", results="results", **auto)
     run_snakemake(tmp_path, config, env=env)  # device and precision: auto
-    fp32 = folder_matrices(tmp_path / "results")
+    first = folder_matrices(tmp_path / "results")
+    precision = machine_compute(gpu=False)["precision"]
     for stem in ("a", "b"):
         attrs = _attrs(tmp_path / "results", stem)
-        assert (attrs["device"], attrs["precision"]) == ("cpu", "fp32")
+        assert (attrs["device"], attrs["precision"]) == ("cpu", precision)
     # auto is what it resolves to: naming it changes nothing
-    proc = run_snakemake(tmp_path, config, "--config", "device=cpu", "precision=fp32", env=env)
+    proc = run_snakemake(
+        tmp_path, config, "--config", "device=cpu", f"precision={precision}", env=env
+    )
     assert NOTHING in _out(proc)
 
-    # bf16 (as auto is on a GPU): every folder again, none reusing fp32 vectors
+    # the other precision: every folder again, none reusing the first's vectors
+    other = {"fp32": "bf16", "bf16": "fp32"}[precision]
     make_image(tmp_path / "images" / "a" / "new.jpg", seed=50)
-    proc = run_snakemake(tmp_path, config, "--config", "precision=bf16", env=env)
+    proc = run_snakemake(tmp_path, config, "--config", f"precision={other}", env=env)
     assert _ran(proc, "a") and _ran(proc, "b")
-    bf16 = folder_matrices(tmp_path / "results")
+    second = folder_matrices(tmp_path / "results")
     for stem in ("a", "b"):
-        assert _attrs(tmp_path / "results", stem)["precision"] == "bf16"
+        assert _attrs(tmp_path / "results", stem)["precision"] == other
         assert "unchanged images reused" not in _log(tmp_path, stem)
-    assert not np.array_equal(bf16["b"][1], fp32["b"][1])
-    clean = write_config(tmp_path / "clean.yaml", images="images", results="clean", device="auto")
-    run_snakemake(tmp_path, clean, "--config", "precision=bf16", env=env)
+    assert not np.array_equal(second["b"][1], first["b"][1])
+    clean = write_config(tmp_path / "clean.yaml", images="images", results="clean", **auto)
+    run_snakemake(tmp_path, clean, "--config", f"precision={other}", env=env)
     assert_same_results(tmp_path / "results", tmp_path / "clean")
 
     # Folder jobs that ask a cluster for a GPU resolve auto to cuda (bf16) where the run is

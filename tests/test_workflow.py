@@ -398,6 +398,8 @@ def test_demo_labels_the_cat_a_cat(tmp_path):
         assert "cat" in cat.attrs["label"]
         assert cat["embedding"].shape == (1280,)
         assert index["objects/coffee.jpg"].attrs["label"] == "espresso"
+    # its weights come with the package: no job fetches them first
+    assert not (tmp_path / "results" / "weights").exists()
 
 
 def test_lint_is_clean():

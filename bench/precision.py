@@ -1,0 +1,214 @@
+"""What the CPU's precision and the network's preparation give: speed, warm-up and agreement.
+
+Parts (all by default; ``--part`` picks one), each measured in a fresh process, in one run:
+
+- **network**: images/s of the network alone (random tensors, ``--batch``, ``--threads``) for
+  each ``--models``: fp32 as usually run (eager), fp32 as the workflow prepares it (traced and
+  frozen, oneDNN graph fusion), bf16 as the workflow runs it (autocast, channels last, the first
+  convolutions in fp32), and fp32 ``torch.compile``'d, with the seconds each takes to be ready
+  (trace, or compile, and the first batches). Ratios against the traced fp32 network.
+- **agreement**: the default model's bf16 vectors against its fp32 ones on real photos (the
+  demo's and matplotlib's, each also mirrored and cropped): the distribution of per-image
+  cosines, top-1 labels the same, and each image's 10 nearest neighbours the same.
+- **predict**: the wall time of ``snakembed predict`` on one image in a new process, startup
+  included, and of ``python -c "import torch"`` for scale.
+
+Whether this CPU has bf16 matrix units (``amx_bf16``, ``avx512_bf16``) is printed first: without
+them bf16 is emulated and its speed says nothing of a CPU that has them.
+
+Usage::
+
+    python bench/precision.py
+    python bench/precision.py --part network --models resnet50 --threads 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def network(model: str, way: str, threads: int, batch: int, batches: int) -> dict:
+    """Images/s of ``model`` prepared ``way``, and the seconds until it was ready."""
+    import torch
+
+    from snakembed.backbones import create_backbone
+    from snakembed.devices import resolve_compute
+    from snakembed.embed import autocast, prepare_model
+
+    torch.set_num_threads(threads)
+    backbone = create_backbone(model, weights="none")
+    crop = backbone.preprocess.crop
+    precision = "bf16" if way == "bf16" else "fp32"
+    compute = resolve_compute("cpu", precision, compile=way == "compiled", optimize=way != "eager")
+    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    net = prepare_model(backbone.model, compute, crop)
+    with torch.inference_mode(), autocast("cpu", precision):
+        for _ in range(2):
+            net(x)
+        ready = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(batches):
+            net(x)
+        seconds = time.perf_counter() - start
+    return {"images_per_s": batch * batches / seconds, "ready_s": ready}
+
+
+def _real_photos(folder: Path) -> list[Path]:
+    import matplotlib
+    from PIL import Image, ImageOps
+
+    sources = sorted(
+        p for p in (REPO / "demo" / "images").rglob("*") if p.suffix in {".jpg", ".png"}
+    )
+    sources.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    paths = []
+    for i, source in enumerate(sources):
+        image = ImageOps.exif_transpose(Image.open(source)).convert("RGB")
+        w, h = image.size
+        crop = image.crop((w // 6, h // 6, w - w // 6, h - h // 6))
+        for name, view in {"": image, "m": ImageOps.mirror(image), "c": crop}.items():
+            path = folder / f"{i:02d}{name}.png"
+            view.save(path)
+            paths.append(path)
+    return paths
+
+
+def agreement(threads: int) -> dict:
+    """bf16 against fp32 for the default model on real photos."""
+    from snakembed.classify import predict
+    from snakembed.config import load_config
+    from snakembed.embed import Embedder
+    from snakembed.heads import create_head
+
+    paths = _real_photos(Path(tempfile.mkdtemp(prefix="snakembed-bench-")))
+    config = load_config(overrides={"device": "cpu", "threads": threads})
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        embedder = Embedder({**config, "precision": precision})
+        result = embedder(paths)
+        head = create_head("pretrained", config, embedder.backbone)
+        labels = predict(head, "pretrained", result.ids, result.vectors, 1).labels
+        unit = result.vectors / np.linalg.norm(result.vectors, axis=1, keepdims=True)
+        runs[precision] = (unit, [row[0] for row in labels])
+    (a, la), (b, lb) = runs["fp32"], runs["bf16"]
+    cosine = (a * b).sum(axis=1)
+
+    def neighbours(unit):
+        similarity = unit @ unit.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1)[:, :10]
+
+    overlap = [len(set(x) & set(y)) / 10 for x, y in zip(neighbours(a), neighbours(b), strict=True)]
+    return {
+        "images": len(paths),
+        "cosine": {
+            q: float(np.quantile(cosine, v)) for q, v in [("min", 0), ("p5", 0.05), ("median", 0.5)]
+        },
+        "top1_same": sum(x == y for x, y in zip(la, lb, strict=True)),
+        "neighbours_same_min": min(overlap),
+        "neighbours_same_mean": float(np.mean(overlap)),
+    }
+
+
+def predict_wall() -> dict:
+    """Seconds of ``snakembed predict`` on one image in a new process (best of three), and of
+    importing torch."""
+    cli = str(Path(sys.executable).parent / "snakembed")
+    image = str(REPO / "demo" / "images" / "animals" / "chelsea.jpg")
+    figures = {}
+    for name, cmd in {
+        "predict": [cli, "predict", image],
+        "import_torch": [sys.executable, "-c", "import torch"],
+    }.items():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        figures[name] = min(times)
+    return figures
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["network", "agreement", "predict"])
+    parser.add_argument("--models", default="resnet18,resnet50,efficientnet_lite0")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--way", help=argparse.SUPPRESS)  # one measurement, in a child
+    args = parser.parse_args(argv)
+    if args.way:
+        print(json.dumps(network(args.models, args.way, args.threads, args.batch, args.batches)))
+        return
+    from snakembed.devices import cpu_has_bf16
+
+    units = cpu_has_bf16()
+    print(f"CPU bf16 matrix units: {'yes' if units else 'no (bf16 is emulated: slow)'}")
+    if args.part in (None, "network"):
+        ways = ("eager", "traced", "bf16", "compiled")
+        print(f"network alone, {args.threads} threads, batch {args.batch}: images/s (ready in s)")
+        for model in args.models.split(","):
+            got = {}
+            for way in ways:
+                got[way] = _child(
+                    [
+                        "--models",
+                        model,
+                        "--way",
+                        way,
+                        "--threads",
+                        str(args.threads),
+                        "--batch",
+                        str(args.batch),
+                        "--batches",
+                        str(args.batches),
+                    ]
+                )
+            base = got["traced"]["images_per_s"]
+            cells = ", ".join(
+                f"{way} {f['images_per_s']:.1f} ({f['ready_s']:.1f} s, "
+                f"{f['images_per_s'] / base:.2f}x)"
+                for way, f in got.items()
+            )
+            print(f"  {model}: {cells}")
+    if args.part in (None, "agreement"):
+        figures = agreement(args.threads)
+        c = figures["cosine"]
+        print(
+            f"bf16 against fp32, default model, {figures['images']} real photos: cosine min "
+            f"{c['min']:.5f}, 5th percentile {c['p5']:.5f}, median {c['median']:.5f}; top-1 "
+            f"labels the same {figures['top1_same']}/{figures['images']}; 10 nearest "
+            f"neighbours the same: at least {figures['neighbours_same_min']:.0%} "
+            f"(mean {figures['neighbours_same_mean']:.0%})"
+        )
+    if args.part in (None, "predict"):
+        figures = predict_wall()
+        print(
+            f"snakembed predict, one image, new process: {figures['predict']:.2f} s "
+            f"(import torch alone: {figures['import_torch']:.2f} s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
