@@ -98,10 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
         p.add_argument("--configfile", help="the workflow's config.yaml (model, preprocessing)")
         if results:
+            head = ", and head, a trained one included" if name == "predict" else ""
             results_option(
                 p,
                 "a results folder: compute as its run did (its model, weights, layer, "
-                "preprocessing, precision and head, a trained one included)",
+                f"preprocessing and precision{head})",
                 default=None,
                 says="the --configfile's model, else the default",
             )
@@ -222,10 +223,16 @@ def _config(args: argparse.Namespace, settings: dict | None = None) -> dict:
     return load_config(args.configfile, overrides)
 
 
-def _embed(args: argparse.Namespace, config: dict):
+def _embed(args: argparse.Namespace, config: dict, recorded: bool = False):
     """The backbone and the embeddings of the images that exist; a missing one is a failure
-    whose reason says so."""
+    whose reason says so. ``recorded``: the config is a run's (no advice to change it)."""
+    from .config import resolved
+    from .devices import compute_from_config, precision_warning
     from .embed import embed_images, load_backbone
+
+    warning = precision_warning(compute_from_config(resolved(config)))
+    if warning and not recorded:
+        logging.getLogger("snakembed").warning(warning)
 
     images = [image for image in args.images if Path(image).is_file()]
     missing = {image: _missing(image) for image in args.images if image not in images}
@@ -257,11 +264,26 @@ def _report_failures(failed: dict[str, str], missing: dict[str, str], as_json: b
 
 
 def _check_results(args: argparse.Namespace, meta: dict) -> None:
-    """With --results: the new vectors must be comparable with the stored ones."""
-    if args.results:
-        from .reader import open_store
+    """With --results: the new vectors must be comparable with the stored ones (the run's
+    checkpoint, or its network's code, unchanged since)."""
+    if not args.results:
+        return
+    from .reader import open_store
 
-        _check_same_model(open_store(args.results), meta)
+    store = open_store(args.results)
+    settings = store.settings()
+    with store[store.folders()[0]] as folder:
+        stored = folder.attrs
+    for key, what in (("weights_sha256", "checkpoint"), ("module_sha256", "network's code")):
+        if stored.get(key, "") != meta[key]:
+            source = settings["model"]["weights" if key == "weights_sha256" else "module"]
+            raise ValueError(
+                f"the {what} {source} changed since the run that wrote {store.results} (sha256 "
+                f"then {stored.get(key) or 'none'}, now {meta[key] or 'none'}): its vectors "
+                "would not be comparable with the stored ones; run the workflow again, or "
+                "restore the file"
+            )
+    _check_same_model(store, meta)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -281,7 +303,7 @@ def _predict(args: argparse.Namespace) -> int:
                 f"head {name!r} is trained by the workflow, and {head_file} does not exist; "
                 f"pass its file with --head, or the run's results with --results"
             )
-    backbone, result, missing = _embed(args, config)
+    backbone, result, missing = _embed(args, config, recorded=bool(args.results))
     if result is None:
         return _report_failures({}, missing, args.json)
     _check_results(args, result.meta)
@@ -302,7 +324,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _embed_command(args: argparse.Namespace) -> int:
-    _, result, missing = _embed(args, _config(args, _settings(args)))
+    _, result, missing = _embed(args, _config(args, _settings(args)), bool(args.results))
     if result is None:
         return _report_failures({}, missing, args.json)
     _check_results(args, result.meta)
@@ -351,8 +373,10 @@ def _query_vectors(args: argparse.Namespace, store) -> tuple[dict, dict, dict]:
     new = [image for image in args.images if image not in stored]
     embedded, failed, missing = {}, {}, {}
     if new:
-        config = _config(args, _settings(args))
-        _, result, missing = _embed(argparse.Namespace(**{**vars(args), "images": new}), config)
+        settings = _settings(args)
+        config = _config(args, settings)
+        new_args = argparse.Namespace(**{**vars(args), "images": new})
+        _, result, missing = _embed(new_args, config, recorded=settings is not None)
         if result is not None:
             _check_same_model(store, result.meta)
             embedded, failed = dict(zip(result.ids, result.vectors, strict=True)), result.failed
@@ -450,7 +474,8 @@ def _shard_log(results: Path, shard: str | None) -> str:
 def _describe_model(attrs: dict) -> str:
     return (
         f"{attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
-        f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d"
+        f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d, "
+        f"{attrs.get('precision', '?')} on {attrs.get('device', '?')}"
     )
 
 

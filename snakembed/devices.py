@@ -22,7 +22,7 @@ __all__ = [
     "BF16_CPU_FLAGS",
     "COMPILE_MIN_IMAGES",
     "Compute",
-    "bf16_warning",
+    "precision_warning",
     "compute_from_config",
     "cpu_has_bf16",
     "device_type",
@@ -317,13 +317,18 @@ def compute_from_config(config: dict, *, device: str | None = None) -> Compute:
     )
 
 
-def bf16_warning(compute: Compute) -> str | None:
-    """A warning for bf16 on a CPU without bf16 matrix units (emulated: several times slower
-    than fp32), else None."""
-    if compute.precision == "bf16" and compute.device_type == "cpu" and not cpu_has_bf16():
-        return (
-            "precision: bf16 on a CPU without bf16 matrix units (no amx_bf16 or avx512_bf16 "
-            "among its flags): bf16 is emulated there and runs several times slower than fp32; "
-            "set precision: auto or fp32"
-        )
-    return None
+def precision_warning(compute: Compute) -> str | None:
+    """A warning for a reduced precision that this CPU emulates (several times slower than
+    fp32): bf16 without bf16 matrix units, fp16 without AMX-FP16; else None."""
+    if compute.device_type != "cpu" or compute.precision == "fp32":
+        return None
+    if compute.precision == "bf16" and not cpu_has_bf16():
+        units = "bf16 matrix units (no amx_bf16 or avx512_bf16 among its flags)"
+    elif compute.precision == "fp16" and "amx_fp16" not in (_cpu_flags() or ()):
+        units = "fp16 matrix units (no amx_fp16 among its flags)"
+    else:
+        return None
+    return (
+        f"precision: {compute.precision} on a CPU without {units}: it is emulated there and "
+        "runs several times slower than fp32; set precision: auto or fp32"
+    )

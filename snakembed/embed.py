@@ -22,7 +22,7 @@ import numpy as np
 from .backbones import Backbone, backbone_from_config, is_local_weights, model_file_hashes
 from .batches import DecodeCounts, Decoder, pillow_batches, tensor_batches
 from .config import numbers_fingerprint, resolved
-from .devices import Compute, bf16_warning, compute_from_config, device_type
+from .devices import Compute, compute_from_config, device_type
 from .images import Preprocess
 from .patches import PatchGrid
 
@@ -83,7 +83,8 @@ def resolve_device(name: str = "auto"):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device {name!r} asked for, but torch sees no GPU here; set device: cpu (a workflow "
+            f"device {name!r} asked for, but torch sees no GPU here; set device: cpu (on the "
+            "command line: --device cpu; a workflow "
             "resolves device: auto to cuda where it is planned when this machine has a GPU, or "
             "when the folder jobs ask a cluster for one: request a GPU node, or set device: cpu)"
         )
@@ -420,8 +421,6 @@ class Embedder:
         #: How the numbers are computed, resolved once and passed down.
         self.compute = compute_from_config(config, device=device)
         self.device = resolve_device(self.compute.device)
-        if (warning := bf16_warning(self.compute)) is not None:
-            log.warning(warning)
         self.threaded = False
         self.batch_size = self.compute.batch_size
         self.backbone = backbone or load_backbone(config)

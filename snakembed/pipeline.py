@@ -30,6 +30,8 @@ import numpy as np
 
 from ._files import cached_sha256, scratch_folder
 from .classify import Predictions, predict
+from .config import resolved
+from .devices import compute_from_config, precision_warning
 from .embed import Cancelled, Embedder, Embeddings, log_to_stderr
 from .heads import Head, create_head, load_head
 from .layout import folder_file
@@ -439,6 +441,8 @@ def run_shard(
     from .worker import compute_served, hash_cache
 
     log_to_stderr()
+    if (warning := precision_warning(compute_from_config(resolved(config)))) is not None:
+        log.warning(warning)
     shard = read_shard_manifest(manifest)
     results = Path(output).parent.parent
     head_sha256 = cached_sha256(head, hash_cache()) if head else None

@@ -24,7 +24,7 @@ from .backbones import (
     model_file_hashes,
 )
 from .config import RESOLVED_KEYS, ConfigError, numbers_fingerprint, validate_config
-from .devices import bf16_warning, resolve_compute
+from .devices import precision_warning, resolve_compute
 from .heads import HEADS, needs_labels
 from .images import Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
@@ -350,7 +350,7 @@ class Plan:
         if self.discovery is None:
             return []
         compute = resolve_compute(**{k: self.compute[k] for k in ("device", "precision")})
-        lines = [line for line in [bf16_warning(compute)] if line]
+        lines = [line for line in [precision_warning(compute)] if line]
         lines += [f"not followed: {path}: {why}" for path, why in self.discovery.skipped.items()]
         for folder, refused in self.discovery.refused.items():
             lines.append(f"{folder}: {len(refused)} file(s) will be recorded as failed, not read")
@@ -491,7 +491,7 @@ class Changes:
             return f"{_plural(len(self.folders), 'folder')} to compute; {shards} to run"
         if self.settings:
             return (
-                "the settings changed (model, weights, preprocessing, device or "
+                "the settings changed (model, weights, preprocessing, device, precision or "
                 f"classification): every folder is computed again; {shards} to run"
             )
         if not self.folders:

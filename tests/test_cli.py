@@ -56,8 +56,9 @@ def test_a_checkpoint_changed_since_the_run_is_refused(workflow_run, capsys, tmp
     image = str(workflow_run["images"] / "alpha" / "a2.png")
     assert main(["embed", image, "-r", str(results)]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and "another weights_sha256" in captured.err
-    assert "run the workflow again" in captured.err
+    assert captured.out == ""
+    assert f"the checkpoint {other} changed since the run that wrote {results}" in captured.err
+    assert "run the workflow again, or restore the file" in captured.err
 
 
 def test_missing_images_exit_2_and_the_others_are_still_answered(workflow_run, capsys, tmp_path):
@@ -159,10 +160,11 @@ def test_info_after_a_run_stopped_part_way(workflow_run, capsys, tmp_path):
     assert "index.h5 is behind the folder files" in out
     models = [line for line in out.splitlines() if line.startswith("model: ")]
     assert len(models) == 2 and any(
-        f"layer layer3 (pool avg), 512-d (1 of {n - 1} folders)" in m for m in models
+        f"layer layer3 (pool avg), 512-d, fp32 on cpu (1 of {n - 1} folders)" in m for m in models
     )
     assert any(
-        f"layer pre_logits (pool avg), 512-d ({n - 2} of {n - 1} folders)" in m for m in models
+        f"layer pre_logits (pool avg), 512-d, fp32 on cpu ({n - 2} of {n - 1} folders)" in m
+        for m in models
     )
     # and each folder names its own setting
     assert any(

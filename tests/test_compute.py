@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_CONFIG, REPO, make_image
+from conftest import FAST_CONFIG, REPO, make_image, write_config
 from PIL import Image, ImageOps
 
 from snakembed import devices
+from snakembed.cli import main
 from snakembed.config import load_config
 from snakembed.devices import Compute, resolve_compute
 from snakembed.embed import Embedder
@@ -87,9 +88,22 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_that_it_is_slow(tmp_path, cpu_fl
     warnings = plan_run(config).warnings()
     assert any("bf16 on a CPU without bf16 matrix units" in line for line in warnings)
     assert any("set precision: auto or fp32" in line for line in warnings)
+    # the command line says so too, unless the precision is a run's (--results)
+    configfile = write_config(tmp_path / "c.yaml", precision="bf16")
     with caplog.at_level(logging.WARNING, logger="snakembed"):
-        Embedder(load_config(overrides={**FAST_CONFIG, "precision": "bf16"}), threads=1)
+        assert (
+            main(
+                ["embed", str(tmp_path / "images" / "a" / "x.jpg"), "--configfile", str(configfile)]
+            )
+            == 0
+        )
     assert "several times slower than fp32" in caplog.text
+    # fp16 is emulated on CPUs without AMX-FP16
+    cpu_flags("avx2", "amx_bf16")
+    assert any(
+        "without fp16 matrix units" in line
+        for line in plan_run({**config, "precision": "fp16"}).warnings()
+    )
     # where the units exist, or in fp32, nothing to say
     cpu_flags("amx_bf16")
     assert not any("bf16" in line for line in plan_run(dict(config)).warnings())

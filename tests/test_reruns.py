@@ -410,6 +410,9 @@ def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, wo
     for stem in ("a", "b"):
         assert _attrs(tmp_path / "results", stem)["precision"] == other
         assert "unchanged images reused" not in _log(tmp_path, stem)
+        # bf16 where it is emulated: the job's log says it is slow, and what to set
+        emulated = other == "bf16" and precision == "fp32"
+        assert ("runs several times slower than fp32" in _log(tmp_path, stem)) == emulated
     assert not np.array_equal(second["b"][1], first["b"][1])
     clean = write_config(tmp_path / "clean.yaml", images="images", results="clean", **auto)
     run_snakemake(tmp_path, clean, "--config", f"precision={other}", env=env)
