@@ -171,7 +171,9 @@ def get_weights_file(wildcards):
     if PLAN.weights_file:
         return [PLAN.weights_file]
     model = config["model"]
-    return [get_fetched_weights()] if needs_fetch(model["weights"], model["name"]) else []
+    return (
+        [get_fetched_weights()] if needs_fetch(model["weights"], model["name"]) else []
+    )
 
 
 def get_fetched_weights():
