@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import throughput  # beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,9 @@ def network(model: str, way: str, threads: int, batch: int, batches: int) -> dic
     return {"images_per_s": batch * batches / seconds, "ready_s": ready}
 
 
-def _real_photos(folder: Path) -> list[Path]:
+def real_photos(folder: Path) -> list[Path]:
+    """The demo's photos and matplotlib's, each also mirrored and cropped to its centre: 30
+    real pictures, written to ``folder`` (the tests assert their agreement too)."""
     import matplotlib
     from PIL import Image, ImageOps
 
@@ -91,7 +94,7 @@ def agreement(threads: int) -> dict:
     from snakembed.embed import Embedder
     from snakembed.heads import create_head
 
-    paths = _real_photos(Path(tempfile.mkdtemp(prefix="snakembed-bench-")))
+    paths = real_photos(Path(tempfile.mkdtemp(prefix="snakembed-bench-")))
     config = load_config(overrides={"device": "cpu", "threads": threads})
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -140,15 +143,6 @@ def predict_wall() -> dict:
     return figures
 
 
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["network", "agreement", "predict"])
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models.split(","):
             got = {}
             for way in ways:
-                got[way] = _child(
+                got[way] = throughput._child(
                     [
                         "--models",
                         model,
@@ -183,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                         str(args.batch),
                         "--batches",
                         str(args.batches),
-                    ]
+                    ],
+                    __file__,
                 )
             base = got["traced"]["images_per_s"]
             cells = ", ".join(

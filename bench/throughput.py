@@ -109,10 +109,11 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(args: list[str]) -> dict:
-    """Run one measurement in a fresh process (so peak memory is its own) and read its JSON."""
+def _child(args: list[str], script: str = __file__) -> dict:
+    """Run one measurement of ``script`` in a fresh process (so peak memory is its own) and
+    read its JSON."""
     proc = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+        [sys.executable, script, *args], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")

@@ -4,15 +4,18 @@ compile), bf16 where the CPU has bf16 units, and bf16 vectors that agree with fp
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import FAST_CONFIG, REPO, make_image, write_config
-from PIL import Image, ImageOps
 
 from snakembed import devices
+
+sys.path.insert(0, str(REPO / "bench"))
+from precision import real_photos  # noqa: E402 - the benchmark's photos
+
 from snakembed.cli import main
 from snakembed.config import load_config
 from snakembed.devices import Compute, resolve_compute
@@ -111,31 +114,6 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_that_it_is_slow(tmp_path, cpu_fl
     assert not any("bf16" in line for line in plan_run({**config, "precision": "fp32"}).warnings())
 
 
-def _real_photos(folder: Path) -> list[Path]:
-    """The demo's photos and matplotlib's, each also mirrored and cropped to its centre:
-    real picture content, 30 images."""
-    import matplotlib
-
-    sources = sorted(
-        p for p in (REPO / "demo" / "images").rglob("*") if p.suffix in {".jpg", ".png"}
-    )
-    sources.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
-    paths = []
-    for i, source in enumerate(sources):
-        image = ImageOps.exif_transpose(Image.open(source)).convert("RGB")
-        w, h = image.size
-        views = {
-            "": image,
-            "mirrored": ImageOps.mirror(image),
-            "centre": image.crop((w // 6, h // 6, w - w // 6, h - h // 6)),
-        }
-        for name, view in views.items():
-            path = folder / f"{i:02d}{name}.png"
-            view.save(path)
-            paths.append(path)
-    return paths
-
-
 def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
@@ -147,7 +125,7 @@ def test_bf16_vectors_and_labels_agree_with_fp32s_on_real_photos(tmp_path):
     from snakembed.classify import predict
     from snakembed.heads import create_head
 
-    paths = _real_photos(tmp_path)
+    paths = real_photos(tmp_path)  # what bench/precision.py measures
     config = load_config(overrides={"device": "cpu", "threads": 2})
     runs = {}
     for precision in ("fp32", "bf16"):
