@@ -31,6 +31,7 @@ Usage::
     python bench/throughput.py --device cuda --folders 200 --per-folder 1000 --cores 16
     python bench/throughput.py --abba        # seeds, workflow, workflow, seeds: best of two each
     python bench/throughput.py --abba --precision fp32   # the workflow in fp32 on any CPU
+    python bench/throughput.py --abba --compile true     # the workflow torch.compile'd
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ def workflow(
     batch: int,
     size: dict,
     precision: str = "auto",
+    compile: str = "auto",
 ) -> dict:
     """``snakemake --cores N`` from discovery to index, after timing its plan."""
     config = {
@@ -239,6 +241,7 @@ def workflow(
         "preprocess": size,
         "device": device,
         "precision": precision,
+        "compile": {"true": True, "false": False}.get(compile, compile),
         "threads": threads,
         "batch_size": batch,
     }
@@ -316,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--precision", default="auto", help="the workflow's precision (default: auto)"
     )
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="the workflow's compile (default: auto)",
+    )
     parser.add_argument("--keep", help="build the tree here and keep it")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument(
@@ -352,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             batch,
             size,
             args.precision,
+            args.compile,
         )
         print(json.dumps(figures))
         return
@@ -383,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         *(["--crop", str(args.crop)] if args.crop else []),
         "--precision",
         args.precision,
+        "--compile",
+        args.compile,
     ]
 
     def run_workflow() -> dict:

@@ -21,7 +21,7 @@ TORCHVISION = {
 TIMM = ["timm/resnet10t", "timm/mobilenetv3_small_050"]
 
 #: The references are computed in float32 on the CPU: so are the embeddings compared with them.
-CPU = {"device": "cpu", "threads": 1}
+CPU = {"device": "cpu", "precision": "fp32", "threads": 1}
 
 
 def _assert_same_features(actual: np.ndarray, expected: np.ndarray) -> None:

@@ -19,7 +19,7 @@ from precision import real_photos  # noqa: E402 - the benchmark's photos
 from snakembed.cli import main
 from snakembed.config import load_config
 from snakembed.devices import Compute, resolve_compute
-from snakembed.embed import Embedder
+from snakembed.embed import Embedder, autocast, prepare_model
 from snakembed.plan import plan_run
 
 
@@ -58,12 +58,34 @@ def test_one_resolved_setting_holds_every_part(cpu_flags):
     gpu = resolve_compute("auto", "auto", gpu=True, images=10**6)
     assert gpu == Compute("cuda", "bf16", "torchvision", 512, compile=True, optimize=True)
     assert not gpu.traced
-    # compile: auto only repays itself on a GPU, for a large run
+    # compile: auto only repays itself for a large run, on a GPU or in bf16 on a CPU (in fp32
+    # the CPU runs the trace)
     assert not resolve_compute("cuda", "auto", images=1000).compile
     assert not resolve_compute("cpu", "auto", images=10**7).compile
+    assert resolve_compute("cpu", "bf16", images=10**5).compile
+    assert not resolve_compute("cpu", "bf16", images=1000).compile
     assert resolve_compute("cpu", "auto", compile=True).compile
     # bf16 on the CPU runs the network itself under autocast, never its trace
     assert not resolve_compute("cpu", "bf16").traced
+
+
+@pytest.mark.parametrize(
+    ("model", "in_fp32"), [("efficientnet_lite0", 2), ("resnet18", 1), ("timm/resnet10t", 1)]
+)
+def test_bf16_on_the_cpu_keeps_the_stem_in_fp32(model, in_fp32):
+    """The first convolution (and depthwise ones right after it) compute in fp32 under bf16
+    autocast; the rest in bf16."""
+    from snakembed.backbones import create_backbone
+
+    backbone = create_backbone(model, weights="none")
+    net = prepare_model(backbone.model, resolve_compute("cpu", "bf16"), 64)
+    seen = []
+    for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.inference_mode(), autocast("cpu", "bf16"):
+        net(torch.randn(2, 3, 64, 64))
+    assert seen[:in_fp32] == [torch.float32] * in_fp32
+    assert set(seen[in_fp32:]) == {torch.bfloat16}
 
 
 def test_the_embedder_computes_with_the_one_setting_it_resolved(tmp_path):

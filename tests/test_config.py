@@ -153,8 +153,9 @@ def test_a_whole_number_written_as_a_float_is_the_same_setting():
 
 
 def test_fingerprint_changes_with_what_changes_the_numbers():
-    base = numbers_fingerprint(validate_config({"device": "cpu"}))
-    assert numbers_fingerprint(validate_config({"device": "cpu"}))["hash"] == base["hash"]
+    cpu = {"device": "cpu", "precision": "fp32"}
+    base = numbers_fingerprint(validate_config(cpu))
+    assert numbers_fingerprint(validate_config(cpu))["hash"] == base["hash"]
     for override in (
         {"model": {"name": "resnet18"}},
         {"preprocess": {"resize": 300}},
@@ -162,13 +163,13 @@ def test_fingerprint_changes_with_what_changes_the_numbers():
         {"precision": "bf16"},
         {"decode": "torchvision"},
     ):
-        changed = numbers_fingerprint(validate_config({"device": "cpu", **override}))
+        changed = numbers_fingerprint(validate_config({**cpu, **override}))
         assert changed["hash"] != base["hash"], override
     for override in ({"device": "cuda"}, {"device": "cuda:1", "precision": "fp32"}):
         assert numbers_fingerprint(validate_config(override))["hash"] != base["hash"], override
     # auto counts as what it resolves to on this machine (cuda, bf16 and torchvision's decoder
-    # where torch sees a GPU, else cpu, fp32 and Pillow), and which GPU computes does not change
-    # the numbers
+    # where torch sees a GPU, else cpu, Pillow, and bf16 where the CPU has bf16 units or fp32),
+    # and which GPU computes does not change the numbers
     auto = numbers_fingerprint(validate_config({}))
     assert numbers_fingerprint(validate_config(machine_compute()))["hash"] == auto["hash"]
     cuda = numbers_fingerprint(validate_config({"device": "cuda"}))
@@ -176,7 +177,7 @@ def test_fingerprint_changes_with_what_changes_the_numbers():
     assert cuda["hash"] != base["hash"]
     # the batch size and the head do not change the embeddings
     for override in ({"batch_size": 7}, {"classify": {"topk": 2}}):
-        same = numbers_fingerprint(validate_config({"device": "cpu", **override}))
+        same = numbers_fingerprint(validate_config({**cpu, **override}))
         assert same["hash"] == base["hash"], override
 
 
