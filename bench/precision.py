@@ -4,12 +4,14 @@ Parts (all by default; ``--part`` picks one), each measured in a fresh process, 
 
 - **network**: images/s of the network alone (random tensors, ``--batch``, ``--threads``) for
   each ``--models``: fp32 as usually run (eager), fp32 as the workflow prepares it (traced and
-  frozen, oneDNN graph fusion), bf16 as the workflow runs it (autocast, channels last, the first
-  convolutions in fp32), and fp32 ``torch.compile``'d, with the seconds each takes to be ready
-  (trace, or compile, and the first batches). Ratios against the traced fp32 network.
-- **agreement**: the default model's bf16 vectors against its fp32 ones on real photos (the
-  demo's and matplotlib's, each also mirrored and cropped): the distribution of per-image
-  cosines, top-1 labels the same, and each image's 10 nearest neighbours the same.
+  frozen, oneDNN graph fusion), fp32 ``torch.compile``'d, bf16 as the workflow runs it
+  (autocast, channels last, the stem in fp32), and that ``torch.compile``'d (as ``compile:
+  auto`` does for large runs), with the seconds each takes to be ready (trace, or compile, and
+  the first batches). Ratios against the traced fp32 network.
+- **agreement**: the default model's bf16 vectors (eager, and compiled) against its fp32 ones
+  on real photos (the demo's and matplotlib's, each also mirrored and cropped): the
+  distribution of per-image cosines, top-1 labels the same, and each image's 10 nearest
+  neighbours the same.
 - **predict**: the wall time of ``snakembed predict`` on one image in a new process, startup
   included, and of ``python -c "import torch"`` for scale.
 
@@ -49,8 +51,9 @@ def network(model: str, way: str, threads: int, batch: int, batches: int) -> dic
     torch.set_num_threads(threads)
     backbone = create_backbone(model, weights="none")
     crop = backbone.preprocess.crop
-    precision = "bf16" if way == "bf16" else "fp32"
-    compute = resolve_compute("cpu", precision, compile=way == "compiled", optimize=way != "eager")
+    precision = "bf16" if way.startswith("bf16") else "fp32"
+    compiled = way.endswith("compiled")
+    compute = resolve_compute("cpu", precision, compile=compiled, optimize=way != "eager")
     x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
     net = prepare_model(backbone.model, compute, crop)
@@ -87,8 +90,8 @@ def real_photos(folder: Path) -> list[Path]:
     return paths
 
 
-def agreement(threads: int) -> dict:
-    """bf16 against fp32 for the default model on real photos."""
+def agreement(threads: int, compile: bool = False) -> dict:
+    """bf16 (``compile``: compiled) against fp32 for the default model on real photos."""
     from snakembed.classify import predict
     from snakembed.config import load_config
     from snakembed.embed import Embedder
@@ -98,7 +101,9 @@ def agreement(threads: int) -> dict:
     config = load_config(overrides={"device": "cpu", "threads": threads})
     runs = {}
     for precision in ("fp32", "bf16"):
-        embedder = Embedder({**config, "precision": precision})
+        embedder = Embedder(
+            {**config, "precision": precision, "compile": precision == "bf16" and compile}
+        )
         result = embedder(paths)
         head = create_head("pretrained", config, embedder.backbone)
         labels = predict(head, "pretrained", result.ids, result.vectors, 1).labels
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     units = cpu_has_bf16()
     print(f"CPU bf16 matrix units: {'yes' if units else 'no (bf16 is emulated: slow)'}")
     if args.part in (None, "network"):
-        ways = ("eager", "traced", "bf16", "compiled")
+        ways = ("eager", "traced", "compiled", "bf16", "bf16-compiled")
         print(f"network alone, {args.threads} threads, batch {args.batch}: images/s (ready in s)")
         for model in args.models.split(","):
             got = {}
@@ -187,11 +192,12 @@ def main(argv: list[str] | None = None) -> None:
                 for way, f in got.items()
             )
             print(f"  {model}: {cells}")
-    if args.part in (None, "agreement"):
-        figures = agreement(args.threads)
+    for compile in (False, True) if args.part in (None, "agreement") else ():
+        figures = agreement(args.threads, compile)
         c = figures["cosine"]
         print(
-            f"bf16 against fp32, default model, {figures['images']} real photos: cosine min "
+            f"bf16{' compiled' if compile else ''} against fp32, default model, "
+            f"{figures['images']} real photos: cosine min "
             f"{c['min']:.5f}, 5th percentile {c['p5']:.5f}, median {c['median']:.5f}; top-1 "
             f"labels the same {figures['top1_same']}/{figures['images']}; 10 nearest "
             f"neighbours the same: at least {figures['neighbours_same_min']:.0%} "

@@ -32,6 +32,7 @@ Usage::
     python bench/throughput.py --abba        # seeds, workflow, workflow, seeds: best of two each
     python bench/throughput.py --abba --precision fp32   # the workflow in fp32 on any CPU
     python bench/throughput.py --abba --compile true     # the workflow torch.compile'd
+    python bench/throughput.py --abba --against fp32     # the defaults against fp32
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--abba", action="store_true", help="only seeds, workflow, workflow, seeds: best of two"
     )
+    parser.add_argument(
+        "--against",
+        choices=["seeds", "fp32"],
+        default="seeds",
+        help="what --abba compares the workflow with: the seeds' loop, or itself in fp32",
+    )
     parser.add_argument("--part", help=argparse.SUPPRESS)  # one measurement, in a child
     parser.add_argument("--tree", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, help=argparse.SUPPRESS)
@@ -397,10 +405,10 @@ def main(argv: list[str] | None = None) -> None:
         args.compile,
     ]
 
-    def run_workflow() -> dict:
+    def run_workflow(*extra: str) -> dict:
         shutil.rmtree(base / "results", ignore_errors=True)
         shutil.rmtree(base / ".snakemake", ignore_errors=True)
-        figure = _child([*common, "--part", "workflow", "--tree", str(tree)])
+        figure = _child([*common, *extra, "--part", "workflow", "--tree", str(tree)])
         figure["images"] = total
         return figure
 
@@ -408,13 +416,19 @@ def main(argv: list[str] | None = None) -> None:
         return _child([*common, "--part", "seeds", "--tree", str(tree)])
 
     if args.abba:
-        # seeds, workflow, workflow, seeds: drift (heat, caches) weighs on both alike
-        a1, b1, b2, a2 = run_seeds(), run_workflow(), run_workflow(), run_seeds()
+        # A B B A: drift (heat, caches) weighs on both alike
+        if args.against == "fp32":
+            name = "workflow in fp32"
+            run_baseline = partial(run_workflow, "--precision", "fp32", "--compile", "false")
+        else:
+            name, run_baseline = "seeds", run_seeds
+        a1, b1, b2, a2 = run_baseline(), run_workflow(), run_workflow(), run_baseline()
         best_a = min(a1, a2, key=lambda f: f["seconds"])
         best_b = min(b1, b2, key=lambda f: f["seconds"])
         print(
-            f"A B B A (best of two each): seeds {a1['seconds']:.1f} / {a2['seconds']:.1f} s, "
-            f"workflow {b1['seconds']:.1f} / {b2['seconds']:.1f} s; workflow / seeds "
+            f"A B B A (best of two each): {name} {a1['seconds']:.1f} / {a2['seconds']:.1f} s, "
+            f"workflow ({args.precision}) {b1['seconds']:.1f} / {b2['seconds']:.1f} s; "
+            f"workflow / {name} "
             f"{(total / best_b['seconds']) / (best_a['images'] / best_a['seconds']):.2f}"
         )
         if not args.keep:

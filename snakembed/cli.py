@@ -476,6 +476,7 @@ def _describe_model(attrs: dict) -> str:
         f"{attrs['model']} ({attrs['weights']}), layer {attrs['layer']} "
         f"(pool {attrs.get('pool', 'avg')}), {attrs['embedding_dim']}-d, "
         f"{attrs.get('precision', '?')} on {attrs.get('device', '?')}"
+        f"{', compiled' if attrs.get('compiled') else ''}"
     )
 
 

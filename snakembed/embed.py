@@ -83,8 +83,8 @@ def resolve_device(name: str = "auto"):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device {name!r} asked for, but torch sees no GPU here; set device: cpu (on the "
-            "command line: --device cpu; a workflow "
+            f"device {name!r} asked for, but torch sees no GPU here; set device: cpu "
+            "(snakembed embed and predict: --device cpu; a workflow: --config device=cpu; it "
             "resolves device: auto to cuda where it is planned when this machine has a GPU, or "
             "when the folder jobs ask a cluster for one: request a GPU node, or set device: cpu)"
         )
@@ -439,7 +439,7 @@ class Embedder:
         eager = self.backbone.model
         model = prepare_model(eager, self.compute, self.backbone.preprocess.crop)
         self.forward = _Forward(model, eager, self.backbone.preprocess, self.device, self.compute)
-        self.meta = _meta(self.backbone, config)
+        self.meta = _meta(self.backbone, config, self.compute)
 
     def share(self) -> None:
         """Let several threads embed at once (a shared worker's jobs): images are read in each
@@ -632,7 +632,7 @@ def _row_shape(backbone: Backbone) -> tuple[int, ...]:
     return (0, backbone.embedding_dim) if backbone.pool == "none" else (backbone.embedding_dim,)
 
 
-def _meta(backbone: Backbone, config: dict) -> dict:
+def _meta(backbone: Backbone, config: dict, compute: Compute) -> dict:
     """What a folder file records of how its numbers were made (``config``: resolved)."""
     patches = config["patches"]
     return {
@@ -649,6 +649,8 @@ def _meta(backbone: Backbone, config: dict) -> dict:
         "device": device_type(config["device"]),
         "precision": config["precision"],
         "decode": config["decode"],
+        # compiled and eager bf16 differ by bf16's rounding (cosine >= 0.9998): never mixed
+        "compiled": int(compute.compile),
         "config_hash": numbers_fingerprint(config)["hash"],
         # a custom network's source file, by content (its code changes the numbers)
         "module_sha256": model_file_hashes(config["model"])["module_sha256"] or "",

@@ -24,7 +24,7 @@ from .backbones import (
     model_file_hashes,
 )
 from .config import RESOLVED_KEYS, ConfigError, numbers_fingerprint, validate_config
-from .devices import precision_warning, resolve_compute
+from .devices import gpu_visible, precision_warning, resolve_compute
 from .heads import HEADS, needs_labels
 from .images import Discovery, DiscoveryError, discover_folders
 from .labels import LabelError, Labelled, labels_from_config
@@ -85,6 +85,7 @@ class Plan:
         settings: what besides its images decides a folder's file (recorded in each
             manifest, see :class:`~snakembed.manifest.FolderManifest`).
         labelled: the labelled images of ``classify.labels``, when set.
+        gpu_jobs: whether the folder jobs ask the cluster for a GPU.
         changes: what :meth:`write_manifests` found changed, see :class:`Changes`.
     """
 
@@ -99,6 +100,7 @@ class Plan:
     change_detection: str = "stat"
     settings: dict = field(default_factory=dict)
     labelled: Labelled | None = None
+    gpu_jobs: bool = False
     changes: Changes = field(default_factory=lambda: Changes())
 
     @property
@@ -344,13 +346,20 @@ class Plan:
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def warnings(self) -> list[str]:
-        """One line per folder link that was not followed, per folder with refused files, and
-        for bf16 on a CPU without bf16 units (none in a plan read from the manifests: the
-        planning process warned)."""
+        """One line per folder link that was not followed, per folder with refused files, for
+        bf16 on a CPU without bf16 units, and for a GPU asked for where the jobs will find none
+        (none in a plan read from the manifests: the planning process warned)."""
         if self.discovery is None:
             return []
         compute = resolve_compute(**{k: self.compute[k] for k in ("device", "precision")})
         lines = [line for line in [precision_warning(compute)] if line]
+        if compute.device_type == "cuda" and not self.gpu_jobs and not gpu_visible():
+            lines.append(
+                f"device: {compute.device}, but torch sees no GPU on this machine and the folder "
+                "jobs do not ask a cluster for one: they will fail unless they run where one is; "
+                "set device: cpu (--config device=cpu), or ask for a GPU (the slurm profile's "
+                "gpu: 1)"
+            )
         lines += [f"not followed: {path}: {why}" for path, why in self.discovery.skipped.items()]
         for folder, refused in self.discovery.refused.items():
             lines.append(f"{folder}: {len(refused)} file(s) will be recorded as failed, not read")
@@ -662,6 +671,7 @@ def plan_run(
         change_detection=config["change_detection"],
         settings=settings,
         labelled=_labelled(config),
+        gpu_jobs=gpu_jobs,
     )
 
 

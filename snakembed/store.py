@@ -128,6 +128,7 @@ def write_folder(
             "patches": json.dumps(meta["patches"]),
             "device": meta["device"],
             "precision": meta["precision"],
+            "compiled": int(meta.get("compiled", 0)),
             "decode": meta.get("decode", ""),
             "config_hash": meta["config_hash"],
             # the config's keys that made these numbers, for `snakembed predict --results`
@@ -411,16 +412,26 @@ def _prune_groups(f: h5py.File, key: str, parents: set[str]) -> None:
         del f[path]
 
 
-#: What must match for a folder file's embeddings to be reused: the fingerprint of the settings
-#: (see ``numbers_fingerprint``), the weights' and a custom network's source file's content (a
-#: checkpoint rewritten in place, an edited network), and the kind of device and the precision
-#: that computed them (never a mix of fp32 and bf16 vectors).
-_REUSE_KEYS = ("config_hash", "weights_sha256", "module_sha256", "device", "precision")
+#: What must match for a folder file's embeddings to be reused (with the value of a file that
+#: does not record it): the fingerprint of the settings (see ``numbers_fingerprint``), the
+#: weights' and a custom network's source file's content (a checkpoint rewritten in place, an
+#: edited network), the kind of device and the precision that computed them (never a mix of
+#: fp32 and bf16 vectors), and whether the network was compiled (in bf16, compiled and eager
+#: vectors differ by bf16's rounding).
+_REUSE_KEYS = {
+    "config_hash": "",
+    "weights_sha256": "",
+    "module_sha256": "",
+    "device": "",
+    "precision": "",
+    "compiled": 0,
+}
 
 
 def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
     """The embeddings a folder file holds, when it was written with the same numbers: the same
-    config hash, weights checksum, kind of device and precision (see ``_REUSE_KEYS``).
+    config hash, weights checksum, kind of device, precision and compilation (see
+    ``_REUSE_KEYS``).
 
     A folder's job reads its previous file to reuse the embeddings of unchanged images (a new
     head, or images added to the folder). Anything else (no file, another format, other
@@ -438,8 +449,8 @@ def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format_version") != FORMAT_VERSION:
                 return None
-            for key in _REUSE_KEYS:
-                if f.attrs.get(key, "") != meta.get(key, ""):
+            for key, absent in _REUSE_KEYS.items():
+                if f.attrs.get(key, absent) != meta.get(key, absent):
                     return None
             earlier = Embeddings(
                 ids=texts(f[IDS]),

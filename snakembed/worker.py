@@ -698,7 +698,7 @@ def serve(
         "worker %d ready: %s on %s%s",
         os.getpid(),
         embedder.backbone.name,
-        embedder.device,
+        embedder.compute.describe(),
         ", shared by every job" if together else "",
     )
     counts = _Served()

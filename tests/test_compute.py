@@ -140,10 +140,12 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def test_bf16_vectors_and_labels_agree_with_fp32s_on_real_photos(tmp_path):
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_bf16_vectors_and_labels_agree_with_fp32s_on_real_photos(tmp_path, compile):
     """The default model in bf16 (as ``precision: auto`` is on a GPU and on CPUs with bf16
-    units) against fp32, on real photos: median cosine >= 0.999, minimum >= 0.995, top-1
-    labels >= 99 % the same, and each image's 10 nearest neighbours >= 90 % the same."""
+    units; compiled, as ``compile: auto`` is for large runs) against fp32, on real photos:
+    median cosine >= 0.999, minimum >= 0.995, top-1 labels >= 99 % the same, and each image's
+    10 nearest neighbours >= 90 % the same."""
     from snakembed.classify import predict
     from snakembed.heads import create_head
 
@@ -151,7 +153,10 @@ def test_bf16_vectors_and_labels_agree_with_fp32s_on_real_photos(tmp_path):
     config = load_config(overrides={"device": "cpu", "threads": 2})
     runs = {}
     for precision in ("fp32", "bf16"):
-        embedder = Embedder({**config, "precision": precision})
+        embedder = Embedder(
+            {**config, "precision": precision, "compile": compile and precision == "bf16"}
+        )
+        assert embedder.compute.compile == (compile and precision == "bf16")
         result = embedder(paths)
         head = create_head("pretrained", config, embedder.backbone)
         runs[precision] = (

@@ -399,3 +399,12 @@ def test_conda_environment_is_in_step_with_pyproject():
     env = yaml.safe_load((REPO / "envs" / "snakembed.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(d for d in pip if not d.startswith("-")) == sorted(project["dependencies"])
+
+
+def test_a_gpu_asked_for_where_the_jobs_find_none_is_warned_at_planning(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # this machine: no GPU
+    lines = plan_run(_config(tmp_path, device="cuda")).warnings()
+    assert any("torch sees no GPU" in line and "--config device=cpu" in line for line in lines)
+    # jobs that ask a cluster for a GPU will have one; the CPU is not warned about
+    assert not any("GPU" in line for line in plan_run(_config(tmp_path), gpu_jobs=True).warnings())
+    assert not any("GPU" in line for line in plan_run(_config(tmp_path, device="cpu")).warnings())

@@ -196,17 +196,20 @@ def test_nothing_is_reused_when_the_numbers_change(tmp_path, caplog):
         assert stored.ids() == ["0.png"]
 
 
-def test_vectors_of_another_device_or_precision_are_never_reused(tmp_path, caplog):
+def test_vectors_of_another_device_precision_or_compilation_are_never_reused(tmp_path, caplog):
     from snakembed.store import read_earlier
 
     make_image(tmp_path / "images" / "a" / "0.png")
-    config = load_config(overrides=FAST_CONFIG)  # device: cpu, precision: auto (fp32)
+    config = load_config(overrides=FAST_CONFIG)  # device: cpu, precision: fp32
     out, models = tmp_path / "a.h5", Models()
     run_folder(tmp_path / "images", "a", ["0.png"], out, config, models=models)
     meta = models.embedder(config).meta
-    assert (meta["device"], meta["precision"]) == ("cpu", "fp32")
+    assert (meta["device"], meta["precision"], meta["compiled"]) == ("cpu", "fp32", 0)
+    with Folder(out, "a") as stored:
+        assert stored.attrs["compiled"] == 0
     assert read_earlier(out, meta) is not None
-    for key, value in (("precision", "bf16"), ("device", "cuda"), ("weights_sha256", "x")):
+    changes = (("precision", "bf16"), ("device", "cuda"), ("weights_sha256", "x"), ("compiled", 1))
+    for key, value in changes:
         assert read_earlier(out, {**meta, key: value}) is None, key
 
     bf16 = load_config(overrides={**FAST_CONFIG, "precision": "bf16"})

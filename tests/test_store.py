@@ -180,3 +180,24 @@ def test_a_missing_folder_file_is_reported_through_the_store(workflow_run, tmp_p
     assert "alpha" not in store and store.status.pending == {"alpha": NO_FILE}
     with pytest.raises(KeyError, match="folder 'alpha' is pending .*run the workflow"):
         store["alpha"]
+
+
+def test_a_damaged_shape_that_declares_more_rows_than_the_file_holds_is_refused(tmp_path):
+    """A few flipped bytes in a dataset's shape can declare billions of rows: the reader
+    refuses them (naming the file) instead of allocating and reading them for minutes."""
+    from test_fuzz import _seed_contents  # a small folder with every part
+
+    from snakembed.reader import Folder, StoreError
+    from snakembed.store import write_folder
+
+    path = tmp_path / "f.h5"
+    write_folder(*_seed_contents(), path, "f")
+    with h5py.File(path, "r+") as f:
+        for name in [name for name in f if name.startswith("_")]:  # the bulk datasets
+            shape, dtype = (10**9, *f[name].shape[1:]), f[name].dtype
+            del f[name]
+            f.create_dataset(name, shape=shape, dtype=dtype, chunks=True)  # never written
+    with Folder(path, "f") as folder, pytest.raises(StoreError, match="more than the file"):
+        folder.ids()
+    with pytest.raises(StoreError, match=str(path)):
+        snakembed.reader.matrix_view(path)
