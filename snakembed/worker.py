@@ -130,7 +130,7 @@ def identity(
 
     Example:
         >>> from snakembed.config import load_config
-        >>> config = load_config(overrides={"device": "cpu"})
+        >>> config = load_config(overrides={"device": "cpu", "precision": "fp32"})
         >>> identity(config, 2)["device"], identity(config, 2)["precision"]
         ('cpu', 'fp32')
     """

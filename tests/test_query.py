@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import write_config
 
 import snakembed
 from snakembed.cli import main
@@ -63,9 +64,21 @@ def test_query_command_finds_a_stored_image_and_a_copy_of_it(workflow_run, tmp_p
     assert all(f"{workflow_run['images'] / 'ünï cödé'}/" in hit for hit in hits)
 
 
-def test_query_with_another_model_names_the_fix(workflow_run, tmp_path, capsys):
+def test_query_computes_as_the_run_did_and_names_the_fix_for_another_model(
+    workflow_run, tmp_path, capsys
+):
     new = shutil.copy(workflow_run["images"] / "top.jpg", tmp_path / "new.jpg")
-    assert main(["query", str(new), "--results", str(workflow_run["results"])]) == 2
+    results = str(workflow_run["results"])
+    # without --configfile: the run's recorded model and settings, so the copy finds its original
+    assert main(["query", str(new), "--results", results, "--top", "1", "--json"]) == 0
+    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["hits"][0]["path"] == str(workflow_run["images"] / "top.jpg")
+    assert line["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # a config of another model: its vectors cannot be compared with the store's
+    other = write_config(
+        tmp_path / "other.yaml", model={"name": "timm/resnet10t", "weights": "none"}
+    )
+    assert main(["query", str(new), "--results", results, "--configfile", str(other)]) == 2
     err = capsys.readouterr().err
     assert "was embedded with another model" in err and "--configfile" in err
 

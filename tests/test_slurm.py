@@ -247,6 +247,7 @@ def test_a_cluster_job_computes_on_the_device_planned_for_it(slurm, tmp_path):
         images=str(tmp_path / "images"),
         results=str(tmp_path / "out"),
         device="auto",
+        precision="auto",
     )
     proc = _run_slurm(tmp_path, config, "--retries", "0", check=False)
     compute = json.loads((tmp_path / "out" / "compute.json").read_text())
