@@ -71,14 +71,13 @@ def skip_unless_ci(reason: str) -> None:
 def machine_compute(gpu: bool | None = None) -> dict[str, str]:
     """What ``device``, ``precision`` and ``decode: auto`` must resolve to on this machine,
     asked of torch directly: ``cuda``, ``bf16``, ``torchvision`` where it sees a GPU (``gpu``:
-    None asks torch), else ``cpu`` and ``pillow``, with bf16 on a CPU with bf16 matrix units
-    (AMX or AVX512-BF16), else fp32."""
+    None asks torch), else ``cpu`` and ``pillow``, with bf16 on a CPU with AMX, else fp32."""
     import torch
 
     if torch.cuda.is_available() if gpu is None else gpu:
         return {"device": "cuda", "precision": "bf16", "decode": "torchvision"}
-    units = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return {"device": "cpu", "precision": "bf16" if units else "fp32", "decode": "pillow"}
+    amx = torch.cpu._is_amx_tile_supported()
+    return {"device": "cpu", "precision": "bf16" if amx else "fp32", "decode": "pillow"}
 
 
 #: Folders that are often a filesystem of their own (a tmpfs), to stand for node-local scratch.

@@ -168,7 +168,7 @@ def test_fingerprint_changes_with_what_changes_the_numbers():
     for override in ({"device": "cuda"}, {"device": "cuda:1", "precision": "fp32"}):
         assert numbers_fingerprint(validate_config(override))["hash"] != base["hash"], override
     # auto counts as what it resolves to on this machine (cuda, bf16 and torchvision's decoder
-    # where torch sees a GPU, else cpu, Pillow, and bf16 where the CPU has bf16 units or fp32),
+    # where torch sees a GPU, else cpu, Pillow, and bf16 where the CPU has AMX or fp32),
     # and which GPU computes does not change the numbers
     auto = numbers_fingerprint(validate_config({}))
     assert numbers_fingerprint(validate_config(machine_compute()))["hash"] == auto["hash"]

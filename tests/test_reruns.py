@@ -383,7 +383,7 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_seen(tmp_path, worker
 
 def test_precision_and_device_are_resolved_recorded_and_never_mixed(tmp_path, workers):
     """On a machine where torch sees no GPU (its GPUs hidden, on any machine), auto is cpu, and
-    bf16 where the CPU has bf16 matrix units, else fp32; the other precision reruns every folder
+    bf16 where the CPU has AMX, else fp32; the other precision reruns every folder
     and reuses no vector of the first."""
     env = {**workers.env, **NO_GPU}
     _images(tmp_path / "images", "a", "b")
