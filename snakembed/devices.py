@@ -141,7 +141,7 @@ def device_type(device: str) -> str:
 
 def cpu_has_bf16() -> bool:
     """Whether this machine's CPU has bf16 matrix units (:data:`BF16_CPU_FLAGS`), where bf16
-    autocast is 1.8-4x faster than fp32; elsewhere it is emulated, and several times slower.
+    autocast runs in hardware; elsewhere it is emulated, and several times slower than fp32.
 
     Read from ``/proc/cpuinfo`` on Linux (no torch import, so planning stays fast), else asked
     of torch.
@@ -150,32 +150,30 @@ def cpu_has_bf16() -> bool:
         >>> isinstance(cpu_has_bf16(), bool)
         True
     """
-    flags = _cpu_flags()
-    if flags is not None:
-        return bool(flags & BF16_CPU_FLAGS)
-    try:
-        import torch
-
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except (ImportError, AttributeError):
-        return False
+    return _cpu_has(BF16_CPU_FLAGS, "_is_amx_tile_supported", "_is_avx512_bf16_supported")
 
 
 def cpu_prefers_bf16() -> bool:
     """Whether ``precision: auto`` is bf16 on this machine's CPU: whether it has AMX's bf16
-    tile units (:data:`BF16_AUTO_CPU_FLAGS`; ``/proc/cpuinfo`` on Linux, else torch).
+    tile units (:data:`BF16_AUTO_CPU_FLAGS`; read as :func:`cpu_has_bf16` reads its flags).
 
     Example:
         >>> cpu_prefers_bf16() <= cpu_has_bf16()
         True
     """
-    flags = _cpu_flags()
-    if flags is not None:
-        return bool(flags & BF16_AUTO_CPU_FLAGS)
+    return _cpu_has(BF16_AUTO_CPU_FLAGS, "_is_amx_tile_supported")
+
+
+def _cpu_has(flags: frozenset[str], *torch_checks: str) -> bool:
+    """Whether the CPU lists any of ``flags`` in ``/proc/cpuinfo``; where that cannot be read,
+    whether any of ``torch.cpu``'s ``torch_checks`` says so."""
+    listed = _cpu_flags()
+    if listed is not None:
+        return bool(listed & flags)
     try:
         import torch
 
-        return bool(torch.cpu._is_amx_tile_supported())
+        return any(getattr(torch.cpu, check)() for check in torch_checks)
     except (ImportError, AttributeError):
         return False
 
