@@ -141,6 +141,16 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
         np.savez(fh, **arrays)
 
 
+def checked_size(dataset):
+    """``dataset`` (h5py), once its declared size is known to fit in its file: a damaged shape
+    (a few flipped bytes) can declare billions of rows, which h5py would allocate and read for
+    minutes; raises ValueError naming the dataset."""
+    declared = dataset.size * dataset.id.get_type().get_size()
+    if declared > dataset.file.id.get_filesize():
+        raise ValueError(f"{dataset.name} declares {declared:,} bytes, more than the file holds")
+    return dataset
+
+
 def texts(dataset) -> list[str]:
     """An HDF5 string dataset as Python strings (h5py gives bytes or str by version)."""
     return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._files import texts
+from ._files import checked_size, texts
 from .layout import (
     EMBEDDINGS,
     FOLDERS_DIR,
@@ -92,20 +92,10 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _sized(dataset: h5py.Dataset) -> h5py.Dataset:
-    """``dataset``, once its declared size is known to fit in its file: a damaged shape (a few
-    flipped bytes) can declare billions of rows, which h5py would allocate and read for minutes;
-    raises ValueError (which :func:`_reading` turns into a StoreError naming the file)."""
-    declared = dataset.size * dataset.id.get_type().get_size()
-    if declared > dataset.file.id.get_filesize():
-        raise ValueError(f"{dataset.name} declares {declared:,} bytes, more than the file holds")
-    return dataset
-
-
 def _array(group: h5py.Group, name: str, shape: tuple) -> np.ndarray:
     """A dataset of an image's group, checked against the shape it must have (None: any length);
     a damaged file raises, and :func:`_reading` names it."""
-    value = _sized(group[name])[()]
+    value = checked_size(group[name])[()]
     if (
         not isinstance(value, np.ndarray)
         or len(value.shape) != len(shape)
@@ -180,6 +170,8 @@ class Folder:
             )
         n = len(f[IDS])
         columns = [name for name in (*REQUIRED_DATASETS, LABELS, SCORES) if name in f]
+        for name in columns:  # every read of them stays within the file
+            checked_size(f[name])
         if (
             f[EMBEDDINGS].ndim not in (2, 3)
             or any(f[name].ndim != 1 for name in columns if name != EMBEDDINGS)
@@ -221,7 +213,7 @@ class Folder:
     def ids(self) -> list[str]:
         """The embedded images' ids, in the order of :meth:`matrix`'s rows."""
         with _reading(self.path):
-            return texts(_sized(self._file[IDS]))
+            return texts(self._file[IDS])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -233,7 +225,7 @@ class Folder:
         """All embeddings as one float32 array, rows in :meth:`ids` order: ``[N, D]``, or
         ``[N, H*W, D]`` for a layer stored with ``pool: none``."""
         with _reading(self.path):
-            return np.asarray(_sized(self._file[EMBEDDINGS])[()], np.float32)
+            return np.asarray(self._file[EMBEDDINGS][()], np.float32)
 
     def view(self) -> np.ndarray:
         """:meth:`matrix` without reading it (see :func:`matrix_view`)."""
@@ -254,13 +246,13 @@ class Folder:
         with _reading(self.path):
             n = len(f[IDS])
             table = {
-                "image_id": texts(_sized(f[IDS])),
-                "source": texts(_sized(f[SOURCES])),
-                "sha256": texts(_sized(f[SHA256])),
-                "width": _sized(f[WIDTH])[()],
-                "height": _sized(f[HEIGHT])[()],
-                "label": texts(_sized(f[LABELS])) if LABELS in f else [None] * n,
-                "score": _sized(f[SCORES])[()] if SCORES in f else np.full(n, np.nan),
+                "image_id": texts(f[IDS]),
+                "source": texts(f[SOURCES]),
+                "sha256": texts(f[SHA256]),
+                "width": f[WIDTH][()],
+                "height": f[HEIGHT][()],
+                "label": texts(f[LABELS]) if LABELS in f else [None] * n,
+                "score": f[SCORES][()] if SCORES in f else np.full(n, np.nan),
             }
         if embeddings:
             table["embedding"] = self.matrix()
@@ -598,7 +590,7 @@ def matrix_view(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     with _reading(path), h5py.File(path, "r") as f:
-        dataset = _sized(f[EMBEDDINGS])
+        dataset = checked_size(f[EMBEDDINGS])
         offset = dataset.id.get_offset()
         if offset is None or dataset.chunks is not None or dataset.compression:
             return np.asarray(dataset[()], np.float32)

@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._files import atomic_path, texts
+from ._files import atomic_path, checked_size, texts
 from .classify import Predictions
 from .config import library_versions
 from .embed import Embeddings
@@ -428,6 +428,13 @@ _REUSE_KEYS = {
 }
 
 
+#: What :func:`read_earlier` reads of a folder file (the patches' where it holds them).
+_EARLIER_DATASETS = (
+    *(IDS, SOURCES, SHA256, WIDTH, HEIGHT, EMBEDDINGS),
+    *(PATCH_EMBEDDINGS, PATCH_BOXES, PATCH_OFFSETS),
+)
+
+
 def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
     """The embeddings a folder file holds, when it was written with the same numbers: the same
     config hash, weights checksum, kind of device, precision and compilation (see
@@ -452,6 +459,9 @@ def read_earlier(path: str | Path, meta: dict) -> Embeddings | None:
             for key, absent in _REUSE_KEYS.items():
                 if f.attrs.get(key, absent) != meta.get(key, absent):
                     return None
+            for name in _EARLIER_DATASETS:
+                if name in f:
+                    checked_size(f[name])  # a damaged shape: embed again, not read for minutes
             earlier = Embeddings(
                 ids=texts(f[IDS]),
                 sources=texts(f[SOURCES]),

@@ -188,16 +188,20 @@ def test_a_damaged_shape_that_declares_more_rows_than_the_file_holds_is_refused(
     from test_fuzz import _seed_contents  # a small folder with every part
 
     from snakembed.reader import Folder, StoreError
-    from snakembed.store import write_folder
+    from snakembed.store import read_earlier, write_folder
 
     path = tmp_path / "f.h5"
-    write_folder(*_seed_contents(), path, "f")
+    contents = _seed_contents()
+    write_folder(*contents, path, "f")
+    assert read_earlier(path, contents[0].meta) is not None
     with h5py.File(path, "r+") as f:
         for name in [name for name in f if name.startswith("_")]:  # the bulk datasets
             shape, dtype = (10**9, *f[name].shape[1:]), f[name].dtype
             del f[name]
             f.create_dataset(name, shape=shape, dtype=dtype, chunks=True)  # never written
-    with Folder(path, "f") as folder, pytest.raises(StoreError, match="more than the file"):
-        folder.ids()
+    with pytest.raises(StoreError, match="more than the file"):
+        Folder(path, "f")  # refused when opened, before anything is read
     with pytest.raises(StoreError, match=str(path)):
         snakembed.reader.matrix_view(path)
+    # a shard job reusing the folder's earlier embeddings embeds every image again instead
+    assert read_earlier(path, contents[0].meta) is None
