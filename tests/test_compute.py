@@ -142,8 +142,8 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_bf16_vectors_and_labels_agree_with_fp32s_on_real_photos(tmp_path, compile):
-    """The default model in bf16 (as ``precision: auto`` is on a GPU and on CPUs with bf16
-    units; compiled, as ``compile: auto`` is for large runs) against fp32, on real photos:
+    """The default model in bf16 (as ``precision: auto`` is on a GPU and on CPUs with AMX;
+    compiled, as ``compile: auto`` is for large runs) against fp32, on real photos:
     median cosine >= 0.999, minimum >= 0.995, top-1 labels >= 99 % the same, and each image's
     10 nearest neighbours >= 90 % the same."""
     from snakembed.classify import predict
