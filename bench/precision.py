@@ -13,7 +13,8 @@ Parts (all by default; ``--part`` picks one), each measured in a fresh process, 
   distribution of per-image cosines, top-1 labels the same, and each image's 10 nearest
   neighbours the same.
 - **predict**: the wall time of ``snakembed predict`` on one image in a new process, startup
-  included, and of ``python -c "import torch"`` for scale.
+  included: with no worker running, the next call (the worker the first started answers), and
+  with workers off; and of ``python -c "import torch"`` for scale.
 
 Whether this CPU has bf16 matrix units (``amx_bf16``, ``avx512_bf16``) is printed first: without
 them bf16 is emulated and its speed says nothing of a CPU that has them.
@@ -27,7 +28,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -130,22 +134,32 @@ def agreement(threads: int, compile: bool = False) -> dict:
 
 
 def predict_wall() -> dict:
-    """Seconds of ``snakembed predict`` on one image in a new process (best of three), and of
-    importing torch."""
+    """Seconds (best of three) of ``snakembed predict`` on one image in a new process: with no
+    worker running (``cold``: the command starts one and waits for it), the next call (``next``:
+    that worker answers), and with workers off (``here``: the command loads the network
+    itself); and of importing torch. Each try in its own ``TMPDIR``, its worker stopped after."""
     cli = str(Path(sys.executable).parent / "snakembed")
     image = str(REPO / "demo" / "images" / "animals" / "chelsea.jpg")
-    figures = {}
-    for name, cmd in {
-        "predict": [cli, "predict", image],
-        "import_torch": [sys.executable, "-c", "import torch"],
-    }.items():
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-        figures[name] = min(times)
-    return figures
+    times: dict[str, list[float]] = {"cold": [], "next": [], "here": [], "import_torch": []}
+
+    def timed(name: str, cmd: list[str], env: dict) -> None:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        times[name].append(time.perf_counter() - start)
+
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(prefix="sp", dir="/tmp") as tmp:
+            env = {**os.environ, "TMPDIR": tmp}
+            here = Path(tmp) / "here.yaml"
+            here.write_text("worker: {enabled: false}\n")
+            timed("cold", [cli, "predict", image], env)
+            timed("next", [cli, "predict", image], env)
+            timed("here", [cli, "predict", image, "--configfile", str(here)], env)
+            timed("import_torch", [sys.executable, "-c", "import torch"], env)
+            for pid in Path(tmp).glob("snakembed-workers-*/*.pid"):
+                with contextlib.suppress(ValueError, OSError):
+                    os.kill(int(pid.read_text()), signal.SIGKILL)
+    return {name: min(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,10 +218,11 @@ def main(argv: list[str] | None = None) -> None:
             f"(mean {figures['neighbours_same_mean']:.0%})"
         )
     if args.part in (None, "predict"):
-        figures = predict_wall()
+        f = predict_wall()
         print(
-            f"snakembed predict, one image, new process: {figures['predict']:.2f} s "
-            f"(import torch alone: {figures['import_torch']:.2f} s)"
+            f"snakembed predict, one image, new process: {f['cold']:.2f} s with no worker "
+            f"running, {f['next']:.2f} s the next call (its worker answers), {f['here']:.2f} s "
+            f"with workers off (import torch alone: {f['import_torch']:.2f} s)"
         )
 
 

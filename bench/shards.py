@@ -1,6 +1,7 @@
-"""What a run costs against what changed: many small folders, a big plan, a one-image rerun.
+"""What a run costs against what changed: many small folders, a big plan, a one-image rerun,
+and the fixed cost of a quick run.
 
-Three measurements, each on a tree made here, with the default model and settings (the report
+Five measurements, each on a tree made here, with the default model and settings (the report
 included), ``snakemake --cores N`` as a user runs it:
 
 - ``many``: the same photos (500x375 JPEGs) as a few big folders and as many small ones, timed
@@ -12,6 +13,9 @@ included), ``snakemake --cores N`` as a user runs it:
 - ``rerun``: ``--folders`` folders of ``--per-folder`` photos computed once; then one image is
   added to one folder and the rerun is timed, each rule's seconds (Snakemake's benchmark
   files) with it; a rerun with nothing changed is the baseline.
+- ``quick``: one folder of two photos into a new results folder, no worker running (each try
+  in its own ``TMPDIR``), best of three: when Snakemake's plan line, each job's end, its
+  "Elapsed time" line and its exit came, against ``snakemake --version`` (Snakemake's start).
 
 Usage::
 
@@ -20,13 +24,17 @@ Usage::
     python bench/shards.py plan --folders 100000
     python bench/shards.py plan --folders 1000000    # 10^6 (a few GB of small files)
     python bench/shards.py rerun --folders 400 --per-folder 5
+    python bench/shards.py quick
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -176,9 +184,68 @@ def rerun(args: argparse.Namespace, base: Path) -> None:
     print(f"  ratio to the rerun with nothing changed: {seconds / nothing:.2f}x")
 
 
+#: The lines of a run's stderr that ``quick`` times, by what they mark.
+_MARKS = {
+    "plan": "snakembed: 1 folder to compute",
+    "folder job": "(Rule: embed_classify_store)",
+    "index": "(Rule: index)",
+    "report": "(Rule: report_pages)",
+    "Elapsed line": "Elapsed time:",
+}
+
+
+def _phases(workdir: Path, images: Path, cores: int) -> dict[str, float]:
+    """Seconds from the start of a run with no worker running to each of ``_MARKS`` and to
+    its exit."""
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump({"images": str(images), "results": "results"}))
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    cmd += ["--configfile", str(configfile), "--cores", str(cores)]
+    seen: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sq", dir="/tmp") as tmp:
+        start = time.perf_counter()
+        with subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": tmp},
+        ) as proc:
+            for line in proc.stderr:
+                for name, mark in _MARKS.items():
+                    if mark in line:
+                        seen.setdefault(name, time.perf_counter() - start)
+        seen["exit"] = time.perf_counter() - start
+        for pid in Path(tmp).glob("snakembed-workers-*/*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+    if proc.returncode != 0 or len(seen) != len(_MARKS) + 1:
+        raise SystemExit(f"the quick run failed or said something else (seen: {seen})")
+    return seen
+
+
+def quick(args: argparse.Namespace, base: Path) -> None:
+    images = base / "images"
+    make_tree(images, 1, 2, "standard")
+    version = []
+    for _ in range(3):
+        begin = time.perf_counter()
+        subprocess.run([SNAKEMAKE, "--version"], check=True, capture_output=True)
+        version.append(time.perf_counter() - begin)
+    runs = [_phases(_fresh(base), images, args.cores) for _ in range(3)]
+    best = min(runs, key=lambda phases: phases["exit"])
+    print(f"\none folder of 2 photos into new results, --cores {args.cores}, best of three")
+    print(f"  snakemake --version: {min(version):.2f} s (Snakemake's start)")
+    before = 0.0
+    for name, at in best.items():
+        print(f"  {name}: at {at:.2f} s (+{at - before:.2f} s)")
+        before = at
+    print(f"  beyond Snakemake's start: {best['exit'] - min(version):.2f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("many", "worker", "plan", "rerun"))
+    parser.add_argument("what", choices=("many", "worker", "plan", "rerun", "quick"))
     parser.add_argument("--images", type=int, default=2000, help="many: photos in all")
     parser.add_argument("--folders", type=int, help="plan: 100,000; rerun: 400")
     parser.add_argument("--per-folder", type=int, default=5, help="rerun: photos per folder")
@@ -188,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     args.folders = args.folders or (100_000 if args.what == "plan" else 400)
     base = Path(tempfile.mkdtemp(prefix="snakembed-bench-"))
     try:
-        {"many": many, "worker": worker, "plan": plan, "rerun": rerun}[args.what](args, base)
+        parts = {"many": many, "worker": worker, "plan": plan, "rerun": rerun, "quick": quick}
+        parts[args.what](args, base)
     finally:
         if args.keep:
             print(f"kept: {base}")

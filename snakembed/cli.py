@@ -223,12 +223,16 @@ def _config(args: argparse.Namespace, settings: dict | None = None) -> dict:
     return load_config(args.configfile, overrides)
 
 
-def _embed(args: argparse.Namespace, config: dict, recorded: bool = False):
-    """The backbone and the embeddings of the images that exist; a missing one is a failure
-    whose reason says so. ``recorded``: the config is a run's (no advice to change it)."""
+def _embed(
+    args: argparse.Namespace, config: dict, recorded: bool = False, head: Path | None = None
+):
+    """The embeddings and predictions (none with ``classify.head: none``) of the images that
+    exist, computed as a run computes them (:func:`~snakembed.pipeline.compute_images`: by a
+    worker that outlives the command for the next one, when workers are on), and a reason for
+    each missing one. ``recorded``: the config is a run's (no advice to change it)."""
     from .config import resolved
     from .devices import compute_from_config, precision_warning
-    from .embed import embed_images, load_backbone
+    from .pipeline import compute_images
 
     warning = precision_warning(compute_from_config(resolved(config)))
     if warning and not recorded:
@@ -242,9 +246,13 @@ def _embed(args: argparse.Namespace, config: dict, recorded: bool = False):
         return None, None, missing
     # a handful of images: the network as it is, without the trace's seconds
     config = {**config, "optimize": config["optimize"] and len(images) > _TRACE_FROM}
-    backbone = load_backbone(config)
-    result = embed_images(images, config, ids=images, backbone=backbone)
-    return backbone, result, missing
+    result, predictions = compute_images(images, config, head=head)
+    return result, predictions, missing
+
+
+def _with_head(config: dict, head: str) -> dict:
+    """``config`` with ``classify.head`` set (``none``: vectors only)."""
+    return {**config, "classify": {**config["classify"], "head": head}}
 
 
 def _missing(image: str) -> str:
@@ -287,8 +295,7 @@ def _check_results(args: argparse.Namespace, meta: dict) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .classify import predict
-    from .heads import create_head, load_head, needs_labels
+    from .heads import needs_labels
 
     config = _config(args, _settings(args))
     name = config["classify"]["head"]
@@ -303,12 +310,11 @@ def _predict(args: argparse.Namespace) -> int:
                 f"head {name!r} is trained by the workflow, and {head_file} does not exist; "
                 f"pass its file with --head, or the run's results with --results"
             )
-    backbone, result, missing = _embed(args, config, recorded=bool(args.results))
+    config = _with_head(config, name)
+    result, predictions, missing = _embed(args, config, bool(args.results), head_file)
     if result is None:
         return _report_failures({}, missing, args.json)
     _check_results(args, result.meta)
-    head = load_head(head_file) if head_file else create_head(name, config, backbone)
-    predictions = predict(head, name, result.ids, result.vectors, config["classify"]["topk"])
     for i, image in enumerate(predictions.ids):
         topk = [
             [str(lab), round(float(s), 6)]
@@ -324,7 +330,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _embed_command(args: argparse.Namespace) -> int:
-    _, result, missing = _embed(args, _config(args, _settings(args)), bool(args.results))
+    config = _with_head(_config(args, _settings(args)), "none")
+    result, _, missing = _embed(args, config, bool(args.results))
     if result is None:
         return _report_failures({}, missing, args.json)
     _check_results(args, result.meta)
@@ -374,9 +381,9 @@ def _query_vectors(args: argparse.Namespace, store) -> tuple[dict, dict, dict]:
     embedded, failed, missing = {}, {}, {}
     if new:
         settings = _settings(args)
-        config = _config(args, settings)
+        config = _with_head(_config(args, settings), "none")
         new_args = argparse.Namespace(**{**vars(args), "images": new})
-        _, result, missing = _embed(new_args, config, recorded=settings is not None)
+        result, _, missing = _embed(new_args, config, recorded=settings is not None)
         if result is not None:
             _check_same_model(store, result.meta)
             embedded, failed = dict(zip(result.ids, result.vectors, strict=True)), result.failed

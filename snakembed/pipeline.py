@@ -44,6 +44,7 @@ __all__ = [
     "ShardError",
     "compute_folder",
     "compute_folders",
+    "compute_images",
     "run_folder",
     "run_shard",
     "store_folder",
@@ -267,6 +268,74 @@ def compute_folders(
             )
         out.append((mine, predictions))
     return out
+
+
+def compute_images(
+    images: Sequence[str | Path],
+    config: dict,
+    *,
+    head: str | Path | None = None,
+    threads: int | None = None,
+) -> tuple[Embeddings, Predictions | None]:
+    """The embeddings and predictions of image files, computed as a run computes a folder's:
+    by this machine's worker for ``config`` when workers are on (``worker.enabled``), which is
+    started when none runs and then waits ``worker.idle`` seconds for the next call, so that a
+    second call costs no model loading; else in this process.
+
+    Args:
+        images: image files, named as the caller names them (the ids of the result; a file
+            named twice, or by two names, is computed once).
+        config: a validated configuration; ``classify.head: none`` predicts nothing.
+        head: a trained head's file (see :func:`run_folder`).
+        threads: CPU threads (default: ``threads``).
+
+    Returns:
+        The embeddings of the images that could be read, in the order given (``failed``: the
+        others, with the reason; no patch vectors), and their predictions.
+
+    Example:
+        >>> result, predictions = compute_images(["demo/images/animals/chelsea.jpg"],
+        ...                                      config)  # doctest: +SKIP
+        >>> predictions.label
+        ['tabby, tabby cat']
+    """
+    from .worker import compute_served
+
+    # each image as (absolute folder, file name); each folder a part with no earlier file
+    # (os.devnull holds no embeddings)
+    keys = {image: os.path.split(os.path.abspath(image)) for image in map(str, images)}
+    folders: dict[str, dict[str, None]] = {}
+    for folder, name in keys.values():
+        folders.setdefault(folder, {})[name] = None
+    parts = [{"folder": f, "names": list(n), "output": os.devnull} for f, n in folders.items()]
+    request = {"images_root": "/", "head": str(head) if head else None, "parts": parts}
+    computed, _ = compute_served(request, config, threads, job=False)
+    row, why = {}, {}
+    for part, (embeddings, _) in zip(parts, computed, strict=True):
+        row |= {(part["folder"], name): len(row) + i for i, name in enumerate(embeddings.ids)}
+        why |= {(part["folder"], name): reason for name, reason in embeddings.failed.items()}
+    ids = [image for image, key in keys.items() if key in row]
+    rows = np.array([row[keys[image]] for image in ids], np.int64)
+    joined = _joined([embeddings for embeddings, _ in computed])  # (one part at least)
+    result = Embeddings(
+        ids=ids,
+        sources=[joined.sources[i] for i in rows],
+        sha256=[joined.sha256[i] for i in rows],
+        width=joined.width[rows],
+        height=joined.height[rows],
+        vectors=joined.vectors[rows],
+        failed={image: why[key] for image, key in keys.items() if key in why},
+        meta=computed[0][0].meta,
+    )
+    predictions = [p for _, p in computed]
+    if any(p is None for p in predictions):
+        return result, None
+    return result, Predictions(
+        result.ids,
+        np.concatenate([p.labels for p in predictions])[rows],
+        np.concatenate([p.scores for p in predictions])[rows],
+        predictions[0].head,
+    )
 
 
 def _source(folder: str, name: str) -> str:

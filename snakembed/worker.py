@@ -6,7 +6,9 @@ every run of a session. Instead, the first job on a machine starts a worker that
 network once and listens on a Unix socket; every later job with the same identity hands it its
 folders (a group of small folders at a time, see :func:`snakembed.pipeline.compute_folders`) and
 relays its progress lines to the job's log. The job still writes each folder's file itself, and
-the output is the same as computing in the job.
+the output is the same as computing in the job. The CLI's ``predict``, ``embed`` and ``query``
+use workers the same way (:func:`snakembed.pipeline.compute_images`), so that only the first
+command of a session loads the network.
 
 A worker serves a job only if it computes exactly what the job would compute itself. Its
 *identity* (:func:`identity`) holds everything that decides the numbers, by content: the
@@ -217,6 +219,7 @@ def compute_served(
     *,
     models=None,
     before_here: Callable[[], None] | None = None,
+    job: bool = True,
 ) -> tuple[list[tuple], bool]:
     """Compute folders through this machine's worker, as
     :func:`snakembed.pipeline.compute_folders` would in this process (which it does with
@@ -225,6 +228,8 @@ def compute_served(
     Args:
         before_here: called before the folders are computed in this process (its decoding
             processes are forked then: a caller's threads must be done).
+        job: the caller is a workflow job: every line of the worker's log goes to its stderr
+            (its rule's log). Else (the CLI) they go to snakembed's logger, at their level.
         others: as :func:`run_served`.
 
     Returns:
@@ -237,14 +242,18 @@ def compute_served(
     from .pipeline import compute_folders
 
     threads = threads or config["threads"]
-    log_to_stderr()
+    if job:
+        log_to_stderr()
     if config["worker"]["enabled"]:
         try:
             ident = identity(config, threads)
             with _slot(ident, config) as base:
-                return _relay(_connect(base, config, ident), request, ident), True
+                return _relay(_connect(base, config, ident), request, ident, job), True
         except WorkerUnavailable as exc:
-            print(f"snakembed: running in this job instead: {exc}", file=sys.stderr, flush=True)
+            if job:
+                print(f"snakembed: running in this job instead: {exc}", file=sys.stderr, flush=True)
+            else:
+                log.info("computing here instead: %s", exc)
     if before_here is not None:
         before_here()
     computed = compute_folders(
@@ -500,9 +509,10 @@ def _named(request: dict) -> str:
     return f"folders {', '.join(folders[:5])}{' ...' if len(folders) > 5 else ''}"
 
 
-def _relay(conn: socket.socket, request: dict, ident: dict) -> list[tuple]:
+def _relay(conn: socket.socket, request: dict, ident: dict, job: bool = True) -> list[tuple]:
     """Check the worker's identity against ``ident``, send the request, copy the worker's log
-    lines to stderr, and receive each folder's embeddings and predictions.
+    lines to stderr (``job``) or to snakembed's logger, and receive each folder's embeddings
+    and predictions.
 
     Raises:
         WorkerUnavailable: when the worker computes with another identity (naming what
@@ -523,8 +533,10 @@ def _relay(conn: socket.socket, request: dict, ident: dict) -> list[tuple]:
             stream.flush()
             for line in stream:
                 message = json.loads(line)
-                if "log" in message:
+                if "log" in message and job:
                     print(message["log"], file=sys.stderr, flush=True)
+                elif "log" in message:
+                    log.log(message.get("level", logging.INFO), message.get("message", ""))
                 elif "results" in message:
                     out = []
                     for header, size in zip(message["results"], message["bytes"], strict=True):
@@ -612,7 +624,12 @@ class _SocketLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(OSError, ValueError):
-            self.stream.write(json.dumps({"log": self.format(record)}).encode() + b"\n")
+            line = {
+                "log": self.format(record),
+                "level": record.levelno,
+                "message": record.getMessage(),
+            }
+            self.stream.write(json.dumps(line).encode() + b"\n")
             self.stream.flush()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -74,6 +75,37 @@ def test_missing_images_exit_2_and_the_others_are_still_answered(workflow_run, c
     assert main(["embed", missing]) == 2  # nothing to embed: no model is loaded
     assert main(["embed", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_second_predict_uses_the_worker_the_first_started(
+    workflow_run, workers, capsys, monkeypatch, tmp_path
+):
+    """predict leaves its worker waiting (worker.idle): the next call loads no model, and both
+    print what computing in the command's own process prints (worker.enabled: false), each
+    image by the name it was given, in that order."""
+    monkeypatch.setattr(tempfile, "tempdir", str(workers.tmp))
+    alpha = workflow_run["images"] / "alpha"
+    images = [str(alpha / "a2.png"), str(alpha / "a1.jpg"), f"{alpha}/../alpha/a2.png"]
+    config = str(workflow_run["config"])
+    printed = []
+    for _ in range(2):
+        assert main(["predict", *images, "--configfile", config, "--json", "--topk", "3"]) == 0
+        printed.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert workers.started() == 1 and workers.logs().count(" runs folder ") == 2
+    here = yaml.safe_load(workflow_run["config"].read_text()) | {"worker": {"enabled": False}}
+    (tmp_path / "here.yaml").write_text(yaml.safe_dump(here))
+    argv = ["predict", *images, "--configfile", str(tmp_path / "here.yaml"), "--json"]
+    assert main([*argv, "--topk", "3"]) == 0
+    computed_here = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert workers.started() == 1
+    assert [line["image"] for line in computed_here] == images  # in the order given
+    assert computed_here[0]["topk"] == computed_here[2]["topk"]  # one file by two names
+    for lines in printed:
+        assert [line["image"] for line in lines] == images
+        assert [line["label"] for line in lines] == [line["label"] for line in computed_here]
+        for line, other in zip(lines, computed_here, strict=True):
+            assert [t[0] for t in line["topk"]] == [t[0] for t in other["topk"]]
+            assert np.allclose([t[1] for t in line["topk"]], [t[1] for t in other["topk"]])
 
 
 def test_predict_json_lines_and_topk(workflow_run, capsys):
