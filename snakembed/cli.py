@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, parents=[common])
+        p = sub.add_parser(name, help=help, description=help, parents=[common], allow_abbrev=False)
+        p.set_defaults(command_parser=p)  # its own usage for what it does not take
+        return p
 
     def results_option(
         p: argparse.ArgumentParser,
@@ -111,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     predict = images_command("predict", "Print the most likely labels of images.")
-    predict.add_argument("--topk", type=int, help="how many labels per image (default: config)")
+    predict.add_argument(
+        "--topk", type=_positive, help="how many labels per image, in --json (default: config)"
+    )
     predict.add_argument(
         "--head",
         metavar="FILE",
@@ -126,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         "as the results' run embedded them), by cosine similarity.",
     )
     results_option(query)
-    query.add_argument("--top", type=int, default=10, metavar="K", help="hits per image (10)")
+    query.add_argument("--top", type=_positive, default=10, metavar="K", help="hits per image (10)")
     query.add_argument(
         "--folder", metavar="F", help="search only folder F and the folders below it"
     )
@@ -184,6 +188,17 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argument that is a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 #: ``predict`` and ``embed`` trace the network (1-4 s, repaid by 1.4-2.4x faster batches on
 #: the CPU) only for more images than this.
 _TRACE_FROM = 256
@@ -218,7 +233,7 @@ def _config(args: argparse.Namespace, settings: dict | None = None) -> dict:
             overrides["classify"] = {"head": settings["classify"]}
     if getattr(args, "device", None):
         overrides["device"] = args.device
-    if getattr(args, "topk", None):
+    if getattr(args, "topk", None) is not None:
         merge_config(overrides, {"classify": {"topk": args.topk}})
     return load_config(args.configfile, overrides)
 
@@ -240,13 +255,17 @@ def _embed(
 
     images = [image for image in args.images if Path(image).is_file()]
     missing = {image: _missing(image) for image in args.images if image not in images}
-    for image, reason in missing.items():
-        print(f"snakembed: {image}: {reason}", file=sys.stderr)
     if not images:
         return None, None, missing
     # a handful of images: the network as it is, without the trace's seconds
     config = {**config, "optimize": config["optimize"] and len(images) > _TRACE_FROM}
-    result, predictions = compute_images(images, config, head=head)
+    library = logging.getLogger("snakembed")
+    level = library.level
+    library.setLevel(logging.ERROR)  # its lines name failed images by absolute path: see _answer
+    try:
+        result, predictions = compute_images(images, config, head=head)
+    finally:
+        library.setLevel(level)
     return result, predictions, missing
 
 
@@ -262,11 +281,23 @@ def _missing(image: str) -> str:
     return "no such file; check the path"
 
 
-def _report_failures(failed: dict[str, str], missing: dict[str, str], as_json: bool) -> int:
-    """Failures are logged to stderr as they happen; with --json they are also lines. Exit
-    status: 2 for a missing file, 1 for an unreadable one, else 0."""
-    if as_json:
-        for image, reason in {**missing, **failed}.items():
+def _answer(
+    args: argparse.Namespace,
+    answers: dict[str, tuple[dict, str]],
+    failed: dict[str, str],
+    missing: dict[str, str],
+) -> int:
+    """Print each image's answer (``{image: (its JSON fields, its plain text)}``), or why it
+    has none (a line on stderr, and with --json a line on stdout), in the order given, once per
+    time it was given. Exit status: 2 for a missing file, 1 for an unreadable one, else 0."""
+    for image in args.images:
+        if image in answers:
+            fields, text = answers[image]
+            print(json.dumps({"image": image, **fields}) if args.json else text)
+            continue
+        reason = missing.get(image) or failed.get(image) or "not computed"
+        print(f"snakembed: {image}: {reason}", file=sys.stderr)
+        if args.json:
             print(json.dumps({"image": image, "error": reason}))
     return _ASKED if missing else _UNREADABLE if failed else 0
 
@@ -313,34 +344,35 @@ def _predict(args: argparse.Namespace) -> int:
     config = _with_head(config, name)
     result, predictions, missing = _embed(args, config, bool(args.results), head_file)
     if result is None:
-        return _report_failures({}, missing, args.json)
+        return _answer(args, {}, {}, missing)
     _check_results(args, result.meta)
+    answers = {}
     for i, image in enumerate(predictions.ids):
         topk = [
             [str(lab), round(float(s), 6)]
             for lab, s in zip(predictions.labels[i], predictions.scores[i], strict=True)
         ]
-        if args.json:
-            print(
-                json.dumps({"image": image, "label": topk[0][0], "score": topk[0][1], "topk": topk})
-            )
-        else:
-            print(f"{image}\t{topk[0][0]}\t{topk[0][1]:.4f}")
-    return _report_failures(result.failed, missing, args.json)
+        answers[image] = (
+            {"label": topk[0][0], "score": topk[0][1], "topk": topk},
+            f"{image}\t{topk[0][0]}\t{topk[0][1]:.4f}",
+        )
+    return _answer(args, answers, result.failed, missing)
 
 
 def _embed_command(args: argparse.Namespace) -> int:
     config = _with_head(_config(args, _settings(args)), "none")
     result, _, missing = _embed(args, config, bool(args.results))
     if result is None:
-        return _report_failures({}, missing, args.json)
+        return _answer(args, {}, {}, missing)
     _check_results(args, result.meta)
-    for image, vector in zip(result.ids, result.vectors, strict=True):
-        if args.json:
-            print(json.dumps({"image": image, "embedding": vector.tolist()}))
-        else:
-            print(image + "\t" + " ".join(repr(float(v)) for v in vector.reshape(-1)))
-    return _report_failures(result.failed, missing, args.json)
+    answers = {
+        image: (
+            {"embedding": vector.tolist()},
+            image + "\t" + " ".join(repr(float(v)) for v in vector.reshape(-1)),
+        )
+        for image, vector in zip(result.ids, result.vectors, strict=True)
+    }
+    return _answer(args, answers, result.failed, missing)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -356,17 +388,19 @@ def _query(args: argparse.Namespace) -> int:
             raise ValueError(f"no folder {args.folder!r} in {store.results}; see `snakembed info`")
     vectors, failed, missing = _query_vectors(args, store)
     found = search(store, list(vectors.values()), top=args.top, folders=folders) if vectors else []
-    for image, hits in zip(vectors, found, strict=True):
-        if args.json:
-            rows = [
-                {"path": h.path, "folder": h.folder, "image_id": h.image_id, "score": h.score}
-                for h in hits
-            ]
-            print(json.dumps({"image": image, "hits": rows}))
-        else:
-            print(image)
-            print("\n".join(f"  {h.score:.4f}\t{h.path}" for h in hits))
-    return _report_failures(failed, missing, args.json)
+    answers = {
+        image: (
+            {
+                "hits": [
+                    {"path": h.path, "folder": h.folder, "image_id": h.image_id, "score": h.score}
+                    for h in hits
+                ]
+            },
+            "\n".join([image, *(f"  {h.score:.4f}\t{h.path}" for h in hits)]),
+        )
+        for image, hits in zip(vectors, found, strict=True)
+    }
+    return _answer(args, answers, failed, missing)
 
 
 def _query_vectors(args: argparse.Namespace, store) -> tuple[dict, dict, dict]:
@@ -570,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = f"; give the results folder as --results {unknown[0]}"
         elif args.command == "run" and unknown[0].startswith("-"):
             hint = f"; Snakemake's own options go after --: snakembed run IMAGES -- {unknown[0]}"
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if snakemake_args and args.command != "run":
         parser.error(f"only `snakembed run` takes arguments after --, not {args.command}")
     args.snakemake_args = snakemake_args

@@ -229,6 +229,8 @@ def _unknown_keys(err) -> list[str]:
         close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
         before, colon, after = str(name).partition(":")
         if dot and section in known:
+            inside = sorted(properties[section].get("properties", {}))
+            sub = (difflib.get_close_matches(sub, inside, n=1, cutoff=0.6) or [sub])[0]
             fix = f"give it inside its section, as {section}: {{{sub}: VALUE}}"
         elif colon and before in known:  # {name:resnet18} is one key in YAML
             fix = f"put a space after the colon, as {{{before}: {after}}}"
@@ -301,6 +303,14 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             config = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise ConfigError(
+                f"config file {path} is not valid YAML{where}: {problem}; fix the file "
+                "(`snakembed config` prints a valid one)"
+            ) from exc
         if not isinstance(config, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {config!r}")
     merge_config(config, overrides or {})

@@ -74,8 +74,10 @@ class Models:
         self, config: dict, threads: int | None = None, device: str | None = None
     ) -> Embedder:
         """The config's :class:`~snakembed.embed.Embedder` (on ``device`` when given), built
-        on first use; a later call without ``device`` gets the same one."""
-        key = json.dumps([config, threads], sort_keys=True)
+        on first use; a later call without ``device`` gets the same one, whatever its
+        ``classify`` settings (which the network does not use)."""
+        network = {key: value for key, value in config.items() if key != "classify"}
+        key = json.dumps([network, threads], sort_keys=True)
         with self._lock:
             if self._embedder is None or self._embedder[0] != key:
                 self._embedder = (key, Embedder(config, threads=threads, device=device))
@@ -283,15 +285,15 @@ def compute_images(
     second call costs no model loading; else in this process.
 
     Args:
-        images: image files, named as the caller names them (the ids of the result; a file
-            named twice, or by two names, is computed once).
+        images: image files, named as the caller names them: the ids of the result, one row
+            for each (a file named twice, or by two names, is computed once).
         config: a validated configuration; ``classify.head: none`` predicts nothing.
         head: a trained head's file (see :func:`run_folder`).
         threads: CPU threads (default: ``threads``).
 
     Returns:
         The embeddings of the images that could be read, in the order given (``failed``: the
-        others, with the reason; no patch vectors), and their predictions.
+        others, with the reason, by name; no patch vectors), and their predictions.
 
     Example:
         >>> result, predictions = compute_images(["demo/images/animals/chelsea.jpg"],
@@ -303,9 +305,9 @@ def compute_images(
 
     # each image as (absolute folder, file name); each folder a part with no earlier file
     # (os.devnull holds no embeddings)
-    keys = {image: os.path.split(os.path.abspath(image)) for image in map(str, images)}
+    keys = [(image, os.path.split(os.path.abspath(image))) for image in map(str, images)]
     folders: dict[str, dict[str, None]] = {}
-    for folder, name in keys.values():
+    for _, (folder, name) in keys:
         folders.setdefault(folder, {})[name] = None
     parts = [{"folder": f, "names": list(n), "output": os.devnull} for f, n in folders.items()]
     request = {"images_root": "/", "head": str(head) if head else None, "parts": parts}
@@ -314,8 +316,8 @@ def compute_images(
     for part, (embeddings, _) in zip(parts, computed, strict=True):
         row |= {(part["folder"], name): len(row) + i for i, name in enumerate(embeddings.ids)}
         why |= {(part["folder"], name): reason for name, reason in embeddings.failed.items()}
-    ids = [image for image, key in keys.items() if key in row]
-    rows = np.array([row[keys[image]] for image in ids], np.int64)
+    ids = [image for image, key in keys if key in row]
+    rows = np.array([row[key] for _, key in keys if key in row], np.int64)
     joined = _joined([embeddings for embeddings, _ in computed])  # (one part at least)
     result = Embeddings(
         ids=ids,
@@ -324,7 +326,7 @@ def compute_images(
         width=joined.width[rows],
         height=joined.height[rows],
         vectors=joined.vectors[rows],
-        failed={image: why[key] for image, key in keys.items() if key in why},
+        failed={image: why[key] for image, key in keys if key in why},
         meta=computed[0][0].meta,
     )
     predictions = [p for _, p in computed]

@@ -41,6 +41,7 @@ import logging
 import os
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def identity(
     if weights_sha256 is None:
         weights_sha256 = files["weights_sha256"]
     return {
-        "config": config,
+        "config": {key: value for key, value in config.items() if key not in _PER_REQUEST},
         "threads": threads,
         "python": sys.executable,
         "code": _code_sha256(),
@@ -157,6 +158,18 @@ def identity(
         "environment": {name: os.environ.get(name) for name in _ENVIRONMENT},
     }
 
+
+#: Config sections that are not part of a worker's identity: ``classify`` comes with each
+#: request (one worker answers ``predict --topk 3`` and ``embed`` alike), and ``worker`` says
+#: how workers are found and how long they wait, not what they compute.
+_PER_REQUEST = ("classify", "worker")
+
+#: The errors a worker sends back by kind, which the CLI raises again as such (what was asked
+#: wrong: a head file, a layer without a classifier); a job shows the worker's traceback.
+_KINDS = {
+    kind.__name__: kind
+    for kind in (FileNotFoundError, PermissionError, OSError, KeyError, LookupError, ValueError)
+}
 
 _CODE: list[str] = []
 
@@ -242,6 +255,7 @@ def compute_served(
     from .pipeline import compute_folders
 
     threads = threads or config["threads"]
+    request = {**request, "classify": config["classify"]}
     if job:
         log_to_stderr()
     if config["worker"]["enabled"]:
@@ -256,15 +270,15 @@ def compute_served(
                 log.info("computing here instead: %s", exc)
     if before_here is not None:
         before_here()
-    computed = compute_folders(
-        **_folder_arguments(request), config=config, threads=threads, models=models
-    )
+    computed = compute_folders(**_folder_arguments(request, config), threads=threads, models=models)
     return computed, False
 
 
-def _folder_arguments(request: dict) -> dict:
-    """The arguments of :func:`~snakembed.pipeline.compute_folders` that a request gives."""
-    return {key: request[key] for key in ("images_root", "parts", "head")}
+def _folder_arguments(request: dict, config: dict) -> dict:
+    """The arguments of :func:`~snakembed.pipeline.compute_folders` that a request gives, and
+    ``config`` with the request's ``classify`` settings."""
+    arguments = {key: request[key] for key in ("images_root", "parts", "head")}
+    return {**arguments, "config": {**config, "classify": request["classify"]}}
 
 
 def shared(config: dict) -> bool:
@@ -545,6 +559,8 @@ def _relay(conn: socket.socket, request: dict, ident: dict, job: bool = True) ->
                             raise WorkerUnavailable("the worker stopped while it sent its results")
                         out.append(_unpack(header, payload))
                     return out
+                elif "error" in message and not job and message.get("kind") in _KINDS:
+                    raise _KINDS[message["kind"]](message["message"])
                 elif "error" in message:
                     raise RuntimeError(f"embedding {_named(request)} failed:\n{message['error']}")
         except (OSError, ValueError) as exc:
@@ -603,6 +619,15 @@ def _unpack(header: dict, payload: bytes) -> tuple:
             list(header["ids"]), arrays["labels"], arrays["scores"], header["head"]
         )
     return result, predictions
+
+
+def _kind(exc: BaseException) -> dict:
+    """An error's kind among ``_KINDS`` and its message, for the CLI to raise again."""
+    for name, kind in _KINDS.items():
+        if isinstance(exc, kind):
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            return {"kind": name, "message": text}
+    return {}
 
 
 def _identity_difference(served: dict | None, ident: dict) -> str:
@@ -738,7 +763,7 @@ def serve(
                 with contextlib.suppress(OSError), conn:
                     counts.done(_serve_one(conn, hello, config, threads, models))
     except BaseException as exc:
-        why = f"{type(exc).__name__}: {exc}"
+        why = str(exc) if isinstance(exc, _Stopped) else f"{type(exc).__name__}: {exc}"
         raise
     finally:
         server.close()
@@ -828,8 +853,7 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
             request = json.loads(line)
             log.info("worker %d runs %s", os.getpid(), _named(request))
             computed = compute_folders(
-                **_folder_arguments(request),
-                config=config,
+                **_folder_arguments(request, config),
                 threads=threads,
                 models=models,
                 cancelled=hangup.gone.is_set,
@@ -843,8 +867,8 @@ def _serve_one(conn: socket.socket, hello: bytes, config: dict, threads: int, mo
             log.removeHandler(handler)
             log.warning("worker %d dropped %s: %s", os.getpid(), _named(request), exc)
             return 0
-        except Exception:  # noqa: BLE001 - reported to the job, the worker goes on
-            reply = {"error": traceback.format_exc()}
+        except Exception as exc:  # noqa: BLE001 - reported to the job, the worker goes on
+            reply = {"error": traceback.format_exc(), **_kind(exc)}
         finally:
             hangup.close()
             log.removeHandler(handler)
@@ -861,8 +885,20 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service", type=int, default=0)
     args = parser.parse_args(argv)
     config = json.loads(Path(args.config).read_text())
-    serve(config, args.socket, args.threads, service=args.service)
+    signal.signal(signal.SIGTERM, _terminated)  # leave as after Ctrl-C: files removed, said why
+    try:
+        serve(config, args.socket, args.threads, service=args.service)
+    except _Stopped:
+        return 128 + signal.SIGTERM
     return 0
+
+
+class _Stopped(BaseException):
+    """A signal to stop (not an error of the folder being served, which the job is told)."""
+
+
+def _terminated(signum: int, frame) -> None:
+    raise _Stopped(f"stopped by {signal.Signals(signum).name}")
 
 
 if __name__ == "__main__":

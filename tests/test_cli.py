@@ -92,6 +92,18 @@ def test_a_second_predict_uses_the_worker_the_first_started(
         assert main(["predict", *images, "--configfile", config, "--json", "--topk", "3"]) == 0
         printed.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     assert workers.started() == 1 and workers.logs().count(" runs folder ") == 2
+    # other classify settings, and embed, are answered by the same worker
+    assert main(["predict", images[0], "--configfile", config, "--json", "--topk", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["topk"]) == 2
+    assert main(["embed", images[0], "--configfile", config]) == 0
+    capsys.readouterr()
+    assert workers.started() == 1 and workers.logs().count(" runs folder ") == 4
+    # what was asked wrong comes back from the worker as one line, exit 2
+    fake = tmp_path / "fake.npz"
+    fake.write_text("not a head")
+    assert main(["predict", images[0], "--configfile", config, "--head", str(fake)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(fake) in err and "Traceback" not in err
     here = yaml.safe_load(workflow_run["config"].read_text()) | {"worker": {"enabled": False}}
     (tmp_path / "here.yaml").write_text(yaml.safe_dump(here))
     argv = ["predict", *images, "--configfile", str(tmp_path / "here.yaml"), "--json"]
@@ -145,6 +157,28 @@ def test_predict_reports_unreadable_images(workflow_run, capsys, tmp_path):
     assert "not an image" in lines[1]["error"]
 
 
+def test_each_image_is_answered_where_and_as_often_as_it_was_given(workflow_run, capsys, tmp_path):
+    """Answers and errors in the order given, a repeated image each time, errors by the name
+    typed (stderr, and --json lines in their place)."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no")
+    good = str(workflow_run["images"] / "alpha" / "a1.jpg")
+    missing = str(tmp_path / "typo.jpg")
+    asked = [good, missing, str(bad), good]
+    config = str(workflow_run["config"])
+    assert main(["predict", *asked, "--configfile", config, "--json"]) == 2
+    captured = capsys.readouterr()
+    lines = [json.loads(x) for x in captured.out.splitlines()]
+    assert [line["image"] for line in lines] == asked
+    assert [("error" in line) for line in lines] == [False, True, True, False]
+    assert lines[0] == lines[3]
+    errors = captured.err.splitlines()
+    assert errors == [f"snakembed: {missing}: no such file; check the path", errors[1]]
+    assert errors[1].startswith(f"snakembed: {bad}: not an image")
+    assert main(["embed", good, good, "--configfile", config]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
 def test_predict_plain_output(workflow_run, capsys):
     image = workflow_run["images"] / "top.jpg"
     assert main(["predict", str(image), "--configfile", str(workflow_run["config"])]) == 0
@@ -157,6 +191,28 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"batch_size": -1}))
     assert main(["embed", "x.jpg", "--configfile", str(config)]) == 2
     assert "batch_size" in capsys.readouterr().err
+    config.write_text("model: [\n")
+    assert main(["embed", "x.jpg", "--configfile", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {config} is not valid YAML at line 2" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv", [["predict", "x.jpg", "--topk", "0"], ["query", "x.jpg", "--top", "-1"]]
+)
+def test_a_count_below_one_is_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "is not a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_what_a_command_does_not_take_is_refused_with_its_own_usage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", "x.jpg", "--top", "3"])  # --topk's beginning: not taken for it
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: snakembed predict") and "unrecognized arguments: --top 3" in err
 
 
 def test_info(workflow_run, capsys):

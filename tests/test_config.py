@@ -72,6 +72,7 @@ def test_the_shipped_config_is_the_defaults():
         ({"decode": "nvjpeg"}, "decode", "'nvjpeg'", "'auto', 'pillow', 'torchvision'"),
         ({"worker": {"shared": "nope"}}, "worker.shared", "'nope'", "use auto, true or false"),
         ({"worker": {"services": 0}}, "worker.services", "0", "minimum of 1"),
+        ({"worker.idel": 3}, "worker.idel", "unknown", "as worker: {idle: VALUE}"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, key, value, allowed):

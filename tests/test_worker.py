@@ -81,21 +81,34 @@ def test_without_a_private_temporary_folder_each_job_embeds_itself(tmp_path):
     assert list(shared.iterdir()) == []
 
 
-def test_a_worker_leaves_when_idle(tmp_path):
+@pytest.mark.parametrize("stop", ["idle", "SIGTERM"])
+def test_a_worker_leaves_when_idle_or_stopped_and_says_why(tmp_path, stop):
+    """It removes its socket and pid file, and its last log line says why it left."""
+    import signal
+
     from snakembed.config import load_config
 
     config = load_config(overrides={"model": {"name": "resnet18", "weights": "none"}})
-    config["worker"]["idle"] = 0.5
+    config["worker"]["idle"] = 0.5 if stop == "idle" else 600
     (tmp_path / "config.json").write_text(json.dumps(config))
     sock = tmp_path / "w.sock"
+    sock.with_suffix(".pid").write_text("0")  # as the job that starts it writes it
     args = ["--config", str(tmp_path / "config.json"), "--socket", str(sock), "--threads", "1"]
-    process = subprocess.Popen([sys.executable, "-m", "snakembed.worker", *args])
+    log = tmp_path / "w.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "snakembed.worker", *args], stdout=out, stderr=out
+        )
     deadline = time.monotonic() + 60
     while not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sock.exists()  # listening once its model is loaded
-    assert process.wait(timeout=30) == 0
-    assert not sock.exists()
+    if stop == "SIGTERM":
+        process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert not sock.exists() and not sock.with_suffix(".pid").exists()
+    why = "no job came for 0.5 s" if stop == "idle" else "stopped by SIGTERM"
+    assert log.read_text().splitlines()[-1].endswith(why)
 
 
 def _fake_worker(sock_path: Path, hello: dict, then) -> threading.Thread:

@@ -31,8 +31,10 @@ def pretrained(config: dict, backbone: Backbone | None = None) -> LinearHead:
         backbone = backbone_from_config(config["model"])
     if backbone.classifier is None or not backbone.categories:
         raise ValueError(
-            f"model {backbone.name!r} has no classifier of its own; "
-            "set classify.head to none or to a trained head"
+            f"model {backbone.name!r} has no classifier of its own at its layer "
+            f"{backbone.layer!r}, so the pretrained head has no classes to give: classify "
+            "with a trained head (classify.head: linear or knn; snakembed predict --head FILE), "
+            "or take the vectors alone (classify.head: none; snakembed embed)"
         )
     weight = backbone.classifier.weight.detach().float().numpy()
     bias = backbone.classifier.bias
