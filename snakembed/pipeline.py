@@ -298,7 +298,7 @@ def compute_images(
     Example:
         >>> result, predictions = compute_images(["demo/images/animals/chelsea.jpg"],
         ...                                      config)  # doctest: +SKIP
-        >>> predictions.label
+        >>> predictions.label  # doctest: +SKIP
         ['tabby, tabby cat']
     """
     from .worker import compute_served
