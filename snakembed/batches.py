@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from .buckets import is_bucket
 from .images import ImageError, Preprocess, check_size, decode_image, read_image_bytes
 from .patches import PatchGrid
 
@@ -78,17 +79,35 @@ class Decoder:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        item: dict = {"index": index}
         try:
             data = read_image_bytes(self.paths[index])
-            if self.known:  # decode_image hashes the bytes too; only hash first to match
-                digest = hashlib.sha256(data).hexdigest()
-                if digest in self.known:
-                    return {**item, "sha256": digest, "known": True}
-            return self.decode(item, data)
         except ImageError as exc:
-            item["error"] = str(exc)
-        return item
+            return {"index": index, "error": str(exc)}
+        return self._item(index, data)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """A batch's items (DataLoader asks for a batch at once): objects in a bucket are read
+        with many requests in flight (see :func:`snakembed.buckets.read_objects`)."""
+        if not any(is_bucket(self.paths[i]) for i in indices):
+            return [self[i] for i in indices]
+        from .buckets import read_objects
+
+        items = []
+        urls = [str(self.paths[i]) for i in indices]
+        for index, data in zip(indices, read_objects(urls), strict=True):
+            if isinstance(data, OSError):
+                items.append({"index": index, "error": f"cannot read file: {data}"})
+            else:
+                items.append(self._item(index, data))
+        return items
+
+    def _item(self, index: int, data: bytes) -> dict:
+        item: dict = {"index": index}
+        if self.known:  # decode_image hashes the bytes too; only hash first to match
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in self.known:
+                return {**item, "sha256": digest, "known": True}
+        return self.decode(item, data)
 
     def decode(self, item: dict, data: bytes) -> dict:
         """Fill ``item`` with the pixels of ``data`` (or the reason it has none)."""
@@ -127,7 +146,7 @@ def pillow_batches(decoder: Decoder, batch_size: int, workers: int, pin: bool) -
     if workers == 0:
         for start in range(0, len(decoder), batch_size):
             end = min(start + batch_size, len(decoder))
-            yield _collate([decoder[i] for i in range(start, end)])
+            yield _collate(decoder.__getitems__(range(start, end)))
         return
     from torch.utils.data import DataLoader
 

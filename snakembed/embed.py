@@ -21,6 +21,7 @@ import numpy as np
 
 from .backbones import Backbone, backbone_from_config, is_local_weights, model_file_hashes
 from .batches import DecodeCounts, Decoder, pillow_batches, tensor_batches
+from .buckets import root_path
 from .config import numbers_fingerprint, resolved
 from .devices import Compute, compute_from_config, device_type
 from .images import Preprocess
@@ -476,7 +477,7 @@ class Embedder:
         """
         import torch
 
-        paths = [Path(p) for p in paths]
+        paths = [root_path(p) for p in paths]  # a Path, or a BucketPath (s3://)
         ids = list(ids) if ids is not None else [p.name for p in paths]
         sources = list(sources) if sources is not None else [str(p) for p in paths]
         known = _Known(reuse)

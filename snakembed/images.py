@@ -27,6 +27,7 @@ __all__ = [
     "ImageError",
     "Preprocess",
     "DecodedImage",
+    "check_folder_names",
     "check_size",
     "discover_folders",
     "decode_image",
@@ -60,11 +61,15 @@ class Discovery:
             links, links out of the image root, files that are not regular files or cannot be
             read. They are recorded as failed in their folder's file.
         skipped: ``{relative path: reason}`` for folder links that were not followed.
+        identities: ``{folder key: {name: identity}}`` where the listing itself tells each
+            image's content apart (a bucket's size, ETag and modification time, see
+            :mod:`snakembed.buckets`); None for a local tree, whose files are looked at.
     """
 
     folders: dict[str, list[str]]
     refused: dict[str, dict[str, str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    identities: dict[str, dict[str, list]] | None = None
 
     def readable(self, folder: str) -> list[str]:
         """The folder's image names that will be read."""
@@ -157,7 +162,7 @@ def discover_folders(
             f"no image files ({', '.join(extensions)}) under {str(root)!r}; "
             "check `images:` and `extensions:` in the config"
         )
-    _check_names(found.folders)
+    check_folder_names(found.folders)
     found.folders = dict(sorted(found.folders.items()))
     found.refused = dict(sorted(found.refused.items()))
     return found
@@ -207,8 +212,21 @@ def _file_problem(entry: os.DirEntry, root_real: str, follow_external: bool) -> 
     return None
 
 
-def _check_names(folders: dict[str, list[str]]) -> None:
-    """An image and a sub-folder of the same name cannot both appear in the index."""
+def check_folder_names(folders: dict[str, list[str]]) -> None:
+    """An image and a sub-folder of the same name cannot both appear in the index.
+
+    Args:
+        folders: ``{folder key: image names}`` as discovery found them.
+
+    Raises:
+        DiscoveryError: naming the folder.
+
+    Example:
+        >>> check_folder_names({".": ["a.jpg"], "b": ["c.jpg"]})
+        >>> check_folder_names({".": ["a.jpg"], "a.jpg": ["b.jpg"]})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        snakembed.images.DiscoveryError: folder 'a.jpg' has the same name as an image beside it...
+    """
     for key in folders:
         if key == ROOT_FOLDER:
             continue
@@ -323,12 +341,17 @@ def read_image(
 
 
 def read_image_bytes(path: str | Path) -> bytes:
-    """An image file's bytes.
+    """An image file's bytes, or an object's in a bucket (``s3://...``, see
+    :mod:`snakembed.buckets`).
 
     Raises:
         ImageError: when the file cannot be read, with the reason.
     """
     try:
+        if str(path).startswith("s3://"):
+            from .buckets import read_object
+
+            return read_object(str(path))
         return Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc

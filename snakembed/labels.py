@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .buckets import root_path
+
 __all__ = ["LabelError", "Labelled", "labels_from_config", "read_labels"]
 
 #: The two splits: heads are fitted on ``train`` and their settings chosen on ``val``.
@@ -79,7 +81,7 @@ def read_labels(
     if path.is_dir():
         labelled = _read_tree(path, extensions)
     elif path.is_file():
-        labelled = _read_csv(path, Path(images_root), val_fraction)
+        labelled = _read_csv(path, root_path(images_root), val_fraction)
     else:
         raise LabelError(
             f"classify.labels: {str(source)!r} does not exist; give a CSV file of path,label "

@@ -99,6 +99,7 @@ def folder_manifest(
     change_detection: str = "stat",
     map_=map,
     settings: dict | None = None,
+    identities: dict[str, list] | None = None,
 ) -> FolderManifest:
     """The manifest of one folder, what identifies its readable images' content read now.
 
@@ -111,6 +112,8 @@ def folder_manifest(
         map_: the ``map`` that hashes files with ``checksum`` (a thread pool's, to read
             several at once).
         settings: see :class:`FolderManifest`.
+        identities: ``{name: identity}`` as the listing gave them (a bucket's, see
+            :mod:`snakembed.buckets`): used as they are, whatever ``change_detection``.
 
     Returns:
         The manifest. A file that vanished since it was listed, or cannot be read to be
@@ -123,6 +126,10 @@ def folder_manifest(
     if change_detection not in CHANGE_DETECTION:
         raise ValueError(f"change_detection: {change_detection!r} is not one of stat, checksum")
     refused = dict(refused or {})
+    settings = dict(settings or {})
+    if identities is not None:
+        images = {name: identities[name] for name in names if name not in refused}
+        return FolderManifest(str(root), folder, images, dict(sorted(refused.items())), settings)
     images = {}
     directory = Path(root) / folder
     for name in names:
@@ -144,7 +151,7 @@ def folder_manifest(
             else:
                 images[name] = [images[name][0], digest]
     refused = dict(sorted(refused.items()))
-    return FolderManifest(str(root), folder, images, refused, dict(settings or {}))
+    return FolderManifest(str(root), folder, images, refused, settings)
 
 
 def _digest(path: Path) -> str | OSError:

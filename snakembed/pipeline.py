@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import cached_sha256, scratch_folder
+from .buckets import absolute_root, root_path
 from .classify import Predictions, predict
 from .config import resolved
 from .devices import compute_from_config, precision_warning
@@ -228,13 +229,14 @@ def compute_folders(
     models = models or Models()
     embedder = models.embedder(config, threads)
     paths, sources, owners, earlier = [], [], [], []
+    root = root_path(images_root)
     for n, part in enumerate(parts):
         folder, refused = part["folder"], part.get("refused") or {}
         for name in part["names"]:
             if name in refused:
                 log.warning("%s: %s", _source(folder, name), refused[name])
             else:
-                paths.append(Path(images_root) / folder / name)
+                paths.append(root / folder / name)
                 sources.append(_source(folder, name))
                 owners.append(n)
         earlier.append(read_earlier(part["output"], embedder.meta))
@@ -624,7 +626,7 @@ def run_shard(
 def _request(shard, head: str | Path | None, group: list[tuple]) -> dict:
     """What a worker (or the job itself) computes for a group of a shard's folders."""
     return {
-        "images_root": os.path.abspath(shard.root),
+        "images_root": absolute_root(shard.root),
         "head": os.path.abspath(head) if head else None,
         "parts": [
             {

@@ -23,6 +23,7 @@ from .backbones import (
     is_local_weights,
     model_file_hashes,
 )
+from .buckets import absolute_root, is_bucket, list_tree, root_path
 from .config import RESOLVED_KEYS, ConfigError, numbers_fingerprint, validate_config
 from .devices import gpu_visible, precision_warning, resolve_compute
 from .heads import HEADS, needs_labels
@@ -89,7 +90,7 @@ class Plan:
         changes: what :meth:`write_manifests` found changed, see :class:`Changes`.
     """
 
-    images: Path
+    images: Path  # a BucketPath for a bucket (see snakembed.buckets)
     results: Path
     discovery: Discovery | None
     stems: Mapping[str, str]
@@ -153,7 +154,8 @@ class Plan:
         """
         written = 0
         checksum = self.change_detection == "checksum"
-        root = os.path.abspath(self.images)
+        root = absolute_root(self.images)
+        identities = self.discovery.identities  # a bucket's listing, else None
         folder_dir = _manifest_folder(self.results)
         old_texts = _read_texts(folder_dir)
         records = _read_records(self.results / RECORDS_DIR)
@@ -171,6 +173,7 @@ class Plan:
                         change_detection=self.change_detection,
                         map_=pool.map,
                         settings=self.settings,
+                        identities=None if identities is None else identities[key],
                     )
                     folders[key] = {
                         "digest": manifest.digest,
@@ -660,7 +663,7 @@ def plan_run(
         "classify": config["classify"],
     }
     return Plan(
-        images=Path(config["images"]),
+        images=root_path(config["images"]),
         results=results,
         discovery=discovery,
         stems=_stems(discovery, config) if discovery else {},
@@ -713,6 +716,8 @@ def _resolve(
 
 
 def _discover(config: dict) -> Discovery:
+    if is_bucket(config["images"]):
+        return list_tree(config["images"], config["extensions"])
     return discover_folders(
         config["images"],
         config["extensions"],

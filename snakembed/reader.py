@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from ._files import checked_size, texts
+from .buckets import BucketPath, is_bucket, root_path
 from .layout import (
     EMBEDDINGS,
     FOLDERS_DIR,
@@ -371,7 +372,7 @@ def tree_status(results: str | Path) -> TreeStatus:
             manifest = read_shard_manifest(path)
             planned.update({key: entry["digest"] for key, entry in manifest.folders.items()})
             shards.update(dict.fromkeys(manifest.folders, manifest.shard))
-            root = Path(manifest.root)
+            root = root_path(manifest.root)
     stored: dict[str, dict] = {}
     for pattern in ("*.json.old", "*.json"):
         for path in (results / RECORDS_DIR).glob(pattern):
@@ -452,10 +453,11 @@ class Store:
             )
         #: The folders of the last plan against the files (see :func:`tree_status`).
         self.status = tree_status(self.results)
+        #: The image root (a :class:`~snakembed.buckets.BucketPath` for a bucket).
         self.images_root: Path | None = self.status.root
         if index.is_file():
             with _reading(index), h5py.File(index, "r") as f:
-                self.images_root = self.images_root or Path(_text(f.attrs["images_root"]))
+                self.images_root = self.images_root or root_path(_text(f.attrs["images_root"]))
                 linked = [str(k) for k in json.loads(_text(f.attrs["folders"]))]
         else:
             linked = []
@@ -530,6 +532,11 @@ class Store:
         Raises:
             KeyError: naming the path, when it is not stored (and why, if it failed).
         """
+        if is_bucket(path):  # an object of a bucket's tree, by its s3:// location
+            key = BucketPath(self.images_root or "").relative(str(path))
+            if not is_bucket(self.images_root) or key is None:
+                raise KeyError(f"{path} is not under the image root {self.images_root}")
+            path = key
         path = Path(path)
         if path.is_absolute():
             if self.images_root is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from .buckets import is_bucket
 from .workflow import PROFILES, profile, snakefile, workflow_dir
 
 __all__ = ["run", "snakemake_command"]
@@ -112,7 +113,7 @@ def snakemake_command(
         cmd += ["--cores", cores or "all"]
     if configfiles:
         cmd += ["--configfile", *map(str, configfiles)]
-    images = str(_absolute(images, base))
+    images = str(images) if is_bucket(images) else str(_absolute(images, base))
     sources = [*files, *map(_config_entry, config)]
     _check_config(sources, images, results)
     for name, path in (("IMAGES", images), ("--results", str(results))):
@@ -148,7 +149,7 @@ def run(images: str | Path, results: str | Path | None = None, **options) -> int
         0
     """
     images_dir = Path(images)
-    if not images_dir.is_dir():
+    if not is_bucket(images) and not images_dir.is_dir():
         what = "not a folder" if images_dir.exists() else "no such folder"
         raise FileNotFoundError(f"IMAGES {images}: {what}; give the root of your images")
     cmd = snakemake_command(images, results, **options)
@@ -156,7 +157,9 @@ def run(images: str | Path, results: str | Path | None = None, **options) -> int
     if results_dir.exists() and not results_dir.is_dir():
         raise ValueError(f"--results {results or results_dir}: a file, not a folder; give a folder")
     inside = results_dir.resolve()
-    if inside == images_dir.resolve() or images_dir.resolve() in inside.parents:
+    if not is_bucket(images) and (
+        inside == images_dir.resolve() or images_dir.resolve() in inside.parents
+    ):
         raise ValueError(
             f"--results {results or results_dir} lies inside IMAGES {images}: choose a results "
             "folder outside the image tree (--results ../results, for example)"

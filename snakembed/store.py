@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from ._files import atomic_path, checked_size, texts
+from .buckets import absolute_root
 from .classify import Predictions
 from .config import library_versions
 from .embed import Embeddings
@@ -335,7 +336,7 @@ def _index_attrs(f: h5py.File, digests: Mapping[str, str], parents: set[str], ro
         {
             "format_version": FORMAT_VERSION,
             "snakembed_version": library_versions()["snakembed"],
-            "images_root": os.path.abspath(root),
+            "images_root": absolute_root(root),
             "folders": json.dumps(sorted(digests), ensure_ascii=False),
             # the groups' image links depend on their folders' content: what they were made from
             "parent_digests": json.dumps(
@@ -358,7 +359,7 @@ def _index_digests(path: Path, images_root: str | Path) -> dict[str, str] | None
         return None
     if int(attrs["format_version"]) != FORMAT_VERSION:
         return None
-    if _attr_text(attrs["images_root"]) != os.path.abspath(images_root):
+    if _attr_text(attrs["images_root"]) != absolute_root(images_root):
         return None
     return {key: parent_digests.get(key, "") for key in folders}
 

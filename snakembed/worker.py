@@ -11,14 +11,15 @@ use workers the same way (:func:`snakembed.pipeline.compute_images`), so that on
 command of a session loads the network.
 
 A worker serves a job only if it computes exactly what the job would compute itself. Its
-*identity* (:func:`identity`) holds everything that decides the numbers, by content: the
-config, the weights file's sha256 (a checkpoint rewritten in place is another identity), the
-custom network's source file, snakembed's code, the Python, the threads, the resolved device and
-precision, and the environment that picks weights (``TORCH_HOME``, ``HF_HOME``,
-``CUDA_VISIBLE_DEVICES``, ...). Workers are found by a hash of it, and on every connection the
-worker first sends the identity it computed from what it actually loaded; the job compares it
-with its own and computes the folders itself when they differ. A trained head is read by
-content for every request.
+*identity* (:func:`identity`) holds everything that decides the numbers, by content: the config,
+the weights file's sha256 (a checkpoint rewritten in place is another identity), the custom
+network's source file, snakembed's code, the Python, the threads, the resolved device and
+precision, the environment that picks weights (``TORCH_HOME``, ``HF_HOME``,
+``CUDA_VISIBLE_DEVICES``, ...), and a checksum of the one that says which S3 server images in a
+bucket come from, and as whom (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). Workers are
+found by a hash of it, and on every connection the worker first sends the identity it computed
+from what it actually loaded; the job compares it with its own and computes the folders itself
+when they differ. A trained head is read by content for every request.
 
 Workers live in a private folder of the system's temporary folder, serve one job at a time (a
 job holds a slot's lock while it is served; concurrent jobs use further slots, up to the CPU
@@ -86,6 +87,23 @@ _ENVIRONMENT = (
     "PYTHONPATH",
     "TORCH_HOME",
     "XDG_CACHE_HOME",
+)
+
+#: The environment that decides which S3 server a worker reads a bucket's images from, and as
+#: whom (see :mod:`snakembed.buckets`): part of the identity by a checksum, never in clear.
+_AWS_ENVIRONMENT = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
 )
 
 #: Workers this process started (reaped here, so a dead one is never taken for a live one).
@@ -156,6 +174,9 @@ def identity(
         "device": device or device_type(config["device"]),
         "precision": config["precision"],
         "environment": {name: os.environ.get(name) for name in _ENVIRONMENT},
+        "aws": hashlib.sha256(
+            json.dumps([os.environ.get(name) for name in _AWS_ENVIRONMENT]).encode()
+        ).hexdigest(),
     }
 
 

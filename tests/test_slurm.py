@@ -159,6 +159,33 @@ def test_a_rerun_submits_only_the_changed_folders_shard(runs):
         assert "new.jpg" in folder.ids()
 
 
+def test_cluster_jobs_read_a_bucket_themselves(slurm, s3_server, tmp_path):
+    """``images: s3://...`` through SLURM: the jobs on the node read the bucket with the
+    submitting environment's credentials and endpoint, and store what a local run of the same
+    tree on disk stores."""
+    from s3server import BUCKET
+
+    images = tmp_path / "images"
+    for i in range(3):
+        for j in range(2):
+            make_image(images / f"f{i}" / f"{j}.jpg", seed=10 * i + j)
+    s3_server.upload(images, "cluster")
+    settings = {"device": "cpu", "shards": {"count": 2}}
+    local = write_config(tmp_path / "local.yaml", images=str(images), results="local", **settings)
+    run_snakemake(tmp_path, local)
+    cluster = write_config(
+        tmp_path / "slurm.yaml", images=f"s3://{BUCKET}/cluster", results="slurm", **settings
+    )
+    proc = _run_slurm(tmp_path, cluster, env=s3_server.env)
+    assert len(set(SUBMITTED.findall(proc.stderr))) >= 2  # the shards ran as SLURM jobs
+    here, there = snakembed.open_store(tmp_path / "local"), snakembed.open_store(tmp_path / "slurm")
+    assert here.folders() == there.folders() == ["f0", "f1", "f2"]
+    for key in here.folders():
+        with here[key] as a, there[key] as b:
+            assert list(a.ids) == list(b.ids) and not b.failed
+            assert np.allclose(a.matrix(), b.matrix(), atol=1e-5)
+
+
 def test_a_shard_job_asks_for_memory_and_time_by_its_image_count(tmp_path):
     """No cluster needed: the resources are in the plan (a dry run shows them). Time goes by
     the shard's images, memory by its largest folder's (one folder is held at a time)."""

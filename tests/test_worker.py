@@ -314,3 +314,22 @@ def test_shared_workers_give_every_folder_the_results_of_jobs_alone(tmp_path, wo
     run_snakemake(tmp_path, served, env=workers.env)
     log = shard_log(tmp_path / "served", "f2")
     assert "f2: 3 images stored (1 embedded, 2 reused)" in log
+
+
+def test_a_worker_reads_buckets_only_for_the_same_server_and_identity(monkeypatch):
+    """Another S3 endpoint or key is another worker; the secret never appears in the
+    identity (which workers send on every connection)."""
+    from snakembed.config import load_config
+    from snakembed.worker import identity
+
+    config = load_config(overrides={"model": {"name": "resnet18", "weights": "none"}})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    first = identity(config, 1)
+    assert "very-secret-value" not in json.dumps(first)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
+    assert identity(config, 1) != first
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    assert identity(config, 1) == first
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another")
+    assert identity(config, 1) != first

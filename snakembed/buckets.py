@@ -1,0 +1,327 @@
+"""Image trees in S3 buckets (AWS S3, MinIO, Ceph, SeaweedFS, ...): listing and reading.
+
+An image root ``s3://BUCKET/PREFIX`` is read as a local tree is: its folders are the key
+prefixes under ``PREFIX`` that directly hold image objects, keyed as local folders are
+(``s3://photos/tree/people/astronaut.jpg`` is image ``astronaut.jpg`` of folder ``people``).
+The plan lists the bucket once (paginated ListObjectsV2), and what the listing says of each
+object (size, ETag, modification time) is its identity in the folder's manifest: a new ETag
+reruns its folder, with no request per object. The folder jobs read the objects, many requests
+in flight, retried with backoff on throttling, server errors and timeouts (botocore's
+``standard`` retry mode); an object that still cannot be read is a failed image with the
+server's reason. Nothing is copied to local disk.
+
+Credentials, region and endpoint come from the standard AWS sources, never from the config:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
+``~/.aws/config``, ``AWS_REGION``, and ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for
+servers other than AWS. boto3 (``pip install snakembed[s3]``) does the talking.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from .images import DiscoveryError, check_folder_names
+
+__all__ = [
+    "BucketError",
+    "BucketUnavailable",
+    "BucketPath",
+    "SCHEME",
+    "absolute_root",
+    "is_bucket",
+    "list_tree",
+    "read_object",
+    "read_objects",
+    "root_path",
+]
+
+#: How an image root in a bucket begins.
+SCHEME = "s3://"
+
+#: Requests in flight at once when a batch of objects is read.
+READ_CONCURRENCY = 32
+
+#: Prefixes listed at once at planning.
+LIST_CONCURRENCY = 8
+
+
+class BucketError(DiscoveryError):
+    """A bucket that cannot be listed as it is; the message names the setting to fix."""
+
+
+class BucketUnavailable(RuntimeError):
+    """The S3 server could not be reached or kept failing after the retries: the job stops
+    (its folders are computed by the next run), instead of storing every image as failed."""
+
+
+class BucketPath(str):
+    """An ``s3://`` location that joins as a :class:`~pathlib.Path` does.
+
+    Example:
+        >>> BucketPath("s3://photos/tree") / "people" / "astronaut.jpg"
+        's3://photos/tree/people/astronaut.jpg'
+        >>> BucketPath("s3://photos/tree/").name
+        'tree'
+    """
+
+    def __truediv__(self, other) -> BucketPath:
+        part = str(other)
+        if part in ("", "."):
+            return self
+        return BucketPath(f"{self.rstrip('/')}/{part.lstrip('/')}")
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rpartition("/")[2]
+
+    def relative(self, location: str) -> str | None:
+        """``location``'s key below this one, or None when it is not below it."""
+        base = self.rstrip("/") + "/"
+        return location[len(base) :] if location.startswith(base) else None
+
+
+def is_bucket(root) -> bool:
+    """Whether an image root (or an image) is in a bucket (``s3://...``).
+
+    Example:
+        >>> is_bucket("s3://photos/tree"), is_bucket("demo/images")
+        (True, False)
+    """
+    return str(root).startswith(SCHEME)
+
+
+def root_path(root):
+    """An image root as the library joins it: a :class:`BucketPath` for a bucket, else a
+    :class:`~pathlib.Path`.
+
+    Example:
+        >>> root_path("s3://photos/tree") / "a.jpg", root_path("demo/images") / "a.jpg"
+        ('s3://photos/tree/a.jpg', PosixPath('demo/images/a.jpg'))
+    """
+    from pathlib import Path
+
+    return BucketPath(str(root)) if is_bucket(root) else Path(root)
+
+
+def absolute_root(root) -> str:
+    """An image root as recorded (manifests, the index): a bucket's location as it is, a
+    folder's absolute path.
+
+    Example:
+        >>> absolute_root("s3://photos/tree"), absolute_root("/data/photos/")
+        ('s3://photos/tree', '/data/photos')
+    """
+    return str(root) if is_bucket(root) else os.path.abspath(root)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``(bucket, key)`` of an ``s3://`` location.
+
+    Raises:
+        BucketError: when it names no bucket.
+
+    Example:
+        >>> split_url("s3://photos/tree/a.jpg"), split_url("s3://photos")
+        (('photos', 'tree/a.jpg'), ('photos', ''))
+    """
+    bucket, _, key = str(url)[len(SCHEME) :].partition("/")
+    if not is_bucket(url) or not bucket:
+        raise BucketError(f"{url!r} names no bucket: give images as s3://BUCKET/PREFIX")
+    return bucket, key
+
+
+_CLIENTS: dict[int, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _client():
+    """This process's S3 client (thread-safe; one per process, since a forked decoding
+    process must not share its parent's connections)."""
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(os.getpid())
+        if client is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError as exc:
+                raise BucketError(
+                    "images in a bucket need boto3: pip install 'snakembed[s3]'"
+                ) from exc
+            # AWS_RETRY_MODE and AWS_MAX_ATTEMPTS, where set, as botocore reads them
+            retries = {
+                "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+            }
+            config = Config(
+                max_pool_connections=READ_CONCURRENCY * 2,
+                retries=retries,
+                connect_timeout=10,
+                read_timeout=60,
+            )
+            client = boto3.session.Session().client("s3", config=config)
+            _CLIENTS.clear()
+            _CLIENTS[os.getpid()] = client
+        return client
+
+
+def _reason(exc: Exception, url: str) -> str:
+    """One line for what a bucket's server (or the way to it) said, with the fix."""
+    from botocore import exceptions as botocore
+
+    if isinstance(exc, botocore.NoCredentialsError | botocore.PartialCredentialsError):
+        return (
+            f"no AWS credentials to read {url}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        )
+    if isinstance(exc, botocore.EndpointConnectionError | botocore.ConnectTimeoutError):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "AWS's endpoint"
+        return f"cannot reach the S3 server for {url} ({where}): check AWS_ENDPOINT_URL"
+    if isinstance(exc, botocore.ClientError):
+        error = exc.response.get("Error", {})
+        code, message = error.get("Code", "?"), error.get("Message") or ""
+        bucket = split_url(url)[0]
+        fixes = {
+            "NoSuchBucket": f"bucket {bucket!r} does not exist there: check `images:`",
+            "AccessDenied": "these credentials may not read it: check AWS_ACCESS_KEY_ID or "
+            "AWS_PROFILE, and the bucket's policy",
+            "InvalidAccessKeyId": "the server knows no such key: check AWS_ACCESS_KEY_ID",
+            "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
+        }
+        fix = fixes.get(code, "")
+        return f"{url}: {code}{': ' + message if message else ''}{'; ' + fix if fix else ''}"
+    return f"{url}: {type(exc).__name__}: {exc}"
+
+
+def list_tree(root: str, extensions: Sequence[str]):
+    """The folders of the image tree at ``root`` (``s3://BUCKET/PREFIX``), from one listing.
+
+    Hidden keys (a part starting with ``.``) and keys without an image ending are skipped, as
+    in a local tree; "folder" markers (keys ending in ``/``) are not images.
+
+    Args:
+        root: the image root.
+        extensions: file endings that count as images, compared case-insensitively.
+
+    Returns:
+        A :class:`~snakembed.images.Discovery` whose ``identities`` hold each image's
+        ``[size, ETag, modification time]``.
+
+    Raises:
+        BucketError: when the bucket cannot be listed (credentials, endpoint, a missing
+            bucket, a denied prefix), naming the fix; or holds no image under ``root``.
+
+    Example:
+        >>> list_tree("s3://photos/tree", [".jpg"]).folders  # doctest: +SKIP
+        {'animals': ['chelsea.jpg'], 'people': ['astronaut.jpg']}
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .images import Discovery
+
+    bucket, prefix = split_url(root)
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    suffixes = tuple(e.lower() for e in extensions)
+    folders: dict[str, list[str]] = {}
+    identities: dict[str, dict[str, list]] = {}
+    try:
+        for key, size, etag, modified in _objects(bucket, prefix):
+            key = key[len(prefix) :]
+            folder, _, name = key.rpartition("/")
+            if not name.lower().endswith(suffixes) or any(
+                not part or part.startswith(".") for part in key.split("/")
+            ):
+                continue
+            folder = folder or "."
+            folders.setdefault(folder, []).append(name)
+            identities.setdefault(folder, {})[name] = [size, etag, modified]
+    except (BotoCoreError, ClientError) as exc:
+        raise BucketError(_reason(exc, root)) from exc
+    if not folders:
+        raise BucketError(
+            f"no image objects ({', '.join(extensions)}) under {root}; check `images:` and "
+            "`extensions:` in the config"
+        )
+    check_folder_names(folders)
+    return Discovery(
+        folders={key: sorted(names) for key, names in sorted(folders.items())},
+        identities=identities,
+    )
+
+
+def _objects(bucket: str, prefix: str) -> Iterator[tuple[str, int, str, str]]:
+    """``(key, size, ETag, modification time)`` of every object under ``prefix``: the objects
+    directly in it, then those under each of its sub-prefixes, listed
+    :data:`LIST_CONCURRENCY` prefixes at a time (a listing's pages come one after another: on a
+    server far away, one prefix's pages would take a round trip each)."""
+    paginator = _client().get_paginator("list_objects_v2")
+
+    def facts(page: dict) -> list[tuple[str, int, str, str]]:
+        return [
+            (item["Key"], item["Size"], item["ETag"].strip('"'), item["LastModified"].isoformat())
+            for item in page.get("Contents", [])
+        ]
+
+    below = []
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        yield from facts(page)
+        below += [entry["Prefix"] for entry in page.get("CommonPrefixes", [])]
+
+    def listed(sub: str) -> list[tuple[str, int, str, str]]:
+        return [
+            fact for page in paginator.paginate(Bucket=bucket, Prefix=sub) for fact in facts(page)
+        ]
+
+    with ThreadPoolExecutor(LIST_CONCURRENCY) as pool:
+        for items in pool.map(listed, below):
+            yield from items
+
+
+def read_object(url: str) -> bytes:
+    """An object's bytes.
+
+    Raises:
+        OSError: when this object cannot be read (gone, denied), with the server's reason.
+        BucketUnavailable: when the server cannot be reached, or answers with server errors
+            or throttling after the retries.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_url(url)
+    try:
+        return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if 400 <= status < 500 and status != 429:  # this object: gone, denied, ...
+            raise OSError(_reason(exc, url).removeprefix(f"{url}: ")) from exc
+        raise BucketUnavailable(_reason(exc, url)) from exc
+    except BotoCoreError as exc:  # no connection, timeouts, no credentials
+        raise BucketUnavailable(_reason(exc, url)) from exc
+
+
+def read_objects(urls: Sequence[str]) -> Iterator[bytes | OSError]:
+    """The bytes of each object (or the error that kept it from being read), in order, with
+    up to :data:`READ_CONCURRENCY` requests in flight.
+
+    Raises:
+        BucketUnavailable: as :func:`read_object`.
+
+    Example:
+        >>> list(read_objects(["s3://photos/tree/a.jpg"]))  # doctest: +SKIP
+        [b'\\xff\\xd8...']
+    """
+
+    def read(url: str) -> bytes | OSError:
+        try:
+            return read_object(url)
+        except OSError as exc:
+            return exc
+
+    if len(urls) <= 1:
+        yield from map(read, urls)
+        return
+    with ThreadPoolExecutor(min(READ_CONCURRENCY, len(urls))) as pool:
+        yield from pool.map(read, urls)

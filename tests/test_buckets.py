@@ -1,0 +1,228 @@
+"""Image trees in an S3 bucket, against a real S3 server (SeaweedFS's ``weed mini`` on
+loopback): the results a local copy of the tree gives, reruns that follow the bucket, and
+errors that name their fix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_image, make_tree, run_snakemake, write_config
+from s3server import BUCKET
+
+import snakembed
+from snakembed.buckets import BucketError, BucketUnavailable, list_tree, read_objects
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(s3_server):
+    return s3_server
+
+
+@pytest.fixture
+def aws(server, monkeypatch):
+    """This process reaches the server through the standard AWS variables (a fresh client)."""
+    from snakembed import buckets
+
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(buckets, "_CLIENTS", {})
+    return server
+
+
+def _tree(root):
+    """The conftest tree, with a file name of spaces and non-ASCII letters and two broken
+    images; ``{folder: names}``."""
+    folders = make_tree(root)
+    make_image(root / "alpha" / "ünï cödé – photo.jpg", size=(50, 40), seed=99)
+    (root / "alpha" / "empty.jpg").write_bytes(b"")
+    (root / "alpha" / "text.jpg").write_text("not a jpeg")
+    return folders
+
+
+def _results(results) -> dict:
+    """``{folder: (ids, embeddings, labels, failed)}`` of a results folder."""
+    store = snakembed.open_store(results)
+    out = {}
+    for key in store.folders():
+        with store[key] as folder:
+            table = folder.table()
+            out[key] = (
+                list(table["image_id"]),
+                np.stack(table["embedding"]) if len(table["image_id"]) else np.zeros(0),
+                list(table["label"]),
+                dict(folder.failed),
+            )
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        ids, vectors, labels, failed = a[key]
+        assert ids == b[key][0] and labels == b[key][2], key
+        assert failed.keys() == b[key][3].keys(), key
+        assert np.allclose(vectors, b[key][1], atol=1e-5), key
+
+
+def test_a_bucket_gives_what_the_same_tree_on_disk_gives(server, tmp_path):
+    local = tmp_path / "images"
+    folders = _tree(local)
+    server.upload(local, "same")
+    on_disk = write_config(tmp_path / "disk.yaml", images=str(local), results="disk")
+    in_bucket = write_config(tmp_path / "s3.yaml", images=f"s3://{BUCKET}/same", results="s3")
+    run_snakemake(tmp_path, on_disk)
+    run_snakemake(tmp_path, in_bucket, env=server.env)
+    got = _results(tmp_path / "s3")
+    _same(got, _results(tmp_path / "disk"))
+    assert set(got) == set(folders)
+    assert {"empty.jpg", "text.jpg"} <= got["alpha"][3].keys()
+    assert "ünï cödé – photo.jpg" in got["alpha"][0]
+    store = snakembed.open_store(tmp_path / "s3")
+    record = store.lookup(f"s3://{BUCKET}/same/alpha/ünï cödé – photo.jpg")
+    assert record.label == store.lookup("alpha/ünï cödé – photo.jpg").label
+
+
+def test_reruns_follow_the_bucket_and_equal_a_clean_run(server, tmp_path):
+    """Nothing changed: nothing runs. An object replaced reruns its folder only, a prefix
+    deleted removes its folder's results, a new prefix runs only its folder; and the results
+    are then those of a clean run of the bucket as it is."""
+    local = tmp_path / "images"
+    _tree(local)
+    client = server.client()
+    server.upload(local, "reruns")
+    config = write_config(tmp_path / "c.yaml", images=f"s3://{BUCKET}/reruns", results="r")
+    run_snakemake(tmp_path, config, env=server.env)
+    files = tmp_path / "r" / "embeddings"
+    stamps = {p: p.stat().st_mtime_ns for p in files.rglob("*.h5")}
+    again = run_snakemake(tmp_path, config, env=server.env)
+    assert "nothing changed" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in files.rglob("*.h5")} == stamps
+
+    replaced = make_image(tmp_path / "other.jpg", size=(70, 50), seed=1234)
+    client.upload_file(str(replaced), BUCKET, "reruns/alpha/a1.jpg")
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix="reruns/ünï cödé/")["Contents"]
+    for item in listed:
+        client.delete_object(Bucket=BUCKET, Key=item["Key"])
+    client.upload_file(str(replaced), BUCKET, "reruns/gamma new/x.jpg")
+    run_snakemake(tmp_path, config, env=server.env)
+    now = {p: p.stat().st_mtime_ns for p in files.rglob("*.h5")}
+    rewritten = {p.relative_to(files).as_posix() for p in now if now[p] != stamps.get(p)}
+    assert rewritten == {"alpha.h5", "gamma new.h5"}
+    assert not (files / "ünï cödé.h5").exists()
+
+    clean = write_config(tmp_path / "clean.yaml", images=f"s3://{BUCKET}/reruns", results="c")
+    run_snakemake(tmp_path, clean, env=server.env)
+    _same(_results(tmp_path / "r"), _results(tmp_path / "c"))
+
+
+def test_an_object_gone_between_listing_and_reading_is_a_failed_image(aws, tmp_path):
+    make_image(tmp_path / "a.jpg")
+    client = aws.client()
+    client.upload_file(str(tmp_path / "a.jpg"), BUCKET, "gone/f/a.jpg")
+    client.upload_file(str(tmp_path / "a.jpg"), BUCKET, "gone/f/b.jpg")
+    listed = list_tree(f"s3://{BUCKET}/gone", [".jpg"])
+    assert listed.folders == {"f": ["a.jpg", "b.jpg"]}
+    client.delete_object(Bucket=BUCKET, Key="gone/f/b.jpg")
+    read = list(read_objects([f"s3://{BUCKET}/gone/f/{n}" for n in listed.folders["f"]]))
+    assert read[0] == (tmp_path / "a.jpg").read_bytes()
+    assert isinstance(read[1], OSError) and "NoSuchKey" in str(read[1])
+
+
+def test_a_server_gone_stops_the_job_and_the_next_run_finishes(aws, tmp_path, monkeypatch, caplog):
+    """Gone while a shard's job reads its folders (the job's own code, in this process): no
+    image is stored as failed, the job fails saying why, and the next run, with the server
+    back, computes what is left."""
+    from snakembed.config import load_config
+    from snakembed.pipeline import ShardError, run_shard
+    from snakembed.plan import plan_run
+
+    local = tmp_path / "images"
+    for f in range(3):
+        make_image(local / f"f{f}" / "0.jpg", seed=f)
+    aws.upload(local, "outage")
+    path = write_config(
+        tmp_path / "c.yaml",
+        images=f"s3://{BUCKET}/outage",
+        results=str(tmp_path / "r"),
+        worker={"enabled": False},
+    )
+    config = load_config(path)
+    plan = plan_run(config)
+    plan.write_manifests()
+    shard = next(iter(plan.shards))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    aws.stop()
+    try:
+        with pytest.raises(ShardError, match="3 of 3 folders failed"):
+            run_shard(plan.manifest_file(shard), plan.record_file(shard), config, threads=1)
+    finally:
+        aws.start()
+    assert "cannot reach the S3 server" in caplog.text and "check AWS_ENDPOINT_URL" in caplog.text
+    assert not list((tmp_path / "r").rglob("*.h5"))
+    run_snakemake(tmp_path, path, env=aws.env)
+    assert set(_results(tmp_path / "r")) == {"f0", "f1", "f2"}
+    assert not any(folder[3] for folder in _results(tmp_path / "r").values())
+
+
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "check AWS_SECRET_ACCESS_KEY"),
+        ({"AWS_ACCESS_KEY_ID": "nobody"}, "check AWS_ACCESS_KEY_ID"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "check AWS_ENDPOINT_URL"),
+        ({"bucket": "no-such-bucket"}, "bucket 'no-such-bucket' does not exist there"),
+        ({"prefix": "nothing-here"}, "no image objects"),
+    ],
+    ids=["secret", "key", "endpoint", "bucket", "prefix"],
+)
+def test_what_keeps_the_bucket_from_being_listed_stops_the_run_before_any_job(
+    server, tmp_path, change, said
+):
+    make_image(tmp_path / "one" / "a.jpg")
+    server.upload(tmp_path / "one", "listed")
+    bucket, prefix = change.pop("bucket", BUCKET), change.pop("prefix", "listed")
+    config = write_config(tmp_path / "c.yaml", images=f"s3://{bucket}/{prefix}", results="r")
+    env = {**server.env, "AWS_MAX_ATTEMPTS": "1", **change}
+    proc = run_snakemake(tmp_path, config, check=False, env=env)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if said in line]
+    assert lines, proc.stderr[-3000:]
+    assert not (tmp_path / "r" / "shards").exists()
+
+
+def test_the_listing_is_what_the_manifests_hold(aws, tmp_path):
+    """Each image's identity is the listing's size, ETag and time: no request per object."""
+    make_image(tmp_path / "d" / "a.jpg")
+    aws.upload(tmp_path / "d", "ids/f")
+    listed = list_tree(f"s3://{BUCKET}/ids", [".JPG"])
+    size, etag, modified = listed.identities["f"]["a.jpg"]
+    head = aws.client().head_object(Bucket=BUCKET, Key="ids/f/a.jpg")
+    assert size == (tmp_path / "d" / "a.jpg").stat().st_size
+    assert etag == head["ETag"].strip('"') and modified == head["LastModified"].isoformat()
+    with pytest.raises(BucketError, match="no image objects"):
+        list_tree(f"s3://{BUCKET}/ids", [".png"])
+
+
+def test_the_server_gone_is_not_a_failed_image(aws, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(BucketUnavailable, match="cannot reach the S3 server"):
+        list(read_objects([f"s3://{BUCKET}/x/a.jpg", f"s3://{BUCKET}/x/b.jpg"]))
+
+
+def test_the_results_name_the_bucket_and_hold_no_secret(server, tmp_path):
+    make_image(tmp_path / "t" / "f" / "a.jpg")
+    server.upload(tmp_path / "t", "named")
+    config = write_config(tmp_path / "c.yaml", images=f"s3://{BUCKET}/named", results="r")
+    run_snakemake(tmp_path, config, env=server.env)
+    manifest = json.loads(next((tmp_path / "r" / "manifests").glob("*.json")).read_text())
+    assert manifest["root"] == f"s3://{BUCKET}/named"
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(manifest)
+    assert server.env["AWS_SECRET_ACCESS_KEY"] not in "".join(
+        p.read_text(errors="replace") for p in (tmp_path / "r").rglob("*.json")
+    )
+    assert str(snakembed.open_store(tmp_path / "r").images_root) == f"s3://{BUCKET}/named"
