@@ -182,7 +182,7 @@ def test_cluster_jobs_read_a_bucket_themselves(slurm, s3_server, tmp_path):
     assert here.folders() == there.folders() == ["f0", "f1", "f2"]
     for key in here.folders():
         with here[key] as a, there[key] as b:
-            assert list(a.ids) == list(b.ids) and not b.failed
+            assert a.ids() == b.ids() and not b.failed
             assert np.allclose(a.matrix(), b.matrix(), atol=1e-5)
 
 
