@@ -33,6 +33,7 @@ __all__ = [
     "absolute_root",
     "is_bucket",
     "list_tree",
+    "object_identity",
     "read_object",
     "read_objects",
     "root_path",
@@ -280,6 +281,35 @@ def _objects(bucket: str, prefix: str) -> Iterator[tuple[str, int, str, str]]:
             yield from items
 
 
+def object_identity(url: str) -> list:
+    """An object's ``[size, ETag, modification time]`` (one HEAD request), as
+    :func:`list_tree` gives it.
+
+    Raises:
+        OSError: when it cannot be found or read, with the server's reason.
+        BucketUnavailable: as :func:`read_object`.
+    """
+    bucket, key = split_url(url)
+    head = _request(url, lambda client: client.head_object(Bucket=bucket, Key=key))
+    return [head["ContentLength"], head["ETag"].strip('"'), head["LastModified"].isoformat()]
+
+
+def _request(url: str, call):
+    """``call(client)``; an error of this object (gone, denied) as OSError, one of the server
+    or the way to it as :class:`BucketUnavailable`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call(_client())
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if 400 <= status < 500 and status != 429:  # this object: gone, denied, ...
+            raise OSError(_reason(exc, url).removeprefix(f"{url}: ")) from exc
+        raise BucketUnavailable(_reason(exc, url)) from exc
+    except BotoCoreError as exc:  # no connection, timeouts, no credentials
+        raise BucketUnavailable(_reason(exc, url)) from exc
+
+
 def read_object(url: str) -> bytes:
     """An object's bytes.
 
@@ -288,18 +318,8 @@ def read_object(url: str) -> bytes:
         BucketUnavailable: when the server cannot be reached, or answers with server errors
             or throttling after the retries.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_url(url)
-    try:
-        return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if 400 <= status < 500 and status != 429:  # this object: gone, denied, ...
-            raise OSError(_reason(exc, url).removeprefix(f"{url}: ")) from exc
-        raise BucketUnavailable(_reason(exc, url)) from exc
-    except BotoCoreError as exc:  # no connection, timeouts, no credentials
-        raise BucketUnavailable(_reason(exc, url)) from exc
+    return _request(url, lambda client: client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
 def read_objects(urls: Sequence[str]) -> Iterator[bytes | OSError]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import atomic_path
+from .buckets import is_bucket, object_identity
 from .images import ImageError, decode_image, read_image_bytes
 from .layout import ROOT_FOLDER, folder_file
 from .reader import Store, open_store
@@ -350,13 +351,15 @@ class _Thumbnails:
     def __call__(self, paths: list[Path | None], side: int) -> list[str | None]:
         """:func:`_thumbnail` of each path, the missing ones decoded in a thread per core
         (Pillow lets go of the GIL while it decodes)."""
-        keys = [_thumbnail_key(path, side) for path in paths]
-        missing = {
-            key: path
-            for key, path in zip(keys, paths, strict=True)
-            if key is not None and key not in self._used and key not in self._kept
-        }
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        # images in a bucket: each key and image a request, many in flight
+        threads = 32 if any(is_bucket(path) for path in paths) else os.cpu_count() or 1
+        with ThreadPoolExecutor(threads) as pool:
+            keys = list(pool.map(lambda path: _thumbnail_key(path, side), paths))
+            missing = {
+                key: path
+                for key, path in zip(keys, paths, strict=True)
+                if key is not None and key not in self._used and key not in self._kept
+            }
             made = pool.map(lambda path: _thumbnail(path, side), missing.values())
             self._used.update(zip(missing, made, strict=True))
         self._made += len(missing)
@@ -381,6 +384,8 @@ def _thumbnail_key(path: Path | None, side: int) -> str | None:
     if path is None:
         return None
     try:
+        if is_bucket(path):  # its size, ETag and time: another object under the key is new
+            return f"{side}:{':'.join(map(str, object_identity(str(path))))}:{path}"
         info = os.stat(path)
     except OSError:
         return None  # unreadable: _thumbnail says why when it is asked
