@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-
-from .images import DiscoveryError, check_folder_names
 
 __all__ = [
     "BucketError",
@@ -49,13 +48,15 @@ READ_CONCURRENCY = 32
 LIST_CONCURRENCY = 8
 
 
-class BucketError(DiscoveryError):
-    """A bucket that cannot be listed as it is; the message names the setting to fix."""
+class BucketError(ValueError):
+    """A bucket that cannot be listed as it is; the message names the setting to fix (the
+    plan raises it as a :class:`~snakembed.images.DiscoveryError`)."""
 
 
 class BucketUnavailable(RuntimeError):
-    """The S3 server could not be reached or kept failing after the retries: the job stops
-    (its folders are computed by the next run), instead of storing every image as failed."""
+    """The bucket could not be read: the S3 server could not be reached, kept failing after the
+    retries, or refused these credentials. The job stops (its folders are computed by the next
+    run), instead of storing images as failed that nothing would read again."""
 
 
 class BucketPath(str):
@@ -95,16 +96,20 @@ def is_bucket(root) -> bool:
 
 
 def root_path(root):
-    """An image root as the library joins it: a :class:`BucketPath` for a bucket, else a
+    """An image root as the library joins it: a :class:`BucketPath` for a bucket (written one
+    way: ``s3://photos/tree/`` and ``s3://photos//tree`` are ``s3://photos/tree``), else a
     :class:`~pathlib.Path`.
 
     Example:
-        >>> root_path("s3://photos/tree") / "a.jpg", root_path("demo/images") / "a.jpg"
+        >>> root_path("s3://photos/tree/") / "a.jpg", root_path("demo/images") / "a.jpg"
         ('s3://photos/tree/a.jpg', PosixPath('demo/images/a.jpg'))
     """
     from pathlib import Path
 
-    return BucketPath(str(root)) if is_bucket(root) else Path(root)
+    if not is_bucket(root):
+        return Path(root)
+    bucket, key = split_url(str(root))
+    return BucketPath("/".join([f"{SCHEME}{bucket}", *(p for p in key.split("/") if p)]))
 
 
 def absolute_root(root) -> str:
@@ -112,10 +117,10 @@ def absolute_root(root) -> str:
     folder's absolute path.
 
     Example:
-        >>> absolute_root("s3://photos/tree"), absolute_root("/data/photos/")
+        >>> absolute_root("s3://photos/tree/"), absolute_root("/data/photos/")
         ('s3://photos/tree', '/data/photos')
     """
-    return str(root) if is_bucket(root) else os.path.abspath(root)
+    return str(root_path(root)) if is_bucket(root) else os.path.abspath(root)
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -154,7 +159,7 @@ def _client():
             # AWS_RETRY_MODE and AWS_MAX_ATTEMPTS, where set, as botocore reads them
             retries = {
                 "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+                "max_attempts": _attempts(),
             }
             config = Config(
                 max_pool_connections=READ_CONCURRENCY * 2,
@@ -221,10 +226,10 @@ def list_tree(root: str, extensions: Sequence[str]):
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from .images import Discovery
+    from .images import Discovery, check_folder_names
 
-    bucket, prefix = split_url(root)
-    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    bucket, prefix = split_url(root_path(root))
+    prefix = f"{prefix}/" if prefix else ""
     suffixes = tuple(e.lower() for e in extensions)
     folders: dict[str, list[str]] = {}
     identities: dict[str, dict[str, list]] = {}
@@ -295,16 +300,17 @@ def object_identity(url: str) -> list:
 
 
 def _request(url: str, call):
-    """``call(client)``; an error of this object (gone, denied) as OSError, one of the server
-    or the way to it as :class:`BucketUnavailable`."""
+    """``call(client)``; an object gone since the listing as OSError, anything else (the
+    server, the way to it, the credentials) as :class:`BucketUnavailable`."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         return call(_client())
     except ClientError as exc:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if 400 <= status < 500 and status != 429:  # this object: gone, denied, ...
+        if status == 404:  # this object, gone since the listing
             raise OSError(_reason(exc, url).removeprefix(f"{url}: ")) from exc
+        # credentials refused or expired, denied, throttled, server errors: not the image's
         raise BucketUnavailable(_reason(exc, url)) from exc
     except BotoCoreError as exc:  # no connection, timeouts, no credentials
         raise BucketUnavailable(_reason(exc, url)) from exc
@@ -314,34 +320,50 @@ def read_object(url: str) -> bytes:
     """An object's bytes.
 
     Raises:
-        OSError: when this object cannot be read (gone, denied), with the server's reason.
-        BucketUnavailable: when the server cannot be reached, or answers with server errors
-            or throttling after the retries.
+        OSError: when this object is gone since the listing, with the server's reason.
+        BucketUnavailable: when the server cannot be reached, answers with server errors or
+            throttling after the retries, or refuses these credentials (revoked, expired) or
+            this object (denied): nothing the image is to blame for.
     """
     bucket, key = split_url(url)
     return _request(url, lambda client: client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def read_objects(urls: Sequence[str]) -> Iterator[bytes | OSError]:
+def read_objects(urls: Sequence[str]) -> list[bytes | OSError]:
     """The bytes of each object (or the error that kept it from being read), in order, with
-    up to :data:`READ_CONCURRENCY` requests in flight.
+    up to :data:`READ_CONCURRENCY` requests in flight. A server that cannot be reached is
+    waited for: the objects it did not give are asked again, up to ``AWS_MAX_ATTEMPTS`` (8)
+    times, after 1, 2, 4 ... (at most 20) seconds, so that a restart of the server is ridden
+    out (botocore's own retries give up at once when many requests fail together).
 
     Raises:
-        BucketUnavailable: as :func:`read_object`.
+        BucketUnavailable: as :func:`read_object`, when the last round still fails.
 
     Example:
         >>> list(read_objects(["s3://photos/tree/a.jpg"]))  # doctest: +SKIP
         [b'\\xff\\xd8...']
     """
 
-    def read(url: str) -> bytes | OSError:
+    def read(url: str) -> bytes | OSError | BucketUnavailable:
         try:
             return read_object(url)
-        except OSError as exc:
+        except (OSError, BucketUnavailable) as exc:
             return exc
 
-    if len(urls) <= 1:
-        yield from map(read, urls)
-        return
-    with ThreadPoolExecutor(min(READ_CONCURRENCY, len(urls))) as pool:
-        yield from pool.map(read, urls)
+    results: list = [None] * len(urls)
+    todo = list(range(len(urls)))
+    for attempt in range(_attempts()):
+        if attempt:
+            time.sleep(min(2 ** (attempt - 1), 20))
+        with ThreadPoolExecutor(max(1, min(READ_CONCURRENCY, len(todo)))) as pool:
+            for i, got in zip(todo, pool.map(read, [urls[i] for i in todo]), strict=True):
+                results[i] = got
+        todo = [i for i in todo if isinstance(results[i], BucketUnavailable)]
+        if not todo:
+            return results
+    raise results[todo[0]]
+
+
+def _attempts() -> int:
+    """``AWS_MAX_ATTEMPTS``, as botocore reads it (default here: 8)."""
+    return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))

@@ -109,8 +109,9 @@ def discover_folders(
     """
     root = Path(root)
     if not root.is_dir():
+        bucket = " (a bucket is written s3://BUCKET/PREFIX)" if str(root).startswith("s3:") else ""
         raise DiscoveryError(
-            f"image root {str(root)!r} does not exist or is not a folder; "
+            f"image root {str(root)!r} does not exist or is not a folder{bucket}; "
             "set `images:` in the config (or --config images=/path/to/images)"
         )
     suffixes = tuple(e.lower() for e in extensions)

@@ -23,7 +23,7 @@ from .backbones import (
     is_local_weights,
     model_file_hashes,
 )
-from .buckets import absolute_root, is_bucket, list_tree, root_path
+from .buckets import BucketError, absolute_root, is_bucket, list_tree, root_path
 from .config import RESOLVED_KEYS, ConfigError, numbers_fingerprint, validate_config
 from .devices import gpu_visible, precision_warning, resolve_compute
 from .heads import HEADS, needs_labels
@@ -717,7 +717,10 @@ def _resolve(
 
 def _discover(config: dict) -> Discovery:
     if is_bucket(config["images"]):
-        return list_tree(config["images"], config["extensions"])
+        try:
+            return list_tree(config["images"], config["extensions"])
+        except BucketError as exc:
+            raise DiscoveryError(str(exc)) from exc
     return discover_folders(
         config["images"],
         config["extensions"],

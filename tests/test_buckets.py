@@ -100,6 +100,9 @@ def test_reruns_follow_the_bucket_and_equal_a_clean_run(server, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in files.rglob("*.h5")}
     again = run_snakemake(tmp_path, config, env=server.env)
     assert "nothing changed" in again.stderr
+    # the root written another way is the same root
+    slashed = write_config(tmp_path / "s.yaml", images=f"s3://{BUCKET}//reruns/", results="r")
+    assert "nothing changed" in run_snakemake(tmp_path, slashed, env=server.env).stderr
     assert {p: p.stat().st_mtime_ns for p in files.rglob("*.h5")} == stamps
 
     replaced = make_image(tmp_path / "other.jpg", size=(70, 50), seed=1234)
@@ -127,7 +130,7 @@ def test_an_object_gone_between_listing_and_reading_is_a_failed_image(aws, tmp_p
     listed = list_tree(f"s3://{BUCKET}/gone", [".jpg"])
     assert listed.folders == {"f": ["a.jpg", "b.jpg"]}
     client.delete_object(Bucket=BUCKET, Key="gone/f/b.jpg")
-    read = list(read_objects([f"s3://{BUCKET}/gone/f/{n}" for n in listed.folders["f"]]))
+    read = read_objects([f"s3://{BUCKET}/gone/f/{n}" for n in listed.folders["f"]])
     assert read[0] == (tmp_path / "a.jpg").read_bytes()
     assert isinstance(read[1], OSError) and "NoSuchKey" in str(read[1])
 
@@ -207,11 +210,47 @@ def test_the_listing_is_what_the_manifests_hold(aws, tmp_path):
         list_tree(f"s3://{BUCKET}/ids", [".png"])
 
 
-def test_the_server_gone_is_not_a_failed_image(aws, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "change,said",
+    [
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the S3 server"),
+        ({"AWS_SECRET_ACCESS_KEY": "revoked"}, "SignatureDoesNotMatch"),
+        ({"AWS_ACCESS_KEY_ID": "revoked"}, "InvalidAccessKeyId"),
+    ],
+    ids=["server gone", "secret changed", "key revoked"],
+)
+def test_what_is_not_the_image_s_fault_is_not_a_failed_image(aws, monkeypatch, change, said):
+    """The server gone, or credentials revoked while a job reads: the job stops (the next run
+    reads the images again), instead of storing them as failed for good."""
+    aws.client().put_object(Bucket=BUCKET, Key="x/a.jpg", Body=b"a")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    with pytest.raises(BucketUnavailable, match="cannot reach the S3 server"):
-        list(read_objects([f"s3://{BUCKET}/x/a.jpg", f"s3://{BUCKET}/x/b.jpg"]))
+    for name, value in change.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(BucketUnavailable, match=said):
+        read_objects([f"s3://{BUCKET}/x/a.jpg", f"s3://{BUCKET}/x/b.jpg"])
+
+
+def test_a_server_restarted_while_a_batch_is_read_is_waited_for(aws, tmp_path):
+    """botocore's retries give up at once when many requests fail together; a batch waits
+    for the server in rounds (1, 2, 4 ... s)."""
+    import threading
+    import time
+
+    make_image(tmp_path / "a.jpg")
+    urls = []
+    for i in range(40):
+        aws.client().upload_file(str(tmp_path / "a.jpg"), BUCKET, f"restart/{i}.jpg")
+        urls.append(f"s3://{BUCKET}/restart/{i}.jpg")
+    aws.stop()
+    back = threading.Timer(2.0, aws.start)
+    back.start()
+    start = time.monotonic()
+    try:
+        read = read_objects(urls)
+    finally:
+        back.join()
+    assert all(data == (tmp_path / "a.jpg").read_bytes() for data in read)
+    assert time.monotonic() - start >= 2.0  # it did wait for the server
 
 
 def test_the_results_name_the_bucket_and_hold_no_secret(server, tmp_path):
