@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .buckets import is_bucket
+from .buckets import is_bucket, read_objects
 from .images import ImageError, Preprocess, check_size, decode_image, read_image_bytes
 from .patches import PatchGrid
 
@@ -90,8 +90,6 @@ class Decoder:
         with many requests in flight (see :func:`snakembed.buckets.read_objects`)."""
         if not any(is_bucket(self.paths[i]) for i in indices):
             return [self[i] for i in indices]
-        from .buckets import read_objects
-
         items = []
         urls = [str(self.paths[i]) for i in indices]
         for index, data in zip(indices, read_objects(urls), strict=True):

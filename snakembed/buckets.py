@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from .layout import ROOT_FOLDER
+
 __all__ = [
     "BucketError",
     "BucketUnavailable",
@@ -113,8 +115,8 @@ def root_path(root):
 
 
 def absolute_root(root) -> str:
-    """An image root as recorded (manifests, the index): a bucket's location as it is, a
-    folder's absolute path.
+    """An image root as recorded (manifests, the index): a bucket's location written one way
+    (see :func:`root_path`), a folder's absolute path.
 
     Example:
         >>> absolute_root("s3://photos/tree/"), absolute_root("/data/photos/")
@@ -241,7 +243,7 @@ def list_tree(root: str, extensions: Sequence[str]):
                 not part or part.startswith(".") for part in key.split("/")
             ):
                 continue
-            folder = folder or "."
+            folder = folder or ROOT_FOLDER
             folders.setdefault(folder, []).append(name)
             identities.setdefault(folder, {})[name] = [size, etag, modified]
     except (BotoCoreError, ClientError) as exc:

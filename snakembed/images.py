@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from .buckets import is_bucket, read_object
 from .layout import ROOT_FOLDER
 
 __all__ = [
@@ -349,9 +350,7 @@ def read_image_bytes(path: str | Path) -> bytes:
         ImageError: when the file cannot be read, with the reason.
     """
     try:
-        if str(path).startswith("s3://"):
-            from .buckets import read_object
-
+        if is_bucket(path):
             return read_object(str(path))
         return Path(path).read_bytes()
     except OSError as exc:

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from ._files import checked_size, texts
-from .buckets import BucketPath, is_bucket, root_path
+from .buckets import is_bucket, root_path
 from .layout import (
     EMBEDDINGS,
     FOLDERS_DIR,
@@ -533,9 +533,10 @@ class Store:
             KeyError: naming the path, when it is not stored (and why, if it failed).
         """
         if is_bucket(path):  # an object of a bucket's tree, by its s3:// location
-            key = BucketPath(self.images_root or "").relative(str(path))
-            if not is_bucket(self.images_root) or key is None:
-                raise KeyError(f"{path} is not under the image root {self.images_root}")
+            root = self.images_root
+            key = root.relative(str(root_path(path))) if is_bucket(root) else None
+            if key is None:
+                raise KeyError(f"{path} is not under the image root {root}")
             path = key
         path = Path(path)
         if path.is_absolute():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import atomic_path
-from .buckets import is_bucket, object_identity
+from .buckets import READ_CONCURRENCY, is_bucket, object_identity
 from .images import ImageError, decode_image, read_image_bytes
 from .layout import ROOT_FOLDER, folder_file
 from .reader import Store, open_store
@@ -352,7 +352,8 @@ class _Thumbnails:
         """:func:`_thumbnail` of each path, the missing ones decoded in a thread per core
         (Pillow lets go of the GIL while it decodes)."""
         # images in a bucket: each key and image a request, many in flight
-        threads = 32 if any(is_bucket(path) for path in paths) else os.cpu_count() or 1
+        bucket = any(is_bucket(path) for path in paths)
+        threads = READ_CONCURRENCY if bucket else os.cpu_count() or 1
         with ThreadPoolExecutor(threads) as pool:
             keys = list(pool.map(lambda path: _thumbnail_key(path, side), paths))
             missing = {
