@@ -4,7 +4,8 @@
 Three measurements, in one run:
 
 - ``local`` against ``bucket``: ``snakemake --cores N`` on ``--folders`` x ``--per-folder``
-  photos (500x375 JPEGs), from disk and from the bucket, A B B A, best of two each; the ratio.
+  photos (500x375 JPEGs), from disk and from the bucket, A B B A, best of two each; the ratio,
+  and the seconds of each rule's jobs (where the difference goes).
 - ``delay``: the bucket run again through a small proxy (here, not in the product) that holds
   every request ``--delay-ms`` (20) before passing it on, against no delay, A B B A: what many
   requests in flight buy.
@@ -15,6 +16,7 @@ Usage::
 
     python bench/buckets.py
     python bench/buckets.py --folders 8 --per-folder 250 --objects 20000
+    python bench/buckets.py --folders 8 --per-folder 200 --delay-ms 0 --objects 0  # ratio only
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from s3server import BUCKET, S3Server  # noqa: E402
-from shards import _abba, _fresh, _snakemake  # noqa: E402
+from shards import _abba, _fresh, _rules, _snakemake  # noqa: E402
 from throughput import make_tree  # noqa: E402
 
 
@@ -100,7 +102,6 @@ def listing(server: S3Server, objects: int) -> float:
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=b"x"), names))
     os.environ.update(server.env)
-    buckets._CLIENTS.clear()
     start = time.perf_counter()
     found = buckets.list_tree(f"s3://{BUCKET}/listing", [".jpg"])
     seconds = time.perf_counter() - start
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folders", type=int, default=4)
     parser.add_argument("--per-folder", type=int, default=100)
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--delay-ms", type=float, default=20.0)
-    parser.add_argument("--objects", type=int, default=100_000)
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="0: no delayed runs")
+    parser.add_argument("--objects", type=int, default=100_000, help="0: no listing")
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="snakembed-bench-s3-"))
     server = S3Server(base / "server")
@@ -127,30 +128,42 @@ def main(argv: list[str] | None = None) -> None:
         (base / "run").mkdir()
         bucket = f"s3://{BUCKET}/bench"
 
+        rules: dict[str, dict[str, float]] = {}
+
         def local_or_bucket(name: str) -> float:
             where = str(images) if name == "local" else bucket
-            return _run(base / "run", where, args.cores, server.env)
+            since = time.time()
+            seconds = _run(base / "run", where, args.cores, server.env)
+            rules[name] = _rules(base / "run" / "results", since)
+            return seconds
 
         local, remote = _abba("local", "bucket", local_or_bucket)
-        proxy = DelayProxy(int(server.endpoint.rpartition(":")[2]), args.delay_ms / 1000)
-        delayed = {**server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
-
-        def delay_or_not(name: str) -> float:
-            return _run(
-                base / "run", bucket, args.cores, delayed if name == "delay" else server.env
+        print("seconds per rule (the last run of each; jobs of a rule added up):")
+        for rule in sorted(rules["local"].keys() | rules["bucket"].keys()):
+            print(
+                f"  {rule:<12} local {rules['local'].get(rule, 0):6.1f}  "
+                f"bucket {rules['bucket'].get(rule, 0):6.1f}"
             )
-
-        plain, slow = _abba("no delay", "delay", delay_or_not)
         print(f"\n{total} photos in {args.folders} folders, --cores {args.cores}, best of two")
         print(f"  local disk: {local:.1f} s ({total / local:.1f} images/s)")
         print(f"  bucket:     {remote:.1f} s ({total / remote:.1f} images/s)")
-        print(f"  bucket / local (images/s): {local / remote:.2f}x")
-        print(f"  {args.delay_ms:g} ms added to every request: {slow:.1f} s against {plain:.1f} s")
-        print(f"  delayed / not (images/s): {plain / slow:.2f}x")
-        seconds = listing(server, args.objects)
-        print(
-            f"  listing {args.objects:,} objects: {seconds:.1f} s ({args.objects / seconds:,.0f}/s)"
-        )
+        print(f"  bucket / local (images/s): {local / remote:.2f}x", flush=True)
+        if args.delay_ms:
+            proxy = DelayProxy(int(server.endpoint.rpartition(":")[2]), args.delay_ms / 1000)
+            delayed = {**server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+
+            def delay_or_not(name: str) -> float:
+                env = delayed if name == "delay" else server.env
+                return _run(base / "run", bucket, args.cores, env)
+
+            plain, slow = _abba("no delay", "delay", delay_or_not)
+            added = f"{args.delay_ms:g} ms added to every request"
+            print(f"  {added}: {slow:.1f} s against {plain:.1f} s")
+            print(f"  delayed / not (images/s): {plain / slow:.2f}x")
+        if args.objects:
+            seconds = listing(server, args.objects)
+            rate = args.objects / seconds
+            print(f"  listing {args.objects:,} objects: {seconds:.1f} s ({rate:,.0f}/s)")
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)

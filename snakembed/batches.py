@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .buckets import is_bucket, read_objects
+from .buckets import is_bucket, prepare, read_objects
 from .images import ImageError, Preprocess, check_size, decode_image, read_image_bytes
 from .patches import PatchGrid
 
@@ -148,6 +148,8 @@ def pillow_batches(decoder: Decoder, batch_size: int, workers: int, pin: bool) -
         return
     from torch.utils.data import DataLoader
 
+    if any(is_bucket(path) for path in decoder.paths):
+        prepare()  # the processes forked below inherit boto3, loaded once
     yield from DataLoader(
         decoder,
         batch_size=batch_size,

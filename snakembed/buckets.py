@@ -18,6 +18,7 @@ servers other than AWS. boto3 (``pip install snakembed[s3]``) does the talking.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ __all__ = [
     "is_bucket",
     "list_tree",
     "object_identity",
+    "prepare",
     "read_object",
     "read_objects",
     "root_path",
@@ -141,23 +143,89 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-_CLIENTS: dict[int, object] = {}
-_CLIENTS_LOCK = threading.Lock()
+_SESSIONS: dict[tuple, object] = {}  # by the AWS_* environment
+_CLIENTS: dict[tuple, object] = {}  # by process and the AWS_* environment
+_LOCK = threading.Lock()
+# a process forked while another thread held the lock must not wait for it
+os.register_at_fork(after_in_child=lambda: globals().update(_LOCK=threading.Lock()))
+
+
+def _aws_environment() -> tuple:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+
+
+def _session(environment: tuple):
+    """The boto3 session of an AWS environment, its credentials resolved (call with ``_LOCK``
+    held). Kept across forks: a decoding process makes its client from its parent's session in
+    milliseconds, where a session of its own would load botocore's models again (a tenth of a
+    second per process, per folder)."""
+    session = _SESSIONS.get(environment)
+    if session is None:
+        try:
+            import boto3
+            import botocore.session
+        except ImportError as exc:
+            raise BucketError("images in a bucket need boto3: pip install 'snakembed[s3]'") from exc
+        core = botocore.session.get_session()
+        # as the AWS CLI does (awscli/customizations/scalarparse.py): botocore's own parser
+        # (dateutil) takes most of a listing's time, a third of a millisecond per object
+        core.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=_timestamp
+        )
+        session = boto3.session.Session(botocore_session=core)
+        session.get_credentials()  # once, here: a profile's or an instance's take requests
+        _SESSIONS.clear()
+        _SESSIONS[environment] = session
+    return session
+
+
+def _timestamp(value):
+    """A timestamp of the server's, as botocore's parser gives it (an aware datetime): ISO
+    8601 (a listing's) and HTTP dates (a HEAD's) parsed by the standard library.
+
+    Example:
+        >>> _timestamp("2026-12-07T03:10:11.123Z").isoformat()
+        '2026-12-07T03:10:11.123000+00:00'
+        >>> _timestamp("Mon, 07 Dec 2026 03:10:11 GMT").isoformat()
+        '2026-12-07T03:10:11+00:00'
+    """
+    from datetime import datetime
+    from email.utils import parsedate_to_datetime
+
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is not None:
+                return parsed
+        with contextlib.suppress(TypeError, ValueError):
+            parsed = parsedate_to_datetime(value)
+            if parsed.tzinfo is not None:
+                return parsed
+    from botocore.utils import parse_timestamp
+
+    return parse_timestamp(value)
+
+
+def prepare() -> None:
+    """Load what reading a bucket needs (boto3, its models, the credentials) in this process,
+    before it forks processes that read: they inherit it.
+
+    Example:
+        >>> prepare()  # doctest: +SKIP
+    """
+    with _LOCK:
+        _session(_aws_environment())
 
 
 def _client():
     """This process's S3 client (thread-safe; one per process, since a forked decoding
     process must not share its parent's connections)."""
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(os.getpid())
+    environment = _aws_environment()
+    with _LOCK:
+        client = _CLIENTS.get((os.getpid(), environment))
         if client is None:
-            try:
-                import boto3
-                from botocore.config import Config
-            except ImportError as exc:
-                raise BucketError(
-                    "images in a bucket need boto3: pip install 'snakembed[s3]'"
-                ) from exc
+            from botocore.config import Config
+
             # AWS_RETRY_MODE and AWS_MAX_ATTEMPTS, where set, as botocore reads them
             retries = {
                 "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
@@ -169,9 +237,9 @@ def _client():
                 connect_timeout=10,
                 read_timeout=60,
             )
-            client = boto3.session.Session().client("s3", config=config)
+            client = _session(environment).client("s3", config=config)
             _CLIENTS.clear()
-            _CLIENTS[os.getpid()] = client
+            _CLIENTS[(os.getpid(), environment)] = client
         return client
 
 

@@ -65,6 +65,7 @@ class _Sample:
     folders: list[str]
     ids: list[str]
     paths: list[Path | None]
+    digests: list[str]
     labels: list[str | None]
     vectors: np.ndarray
 
@@ -291,7 +292,7 @@ def _sample(store: Store, read: dict[str, dict], points: int) -> _Sample:
     sizes = {key: entry["attrs"]["num_images"] for key, entry in read.items()}
     total = sum(sizes.values())
     picks = np.unique(np.linspace(0, total - 1, min(points, total)).round().astype(int))
-    folders, ids, paths, labels, vectors = [], [], [], [], []
+    folders, ids, paths, digests, labels, vectors = [], [], [], [], [], []
     start = 0
     for key, size in sizes.items():
         lo, hi = np.searchsorted(picks, [start, start + size])
@@ -307,11 +308,13 @@ def _sample(store: Store, read: dict[str, dict], points: int) -> _Sample:
             ids.append(table["image_id"][row])
             root = store.images_root
             paths.append(root / table["source"][row] if root else None)
+            digests.append(table["sha256"][row])
             labels.append(table["label"][row])
             vector = np.asarray(matrix[row], np.float32)
             vectors.append(vector.mean(axis=0) if vector.ndim == 2 else vector)  # maps: mean
     dim = len(vectors[0]) if vectors else 0
-    return _Sample(folders, ids, paths, labels, np.asarray(vectors, np.float32).reshape(-1, dim))
+    vectors = np.asarray(vectors, np.float32).reshape(-1, dim)
+    return _Sample(folders, ids, paths, digests, labels, vectors)
 
 
 #: What the pages need of each folder, kept from the last report (see :func:`_read_folders`).
@@ -330,8 +333,10 @@ _THUMBNAILS = ".thumbnails.json"
 
 
 class _Thumbnails:
-    """The report's thumbnails (data URIs), kept between runs by image file (path, size,
-    modification time) and side; :meth:`save` keeps only those this report used."""
+    """The report's thumbnails (data URIs), kept between runs by the image's content (its
+    sha256 in the store: no request or file status per image) or, for an image the caller
+    knows only by its path, by the file (path, size, modification time; an object's size, ETag
+    and time), and by side; :meth:`save` keeps only those this report used."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -342,48 +347,58 @@ class _Thumbnails:
         if not isinstance(self._kept, dict):
             self._kept = {}
         self._used: dict[str, str | None] = {}
+        self._stale: set[str] = set()
         self._made = 0
 
     @property
     def used(self) -> int:
         return len(self._used)
 
-    def __call__(self, paths: list[Path | None], side: int) -> list[str | None]:
-        """:func:`_thumbnail` of each path, the missing ones decoded in a thread per core
-        (Pillow lets go of the GIL while it decodes)."""
-        # images in a bucket: each key and image a request, many in flight
+    def __call__(
+        self, paths: list[Path | None], side: int, digests: list[str | None] | None = None
+    ) -> list[str | None]:
+        """:func:`_thumbnail` of each path (``digests``: the sha256 of each image's content as
+        stored, where known), the missing ones decoded in a thread per core (Pillow lets go of
+        the GIL while it decodes), or many per core for a bucket (each image a request)."""
+        digests = digests if digests is not None else [None] * len(paths)
         bucket = any(is_bucket(path) for path in paths)
         threads = READ_CONCURRENCY if bucket else os.cpu_count() or 1
         with ThreadPoolExecutor(threads) as pool:
-            keys = list(pool.map(lambda path: _thumbnail_key(path, side), paths))
+            keys = list(pool.map(_thumbnail_key, paths, [side] * len(paths), digests))
             missing = {
-                key: path
-                for key, path in zip(keys, paths, strict=True)
+                key: (path, digest)
+                for key, path, digest in zip(keys, paths, digests, strict=True)
                 if key is not None and key not in self._used and key not in self._kept
             }
-            made = pool.map(lambda path: _thumbnail(path, side), missing.values())
-            self._used.update(zip(missing, made, strict=True))
+            made = pool.map(lambda job: _thumbnail(job[0], side, job[1]), missing.values())
+            for key, (uri, current) in zip(missing, made, strict=True):
+                self._used[key] = uri
+                if not current:  # the file changed since it was embedded: shown, not kept
+                    self._stale.add(key)
         self._made += len(missing)
         for key in keys:
             if key is not None and key not in self._used:
                 self._used[key] = self._kept[key]
         # a file that cannot be read: its warning says why
         return [
-            self._used[key] if key is not None else _thumbnail(path, side)
+            self._used[key] if key is not None else _thumbnail(path, side)[0]
             for key, path in zip(keys, paths, strict=True)
         ]
 
     def save(self) -> int:
         """Keep the thumbnails used (a new file, at most a report's worth); returns how many
         were made."""
+        kept = {key: uri for key, uri in self._used.items() if key not in self._stale}
         with contextlib.suppress(OSError), atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(self._used))
+            tmp.write_text(json.dumps(kept))
         return self._made
 
 
-def _thumbnail_key(path: Path | None, side: int) -> str | None:
+def _thumbnail_key(path: Path | None, side: int, digest: str | None = None) -> str | None:
     if path is None:
         return None
+    if digest:
+        return f"{side}:sha256:{digest}"
     try:
         if is_bucket(path):  # its size, ETag and time: another object under the key is new
             return f"{side}:{':'.join(map(str, object_identity(str(path))))}:{path}"
@@ -393,20 +408,25 @@ def _thumbnail_key(path: Path | None, side: int) -> str | None:
     return f"{side}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}:{path}"
 
 
-def _thumbnail(path: Path | None, side: int = 112) -> str | None:
-    """A JPEG data URI of the image, at most ``side`` pixels across; None if unreadable."""
+def _thumbnail(
+    path: Path | None, side: int = 112, digest: str | None = None
+) -> tuple[str | None, bool]:
+    """A JPEG data URI of the image, at most ``side`` pixels across (None if unreadable), and
+    whether its content is still the one of sha256 ``digest`` (True without one)."""
     if path is None:
-        return None
+        return None, True
     try:
         # a JPEG is decoded at the smallest scale (1/2, 1/4, 1/8) that keeps ``side`` pixels
-        image = decode_image(read_image_bytes(path), min_side=max(1, side // 2)).image
+        decoded = decode_image(read_image_bytes(path), min_side=max(1, side // 2))
     except ImageError as exc:
         log.warning("report: no thumbnail for %s: %s", path, exc)
-        return None
+        return None, not digest
+    image = decoded.image
     image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return uri, digest in (None, decoded.sha256)
 
 
 def _coordinates(sample: _Sample) -> tuple[np.ndarray, str]:
@@ -446,7 +466,7 @@ def _map_page(store: Store, sample: _Sample, thumbnails: _Thumbnails) -> str:
     else:
         xy = coords
     dots = []
-    thumbs = thumbnails(sample.paths, 96)
+    thumbs = thumbnails(sample.paths, 96, sample.digests)
     for i, (x, y) in enumerate(xy):
         group = str(groups[i])
         name = _name(sample.folders[i], sample.ids[i])
@@ -487,7 +507,7 @@ def _neighbours_page(
         name = _name(sample.folders[i], sample.ids[i])
         others = [h for h in hits if (h.folder, h.image_id) != (sample.folders[i], sample.ids[i])]
         paths = [sample.paths[i], *(Path(h.path) for h in others[:top])]
-        thumbs = thumbnails(paths, 112)
+        thumbs = thumbnails(paths, 112, [sample.digests[i], *[None] * (len(paths) - 1)])
         figures = [_figure(thumbs[0], name, "query", "query")]
         figures += [
             _figure(thumb, _name(h.folder, h.image_id), f"{h.score:.3f}", "")

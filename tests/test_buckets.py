@@ -24,12 +24,10 @@ def server(s3_server):
 
 @pytest.fixture
 def aws(server, monkeypatch):
-    """This process reaches the server through the standard AWS variables (a fresh client)."""
-    from snakembed import buckets
-
+    """This process reaches the server through the standard AWS variables (a client is made
+    for each set of them)."""
     for name, value in server.env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(buckets, "_CLIENTS", {})
     return server
 
 
@@ -72,8 +70,11 @@ def test_a_bucket_gives_what_the_same_tree_on_disk_gives(server, tmp_path):
     local = tmp_path / "images"
     folders = _tree(local)
     server.upload(local, "same")
-    on_disk = write_config(tmp_path / "disk.yaml", images=str(local), results="disk")
-    in_bucket = write_config(tmp_path / "s3.yaml", images=f"s3://{BUCKET}/same", results="s3")
+    # batches of 2: a folder's objects are read by decoding processes (forked by the worker)
+    on_disk = write_config(tmp_path / "disk.yaml", images=str(local), results="disk", batch_size=2)
+    in_bucket = write_config(
+        tmp_path / "s3.yaml", images=f"s3://{BUCKET}/same", results="s3", batch_size=2
+    )
     run_snakemake(tmp_path, on_disk)
     run_snakemake(tmp_path, in_bucket, env=server.env)
     got = _results(tmp_path / "s3")
@@ -224,6 +225,7 @@ def test_what_is_not_the_image_s_fault_is_not_a_failed_image(aws, monkeypatch, c
     reads the images again), instead of storing them as failed for good."""
     aws.client().put_object(Bucket=BUCKET, Key="x/a.jpg", Body=b"a")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert read_objects([f"s3://{BUCKET}/x/a.jpg"]) == [b"a"]  # a client of the settings before
     for name, value in change.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(BucketUnavailable, match=said):

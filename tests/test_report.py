@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import time
 
 import pytest
-from conftest import run_snakemake, skip_unless_ci, snakemake_command, write_config
+from conftest import make_image, run_snakemake, skip_unless_ci, snakemake_command, write_config
 from labelled import make_labelled_tree
 
 pytestmark = pytest.mark.slow
@@ -139,3 +140,34 @@ def test_the_report_shows_every_page_and_its_images_render_in_chromium(report):
     for name, widths in seen.items():
         assert widths and all(w > 0 for w in widths), (name, widths)
     assert len(seen["map.html"]) == 20 and len(seen["neighbours.html"]) == 3 * 7
+
+
+def test_thumbnails_are_kept_by_content_and_made_again_when_it_changes(tmp_path):
+    """The map's thumbnails are kept between reports by the image's stored sha256 (no file
+    status or bucket request per image). A file replaced since it was embedded: a kept
+    thumbnail still shows what was embedded; one made now shows the file as it is, and is not
+    kept under the old content's key."""
+    from snakembed.report import _Thumbnails
+
+    image = make_image(tmp_path / "a.jpg", size=(120, 90), seed=1)
+    first = hashlib.sha256(image.read_bytes()).hexdigest()
+    kept = tmp_path / ".thumbnails.json"
+    thumbnails = _Thumbnails(kept)
+    [uri] = thumbnails([image], 96, [first])
+    assert uri.startswith("data:image/jpeg;base64,") and thumbnails.save() == 1
+    again = _Thumbnails(kept)
+    assert again([image], 96, [first]) == [uri] and again.save() == 0  # none made
+
+    make_image(image, size=(120, 90), seed=2)  # replaced after it was embedded
+    assert _Thumbnails(kept)([image], 96, [first]) == [uri]
+    elsewhere = tmp_path / "other" / ".thumbnails.json"
+    elsewhere.parent.mkdir()
+    for _ in range(2):  # made again each time: not kept
+        made = _Thumbnails(elsewhere)
+        [shown] = made([image], 96, [first])
+        assert shown != uri and made.save() == 1
+    second = hashlib.sha256(image.read_bytes()).hexdigest()
+    latest = _Thumbnails(elsewhere)
+    assert latest([image], 96, [second]) == [shown] and latest.save() == 1
+    final = _Thumbnails(elsewhere)
+    assert final([image], 96, [second]) == [shown] and final.save() == 0  # kept
