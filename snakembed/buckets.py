@@ -258,7 +258,7 @@ def _reason(exc: Exception, url: str) -> str:
         return f"cannot reach the S3 server for {url} ({where}): check AWS_ENDPOINT_URL"
     if isinstance(exc, botocore.ClientError):
         error = exc.response.get("Error", {})
-        code, message = error.get("Code", "?"), error.get("Message") or ""
+        code, message = error.get("Code", "?"), (error.get("Message") or "").rstrip(". ")
         bucket = split_url(url)[0]
         fixes = {
             "NoSuchBucket": f"bucket {bucket!r} does not exist there: check `images:`",

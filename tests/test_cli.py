@@ -75,6 +75,8 @@ def test_missing_images_exit_2_and_the_others_are_still_answered(workflow_run, c
     assert main(["embed", missing]) == 2  # nothing to embed: no model is loaded
     assert main(["embed", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert main(["predict", "s3://photos/tree/a.jpg"]) == 2
+    assert "read by runs only: snakembed run s3://BUCKET/PREFIX" in capsys.readouterr().err
 
 
 def test_a_second_predict_uses_the_worker_the_first_started(
