@@ -252,9 +252,14 @@ def _reason(exc: Exception, url: str) -> str:
             f"no AWS credentials to read {url}: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         )
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "AWS's endpoint"
+    if isinstance(exc, botocore.SSLError):
+        return (
+            f"no TLS connection to the S3 server for {url} ({where}): {exc}; check "
+            "AWS_ENDPOINT_URL (http:// or https://) and AWS_CA_BUNDLE"
+        )
     if isinstance(exc, botocore.EndpointConnectionError | botocore.ConnectTimeoutError):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        where = f"AWS_ENDPOINT_URL={endpoint}" if endpoint else "AWS's endpoint"
         return f"cannot reach the S3 server for {url} ({where}): check AWS_ENDPOINT_URL"
     if isinstance(exc, botocore.ClientError):
         error = exc.response.get("Error", {})

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import cached_sha256, scratch_folder
-from .buckets import absolute_root, root_path
+from .buckets import BucketUnavailable, absolute_root, root_path
 from .classify import Predictions, predict
 from .config import resolved
 from .devices import compute_from_config, precision_warning
@@ -573,6 +573,7 @@ def run_shard(
             group, future = writing.pop()
             settle(group, future.result())
 
+    unavailable: BucketUnavailable | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="store") as writer:
         while groups:
             if len(failed) >= _FAILURES_BEFORE_STOP and "computed" not in outcome.values():
@@ -587,6 +588,9 @@ def run_shard(
                 computed, served = compute_served(
                     request, config, threads, models=models, before_here=written
                 )
+            except BucketUnavailable as exc:  # not a folder's fault: every folder would fail
+                unavailable = exc
+                break
             except Exception as exc:  # noqa: BLE001 - one folder's failure must not lose others
                 if len(group) > 1:
                     log.warning(
@@ -606,6 +610,13 @@ def run_shard(
             else:
                 settle(group, store_folders(*stored))
         written()
+    if unavailable is not None:
+        write_record(partial, shard.settings, {**earlier, **record})
+        raise ShardError(
+            f"shard {shard.shard}: stopped: {unavailable}. {len(record)} of "
+            f"{len(shard.folders)} folders are stored; run snakemake again when the bucket can "
+            "be read: it computes what is missing"
+        ) from unavailable
     if failed:
         write_record(partial, shard.settings, {**earlier, **record})
         left = len(todo) - len(failed) - sum(v == "computed" for v in outcome.values())
@@ -615,8 +626,9 @@ def run_shard(
         names = ", ".join(list(failed)[:10]) + (" ..." if len(failed) > 10 else "")
         raise ShardError(
             f"shard {shard.shard}: {len(failed)} of {len(shard.folders)} folders failed "
-            f"({names}){stopped}; the error of each is above. The others are stored; run "
-            "snakemake again to compute what is missing"
+            f"({names}){stopped}; the error of each is above. {len(record)} of "
+            f"{len(shard.folders)} folders are stored; run snakemake again to compute what is "
+            "missing"
         )
     write_record(output, shard.settings, record)
     partial.unlink(missing_ok=True)

@@ -716,6 +716,11 @@ def _resolve(
 
 
 def _discover(config: dict) -> Discovery:
+    if str(config["images"]).lower().startswith("s3:") and not is_bucket(config["images"]):
+        raise DiscoveryError(
+            f"images: {config['images']!r} is neither a folder nor a bucket: a bucket is written "
+            "s3://BUCKET/PREFIX (s3 in lower case, two slashes)"
+        )
     if is_bucket(config["images"]):
         try:
             return list_tree(config["images"], config["extensions"])

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import atomic_path
-from .buckets import READ_CONCURRENCY, is_bucket, object_identity
+from .buckets import READ_CONCURRENCY, BucketUnavailable, is_bucket, object_identity
 from .images import ImageError, decode_image, read_image_bytes
 from .layout import ROOT_FOLDER, folder_file
 from .reader import Store, open_store
@@ -349,6 +350,7 @@ class _Thumbnails:
         self._used: dict[str, str | None] = {}
         self._stale: set[str] = set()
         self._made = 0
+        self._unavailable = threading.Event()  # the bucket cannot be read: no more asking
 
     @property
     def used(self) -> int:
@@ -364,13 +366,13 @@ class _Thumbnails:
         bucket = any(is_bucket(path) for path in paths)
         threads = READ_CONCURRENCY if bucket else os.cpu_count() or 1
         with ThreadPoolExecutor(threads) as pool:
-            keys = list(pool.map(_thumbnail_key, paths, [side] * len(paths), digests))
+            keys = list(pool.map(self._key, paths, [side] * len(paths), digests))
             missing = {
                 key: (path, digest)
                 for key, path, digest in zip(keys, paths, digests, strict=True)
                 if key is not None and key not in self._used and key not in self._kept
             }
-            made = pool.map(lambda job: _thumbnail(job[0], side, job[1]), missing.values())
+            made = pool.map(lambda job: self._make(job[0], side, job[1]), missing.values())
             for key, (uri, current) in zip(missing, made, strict=True):
                 self._used[key] = uri
                 if not current:  # the file changed since it was embedded: shown, not kept
@@ -381,9 +383,34 @@ class _Thumbnails:
                 self._used[key] = self._kept[key]
         # a file that cannot be read: its warning says why
         return [
-            self._used[key] if key is not None else _thumbnail(path, side)[0]
+            self._used[key] if key is not None else self._make(path, side)[0]
             for key, path in zip(keys, paths, strict=True)
         ]
+
+    def _key(self, path: Path | None, side: int, digest: str | None) -> str | None:
+        if self._unavailable.is_set():
+            return None
+        try:
+            return _thumbnail_key(path, side, digest)
+        except BucketUnavailable as exc:
+            self._gone(exc)
+            return None
+
+    def _make(self, path: Path | None, side: int, digest: str | None = None):
+        """:func:`_thumbnail`; none (not kept) once the bucket cannot be read: the pages are
+        written without those thumbnails, saying why, and the next report makes them."""
+        if self._unavailable.is_set():
+            return None, False
+        try:
+            return _thumbnail(path, side, digest)
+        except BucketUnavailable as exc:
+            self._gone(exc)
+            return None, False
+
+    def _gone(self, exc: BucketUnavailable) -> None:
+        if not self._unavailable.is_set():
+            self._unavailable.set()
+            log.warning("report: the pages are written without the bucket's thumbnails: %s", exc)
 
     def save(self) -> int:
         """Keep the thumbnails used (a new file, at most a report's worth); returns how many

@@ -151,8 +151,8 @@ def run(images: str | Path, results: str | Path | None = None, **options) -> int
     images_dir = Path(images)
     if not is_bucket(images) and not images_dir.is_dir():
         what = "not a folder" if images_dir.exists() else "no such folder"
-        if str(images).startswith("s3:"):
-            what += " (a bucket is written s3://BUCKET/PREFIX)"
+        if str(images).lower().startswith("s3:"):
+            what += " (a bucket is written s3://BUCKET/PREFIX: s3 in lower case, two slashes)"
         raise FileNotFoundError(f"IMAGES {images}: {what}; give the root of your images")
     cmd = snakemake_command(images, results, **options)
     results_dir = Path(cmd[cmd.index("--directory") + 1])

@@ -53,6 +53,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .buckets import BucketUnavailable
+
 __all__ = [
     "WorkerUnavailable",
     "compute_served",
@@ -189,7 +191,15 @@ _PER_REQUEST = ("classify", "worker")
 #: wrong: a head file, a layer without a classifier); a job shows the worker's traceback.
 _KINDS = {
     kind.__name__: kind
-    for kind in (FileNotFoundError, PermissionError, OSError, KeyError, LookupError, ValueError)
+    for kind in (
+        FileNotFoundError,
+        PermissionError,
+        OSError,
+        KeyError,
+        LookupError,
+        ValueError,
+        BucketUnavailable,
+    )
 }
 
 _CODE: list[str] = []
@@ -580,7 +590,7 @@ def _relay(conn: socket.socket, request: dict, ident: dict, job: bool = True) ->
                             raise WorkerUnavailable("the worker stopped while it sent its results")
                         out.append(_unpack(header, payload))
                     return out
-                elif "error" in message and not job and message.get("kind") in _KINDS:
+                elif "error" in message and _raised_again(message, job):
                     raise _KINDS[message["kind"]](message["message"])
                 elif "error" in message:
                     raise RuntimeError(f"embedding {_named(request)} failed:\n{message['error']}")
@@ -640,6 +650,13 @@ def _unpack(header: dict, payload: bytes) -> tuple:
             list(header["ids"]), arrays["labels"], arrays["scores"], header["head"]
         )
     return result, predictions
+
+
+def _raised_again(message: dict, job: bool) -> bool:
+    """Whether an error the worker sent is raised again as its kind: a command's errors of what
+    was asked; a job's bucket that cannot be read (the job stops instead of trying each folder)."""
+    kind = _KINDS.get(message.get("kind", ""))
+    return kind is not None and (not job or kind is BucketUnavailable)
 
 
 def _kind(exc: BaseException) -> dict:

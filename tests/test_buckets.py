@@ -136,10 +136,14 @@ def test_an_object_gone_between_listing_and_reading_is_a_failed_image(aws, tmp_p
     assert isinstance(read[1], OSError) and "NoSuchKey" in str(read[1])
 
 
-def test_a_server_gone_stops_the_job_and_the_next_run_finishes(aws, tmp_path, monkeypatch, caplog):
-    """Gone while a shard's job reads its folders (the job's own code, in this process): no
-    image is stored as failed, the job fails saying why, and the next run, with the server
-    back, computes what is left."""
+@pytest.mark.parametrize("worker", [False, True], ids=["in the job", "by a worker"])
+def test_a_server_gone_stops_the_job_and_the_next_run_finishes(
+    aws, tmp_path, monkeypatch, caplog, worker
+):
+    """Gone while a shard's job reads its folders (computed by the job itself, or by a
+    worker): no image is stored as failed, the job stops at once saying why (instead of
+    trying each folder alone), and the next run, with the server back, computes what is
+    left."""
     from snakembed.config import load_config
     from snakembed.pipeline import ShardError, run_shard
     from snakembed.plan import plan_run
@@ -152,7 +156,7 @@ def test_a_server_gone_stops_the_job_and_the_next_run_finishes(aws, tmp_path, mo
         tmp_path / "c.yaml",
         images=f"s3://{BUCKET}/outage",
         results=str(tmp_path / "r"),
-        worker={"enabled": False},
+        worker={"enabled": worker, "idle": 5},
     )
     config = load_config(path)
     plan = plan_run(config)
@@ -161,15 +165,34 @@ def test_a_server_gone_stops_the_job_and_the_next_run_finishes(aws, tmp_path, mo
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     aws.stop()
     try:
-        with pytest.raises(ShardError, match="3 of 3 folders failed"):
+        with pytest.raises(ShardError) as stopped:
             run_shard(plan.manifest_file(shard), plan.record_file(shard), config, threads=1)
     finally:
         aws.start()
-    assert "cannot reach the S3 server" in caplog.text and "check AWS_ENDPOINT_URL" in caplog.text
+    said = str(stopped.value)
+    assert "cannot reach the S3 server" in said and "check AWS_ENDPOINT_URL" in said
+    assert "0 of 3 folders are stored; run snakemake again when the bucket can be read" in said
+    assert "computing each alone" not in caplog.text
     assert not list((tmp_path / "r").rglob("*.h5"))
     run_snakemake(tmp_path, path, env=aws.env)
     assert set(_results(tmp_path / "r")) == {"f0", "f1", "f2"}
     assert not any(folder[3] for folder in _results(tmp_path / "r").values())
+
+    # the report's pages, with the server gone again: written, without the bucket's thumbnails
+    from snakembed.report import write_report_pages
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    names = ("summary.html", "labels.png", "map.html", "neighbours.html")
+    aws.stop()
+    try:
+        write_report_pages(tmp_path / "r", *(pages / name for name in names))
+    finally:
+        aws.start()
+    assert "written without the bucket's thumbnails: cannot reach the S3 server" in caplog.text
+    assert "data:image/jpeg" not in (pages / "map.html").read_text()
+    write_report_pages(tmp_path / "r", *(pages / name for name in names))
+    assert (pages / "map.html").read_text().count("data:image/jpeg") == 3  # made now
 
 
 @pytest.mark.parametrize(
@@ -181,16 +204,23 @@ def test_a_server_gone_stops_the_job_and_the_next_run_finishes(aws, tmp_path, mo
         ({"bucket": "no-such-bucket"}, "bucket 'no-such-bucket' does not exist there"),
         ({"prefix": "nothing-here"}, "no image objects"),
         (OUTSIDER, "AccessDenied: Access Denied; these credentials may not read it"),
+        ({"https": True}, "check AWS_ENDPOINT_URL (http:// or https://)"),
+        ({"root": f"S3://{BUCKET}/listed"}, "s3 in lower case, two slashes"),
+        ({"root": f"s3:/{BUCKET}/listed"}, "s3 in lower case, two slashes"),
     ],
-    ids=["secret", "key", "endpoint", "bucket", "prefix", "denied"],
+    ids=["secret", "key", "endpoint", "bucket", "prefix", "denied", "https", "S3", "s3:/"],
 )
 def test_what_keeps_the_bucket_from_being_listed_stops_the_run_before_any_job(
     server, tmp_path, change, said
 ):
     make_image(tmp_path / "one" / "a.jpg")
     server.upload(tmp_path / "one", "listed")
+    change = dict(change)
     bucket, prefix = change.pop("bucket", BUCKET), change.pop("prefix", "listed")
-    config = write_config(tmp_path / "c.yaml", images=f"s3://{bucket}/{prefix}", results="r")
+    root = change.pop("root", f"s3://{bucket}/{prefix}")
+    if change.pop("https", False):  # a server that speaks http, asked in TLS
+        change["AWS_ENDPOINT_URL"] = server.endpoint.replace("http://", "https://")
+    config = write_config(tmp_path / "c.yaml", images=root, results="r")
     env = {**server.env, "AWS_MAX_ATTEMPTS": "1", **change}
     proc = run_snakemake(tmp_path, config, check=False, env=env)
     assert proc.returncode != 0
