@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -408,18 +409,34 @@ def decode_image(
     return DecodedImage(image=image, width=width, height=height, sha256=digest)
 
 
+#: Decoders inside :func:`_quiet_pillow` now, and what they lifted (the first to enter saves and
+#: lifts, the last to leave restores: threads that each saved and restored would leave the
+#: limit lifted, or the warnings ignored, for good).
+_QUIET = {"inside": 0, "limit": None, "warnings": None}
+_QUIET_LOCK = threading.Lock()
+# a process forked while another thread held the lock must not wait for it
+os.register_at_fork(after_in_child=lambda: globals().update(_QUIET_LOCK=threading.Lock()))
+
+
 @contextlib.contextmanager
 def _quiet_pillow() -> Iterator[None]:
     """Lift Pillow's process-wide pixel limit (:func:`check_size` applies ours instead), and
-    quiet its warnings about odd metadata in files that still decode."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with warnings.catch_warnings():
+    quiet its warnings about odd metadata in files that still decode; safe in many threads."""
+    with _QUIET_LOCK:
+        if _QUIET["inside"] == 0:
+            _QUIET["limit"], Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            _QUIET["warnings"] = warnings.catch_warnings()
+            _QUIET["warnings"].__enter__()
             warnings.simplefilter("ignore")
-            yield
+        _QUIET["inside"] += 1
+    try:
+        yield
     finally:
-        Image.MAX_IMAGE_PIXELS = saved
+        with _QUIET_LOCK:
+            _QUIET["inside"] -= 1
+            if _QUIET["inside"] == 0:
+                Image.MAX_IMAGE_PIXELS = _QUIET["limit"]
+                _QUIET["warnings"].__exit__(None, None, None)
 
 
 def _unidentified_reason(data: bytes) -> str:

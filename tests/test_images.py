@@ -223,6 +223,21 @@ def test_the_pixel_limit_refuses_before_decoding_and_can_be_raised():
     assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS  # Pillow's own limit is left alone
 
 
+def test_decoding_in_many_threads_leaves_pillow_and_warnings_as_they_were():
+    """The report and the threaded batches decode in many threads at once: Pillow's pixel limit
+    and the warning filters, lifted while they decode, are as they were afterwards."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = samples.encode(samples.photo((64, 48)), "JPEG")
+    filters = list(warnings.filters)
+    with ThreadPoolExecutor(32) as pool:
+        sizes = set(pool.map(lambda _: decode_image(data).width, range(3000)))
+    assert sizes == {64}
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS
+    assert warnings.filters == filters
+
+
 # --------------------------------------------------------------------------- links and odd files
 
 
