@@ -34,6 +34,7 @@ __all__ = [
     "SCHEME",
     "absolute_root",
     "is_bucket",
+    "is_misspelt_bucket",
     "list_tree",
     "object_identity",
     "prepare",
@@ -97,6 +98,20 @@ def is_bucket(root) -> bool:
         (True, False)
     """
     return str(root).startswith(SCHEME)
+
+
+#: How a bucket's location is written, for the errors of a root meant as one.
+BUCKET_FORM = "s3://BUCKET/PREFIX (s3 in lower case, two slashes)"
+
+
+def is_misspelt_bucket(root) -> bool:
+    """Whether a root was meant as a bucket but is not written as one (``S3://``, ``s3:/``).
+
+    Example:
+        >>> is_misspelt_bucket("S3://photos"), is_misspelt_bucket("s3://photos")
+        (True, False)
+    """
+    return str(root).lower().startswith("s3:") and not is_bucket(root)
 
 
 def root_path(root):

@@ -275,8 +275,10 @@ def _with_head(config: dict, head: str) -> dict:
 
 
 def _missing(image: str) -> str:
+    from .buckets import is_bucket, is_misspelt_bucket
+
     path = Path(image)
-    if image.lower().startswith("s3:/"):
+    if is_bucket(image) or is_misspelt_bucket(image):
         return (
             "images in a bucket are read by runs only: snakembed run s3://BUCKET/PREFIX, or copy "
             "the image here first (aws s3 cp)"

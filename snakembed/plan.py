@@ -23,7 +23,15 @@ from .backbones import (
     is_local_weights,
     model_file_hashes,
 )
-from .buckets import BucketError, absolute_root, is_bucket, list_tree, root_path
+from .buckets import (
+    BUCKET_FORM,
+    BucketError,
+    absolute_root,
+    is_bucket,
+    is_misspelt_bucket,
+    list_tree,
+    root_path,
+)
 from .config import RESOLVED_KEYS, ConfigError, numbers_fingerprint, validate_config
 from .devices import gpu_visible, precision_warning, resolve_compute
 from .heads import HEADS, needs_labels
@@ -716,10 +724,10 @@ def _resolve(
 
 
 def _discover(config: dict) -> Discovery:
-    if str(config["images"]).lower().startswith("s3:") and not is_bucket(config["images"]):
+    if is_misspelt_bucket(config["images"]):
         raise DiscoveryError(
             f"images: {config['images']!r} is neither a folder nor a bucket: a bucket is written "
-            "s3://BUCKET/PREFIX (s3 in lower case, two slashes)"
+            f"{BUCKET_FORM}"
         )
     if is_bucket(config["images"]):
         try:

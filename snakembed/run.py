@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .buckets import is_bucket
+from .buckets import BUCKET_FORM, is_bucket, is_misspelt_bucket
 from .workflow import PROFILES, profile, snakefile, workflow_dir
 
 __all__ = ["run", "snakemake_command"]
@@ -151,8 +151,8 @@ def run(images: str | Path, results: str | Path | None = None, **options) -> int
     images_dir = Path(images)
     if not is_bucket(images) and not images_dir.is_dir():
         what = "not a folder" if images_dir.exists() else "no such folder"
-        if str(images).lower().startswith("s3:"):
-            what += " (a bucket is written s3://BUCKET/PREFIX: s3 in lower case, two slashes)"
+        if is_misspelt_bucket(images):
+            what += f" (a bucket is written {BUCKET_FORM})"
         raise FileNotFoundError(f"IMAGES {images}: {what}; give the root of your images")
     cmd = snakemake_command(images, results, **options)
     results_dir = Path(cmd[cmd.index("--directory") + 1])
