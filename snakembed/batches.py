@@ -14,6 +14,9 @@ Two ways, chosen by the config's ``decode`` (see :func:`snakembed.devices.resolv
   image by image, so one bad file never costs the others. The next batch is read while the
   network runs on this one.
 
+Objects in a bucket are read in the job's process, a few batches ahead with many requests in
+flight, and their bytes handed to either way, which then only decodes.
+
 Both give each item the same facts (``index``, ``sha256``, ``width``, ``height`` or ``error``)
 and the same pixels up to the decoders' rounding (tested: embeddings agree to cosine ≥ 0.999).
 """
@@ -28,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .buckets import is_bucket, prepare, read_objects
+from .buckets import is_bucket, read_ahead
 from .images import ImageError, Preprocess, check_size, decode_image, read_image_bytes
 from .patches import PatchGrid
 
@@ -85,15 +88,16 @@ class Decoder:
             return {"index": index, "error": str(exc)}
         return self._item(index, data)
 
-    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        """A batch's items (DataLoader asks for a batch at once): objects in a bucket are read
-        with many requests in flight (see :func:`snakembed.buckets.read_objects`)."""
-        if not any(is_bucket(self.paths[i]) for i in indices):
-            return [self[i] for i in indices]
+    def __getitems__(self, batch: Sequence) -> list[dict]:
+        """A batch's items (DataLoader asks for a batch at once): ``batch`` holds indices, or
+        ``(index, data)`` pairs, ``data`` the bytes read already (or the OSError of those that
+        could not be), or None to read them here."""
         items = []
-        urls = [str(self.paths[i]) for i in indices]
-        for index, data in zip(indices, read_objects(urls), strict=True):
-            if isinstance(data, OSError):
+        for entry in batch:
+            index, data = entry if isinstance(entry, tuple) else (entry, None)
+            if data is None:
+                items.append(self[index])
+            elif isinstance(data, OSError):
                 items.append({"index": index, "error": f"cannot read file: {data}"})
             else:
                 items.append(self._item(index, data))
@@ -142,22 +146,49 @@ def pillow_batches(decoder: Decoder, batch_size: int, workers: int, pin: bool) -
         holds the items that have pixels, in order.
     """
     if workers == 0:
-        for start in range(0, len(decoder), batch_size):
-            end = min(start + batch_size, len(decoder))
-            yield _collate(decoder.__getitems__(range(start, end)))
+        for batch in _batches(decoder, batch_size):
+            yield _collate(decoder.__getitems__(batch))
         return
     from torch.utils.data import DataLoader
 
-    if any(is_bucket(path) for path in decoder.paths):
-        prepare()  # the processes forked below inherit boto3, loaded once
+    in_bucket = any(is_bucket(path) for path in decoder.paths)
     yield from DataLoader(
         decoder,
-        batch_size=batch_size,
+        batch_sampler=_Batches(_batches(decoder, batch_size), len(decoder), batch_size),
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=pin,
-        prefetch_factor=4,
+        prefetch_factor=2 if in_bucket else 4,  # bytes read ahead may be of large photos
     )
+
+
+def _batches(decoder: Decoder, batch_size: int) -> Iterator[list[tuple[int, object]]]:
+    """The decoder's images, batch by batch, as ``(index, data)`` pairs: ``data`` is the bytes
+    read (or the OSError of those that could not be) of objects in a bucket, read in this
+    process ahead of decoding, many requests in flight (obstore cannot read in the decoding
+    processes, forked from one where it has: see :mod:`snakembed.buckets`); None for a file,
+    read where it is decoded."""
+    count = len(decoder)
+    if not any(is_bucket(path) for path in decoder.paths):
+        for start in range(0, count, batch_size):
+            yield [(i, None) for i in range(start, min(start + batch_size, count))]
+        return
+    urls = [str(path) for path in decoder.paths]
+    for start, batch in zip(range(0, count, batch_size), read_ahead(urls, batch_size), strict=True):
+        yield list(enumerate(batch, start))
+
+
+class _Batches:
+    """Batches given once, for DataLoader's ``batch_sampler`` (which asks for their number)."""
+
+    def __init__(self, batches: Iterator, count: int, batch_size: int):
+        self.batches, self.count = batches, -(-count // batch_size)
+
+    def __iter__(self) -> Iterator:
+        return self.batches
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class DecodeCounts:
@@ -192,27 +223,29 @@ def tensor_batches(
         As :func:`pillow_batches`, with ``pixels`` on ``device``.
     """
     counts = counts if counts is not None else DecodeCounts()
-    starts = range(0, len(decoder), batch_size)
+    batches = _batches(decoder, batch_size)
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="snakembed-read") as pool:
 
-        def submit(start: int) -> list[Future]:
-            end = min(start + batch_size, len(decoder))
-            return [pool.submit(_read, decoder, i, jpegs) for i in range(start, end)]
+        def submit(batch: list) -> list[Future]:
+            return [pool.submit(_read, decoder, i, jpegs, data) for i, data in batch]
 
-        pending = submit(0) if starts else []
-        for n, _ in enumerate(starts):
+        pending = submit(next(batches, []))
+        while pending:
             items = [future.result() for future in pending]
             # read the next batch while this one is decoded and run through the network
-            pending = submit(starts[n + 1]) if n + 1 < len(starts) else []
+            pending = submit(next(batches, []))
             yield _device_batch(items, decoder, device, pool, counts)
 
 
-def _read(decoder: Decoder, index: int, jpegs: bool) -> dict:
+def _read(decoder: Decoder, index: int, jpegs: bool, data: bytes | OSError | None) -> dict:
     """An item with its bytes and header facts, or its error, or its known sha256; an image the
-    device decoder does not take is decoded by Pillow here."""
+    device decoder does not take is decoded by Pillow here. ``data``: the image's bytes (or
+    why they could not be read) where they were read already, else None."""
     item: dict = {"index": index}
+    if isinstance(data, OSError):
+        return {**item, "error": f"cannot read file: {data}"}
     try:
-        data = read_image_bytes(decoder.paths[index])
+        data = read_image_bytes(decoder.paths[index]) if data is None else data
     except ImageError as exc:
         return {**item, "error": str(exc)}
     digest = hashlib.sha256(data).hexdigest()

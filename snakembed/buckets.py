@@ -6,14 +6,17 @@ prefixes under ``PREFIX`` that directly hold image objects, keyed as local folde
 The plan lists the bucket once (paginated ListObjectsV2), and what the listing says of each
 object (size, ETag, modification time) is its identity in the folder's manifest: a new ETag
 reruns its folder, with no request per object. The folder jobs read the objects, many requests
-in flight, retried with backoff on throttling, server errors and timeouts (botocore's
-``standard`` retry mode); an object that still cannot be read is a failed image with the
-server's reason. Nothing is copied to local disk.
+in flight, ahead of decoding, retried with backoff on throttling, server errors and timeouts
+(botocore's ``standard`` retry mode); an object that still cannot be read is a failed image
+with the server's reason. Nothing is copied to local disk.
 
 Credentials, region and endpoint come from the standard AWS sources, never from the config:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
 ``~/.aws/config``, ``AWS_REGION``, and ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for
-servers other than AWS. boto3 (``pip install snakembed[s3]``) does the talking.
+servers other than AWS. boto3 (``pip install snakembed[s3]``) does the talking; obstore,
+where installed (the same extra), reads the objects, at an eighth of boto3's processor time per
+request (measured: 0.17 against 1.44 ms), and any object it cannot read is asked again through
+boto3, whose answer (the object's bytes or the reason) is the one kept.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import contextlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from .layout import ROOT_FOLDER
 
@@ -37,8 +42,8 @@ __all__ = [
     "is_misspelt_bucket",
     "list_tree",
     "object_identity",
-    "prepare",
     "read_object",
+    "read_ahead",
     "read_objects",
     "root_path",
 ]
@@ -160,6 +165,8 @@ def split_url(url: str) -> tuple[str, str]:
 
 _SESSIONS: dict[tuple, object] = {}  # by the AWS_* environment
 _CLIENTS: dict[tuple, object] = {}  # by process and the AWS_* environment
+_STORES: dict[tuple, object] = {}  # obstore's, by process, the AWS_* environment and bucket
+_OBSTORE_PROCESS: list[int] = []  # the process whose obstore runtime started
 _LOCK = threading.Lock()
 # a process forked while another thread held the lock must not wait for it
 os.register_at_fork(after_in_child=lambda: globals().update(_LOCK=threading.Lock()))
@@ -219,17 +226,6 @@ def _timestamp(value):
     from botocore.utils import parse_timestamp
 
     return parse_timestamp(value)
-
-
-def prepare() -> None:
-    """Load what reading a bucket needs (boto3, its models, the credentials) in this process,
-    before it forks processes that read: they inherit it.
-
-    Example:
-        >>> prepare()  # doctest: +SKIP
-    """
-    with _LOCK:
-        _session(_aws_environment())
 
 
 def _client():
@@ -416,7 +412,58 @@ def read_object(url: str) -> bytes:
             this object (denied): nothing the image is to blame for.
     """
     bucket, key = split_url(url)
+    store = _store(bucket)
+    if store is not None:
+        import obstore
+
+        try:
+            return bytes(obstore.get(store, key).bytes())
+        except Exception:  # noqa: BLE001 - asked again through boto3, which says what is wrong
+            pass
     return _request(url, lambda client: client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _store(bucket: str):
+    """obstore's store for ``bucket`` in this process (its requests take an eighth of boto3's
+    processor time), on the endpoint, region and credentials boto3 resolved; or None where
+    obstore is not installed, where a CA bundle is set for an https endpoint
+    (``AWS_CA_BUNDLE``, which obstore does not take), or in a process forked after obstore
+    started its runtime in its parent (a request there would wait forever): boto3 reads
+    there."""
+    environment = _aws_environment()
+    key = (os.getpid(), environment, bucket)
+    client = _client()
+    with _LOCK:
+        if key in _STORES:
+            return _STORES[key]
+        _STORES[key] = None
+        if _OBSTORE_PROCESS and _OBSTORE_PROCESS[0] != os.getpid():
+            return None
+        endpoint = client.meta.endpoint_url
+        session = _session(environment)
+        if endpoint.startswith("https://") and session._session.get_config_variable("ca_bundle"):
+            return None
+        try:
+            from obstore.auth.boto3 import Boto3CredentialProvider
+            from obstore.store import S3Store
+        except ImportError:
+            return None
+        config = {"region": client.meta.region_name or "us-east-1"}
+        if not (urlsplit(endpoint).hostname or "").endswith(".amazonaws.com"):
+            config["endpoint"] = endpoint
+        _STORES[key] = S3Store(
+            bucket,
+            config=config,
+            client_options={
+                "allow_http": endpoint.startswith("http://"),
+                "connect_timeout": "10s",
+                "timeout": "60s",
+            },
+            retry_config={"max_retries": 0},  # boto3 retries what fails, and says why
+            credential_provider=Boto3CredentialProvider(session),
+        )
+        _OBSTORE_PROCESS[:] = [os.getpid()]
+        return _STORES[key]
 
 
 def read_objects(urls: Sequence[str]) -> list[bytes | OSError]:
@@ -452,6 +499,36 @@ def read_objects(urls: Sequence[str]) -> list[bytes | OSError]:
         if not todo:
             return results
     raise results[todo[0]]
+
+
+def read_ahead(urls: Sequence[str], batch_size: int, ahead: int = 2) -> Iterator[list]:
+    """The objects' bytes batch by batch, as :func:`read_objects` gives them, the next
+    ``ahead`` batches read while the caller works on this one (and memory held for at most
+    ``ahead + 1`` batches).
+
+    Raises:
+        BucketUnavailable: as :func:`read_objects`, when the batch that failed is reached.
+
+    Example:
+        >>> for batch in read_ahead(["s3://photos/tree/a.jpg"], 32):  # doctest: +SKIP
+        ...     print([len(data) for data in batch])
+        [263012]
+    """
+    starts = range(0, len(urls), batch_size)
+    with ThreadPoolExecutor(max(1, ahead), thread_name_prefix="snakembed-bucket") as pool:
+        pending = deque(
+            pool.submit(read_objects, urls[start : start + batch_size]) for start in starts[:ahead]
+        )
+        try:
+            for start in starts[ahead:]:
+                batch = pending.popleft().result()
+                pending.append(pool.submit(read_objects, urls[start : start + batch_size]))
+                yield batch
+            while pending:
+                yield pending.popleft().result()
+        finally:  # a caller that stops early: what is not begun is not read
+            for future in pending:
+                future.cancel()
 
 
 def _attempts() -> int:

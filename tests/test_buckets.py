@@ -12,6 +12,7 @@ from conftest import make_image, make_tree, run_snakemake, write_config
 from s3server import BUCKET, OUTSIDER
 
 import snakembed
+from snakembed import buckets
 from snakembed.buckets import BucketError, BucketUnavailable, list_tree, read_objects
 
 pytestmark = pytest.mark.slow
@@ -299,3 +300,71 @@ def test_the_results_name_the_bucket_and_hold_no_secret(server, tmp_path):
         p.read_text(errors="replace") for p in (tmp_path / "r").rglob("*.json")
     )
     assert str(snakembed.open_store(tmp_path / "r").images_root) == f"s3://{BUCKET}/named"
+
+
+def _batches_of(batches) -> list[tuple]:
+    """``(index, sha256 or error, pixels)`` of every item of some batches, in order."""
+    out = []
+    for batch in batches:
+        pixels = iter(batch["pixels"] if batch["pixels"] is not None else [])
+        for item in batch["items"]:
+            have = next(pixels).numpy() if "error" not in item else None
+            out.append((item["index"], item.get("sha256", "error" in item), have))
+    return out
+
+
+@pytest.mark.parametrize("way", ["processes", "in this process", "threads"])
+def test_objects_read_ahead_decode_as_the_same_files_on_disk(aws, tmp_path, way):
+    """A folder's objects are read in the job's process, ahead, and decoded where local files
+    are (decoding processes, this process, threads): the same items and pixels, in order."""
+    from snakembed.batches import Decoder, pillow_batches, tensor_batches
+    from snakembed.buckets import root_path
+    from snakembed.images import Preprocess
+
+    local = tmp_path / "t"
+    names = [f"{i:02d}.jpg" for i in range(11)]
+    for i, name in enumerate(names):
+        make_image(local / name, size=(40 + i, 30), seed=i)
+    (local / "05.jpg").write_bytes(b"broken")
+    aws.upload(local, "ahead")
+    aws.client().delete_object(Bucket=BUCKET, Key="ahead/07.jpg")  # gone since the listing
+    (local / "07.jpg").unlink()
+
+    def batches(root):
+        paths = [root_path(root) / name for name in names]
+        decoder = Decoder(paths, Preprocess(36, 32, (0.5,) * 3, (0.5,) * 3), None, None)
+        if way == "threads":
+            return tensor_batches(decoder, 3, 2, "cpu", jpegs=False)
+        return pillow_batches(decoder, 3, 2 if way == "processes" else 0, False)
+
+    got = _batches_of(batches(f"s3://{BUCKET}/ahead"))
+    want = _batches_of(batches(local))
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert [g[0] for g in got] == list(range(len(names)))
+    for (index, _, pixels), (_, _, same) in zip(got, want, strict=True):
+        assert (pixels is None) == (same is None), index
+        assert pixels is None or np.array_equal(pixels, same), index
+
+
+def test_keys_a_url_would_read_otherwise_give_their_own_object(aws):
+    """Keys with ``%``, ``%25``, ``#``, ``?``, ``+`` and a tab (which obstore does not take:
+    boto3 reads it) each give their own bytes."""
+    keys = ["odd/100%.jpg", "odd/100%25.jpg", "odd/a#b.jpg", "odd/a?b.jpg", "odd/a+b.jpg"]
+    keys += ["odd/a b.jpg", "odd/tab\tx.jpg", "odd/ä.jpg"]
+    client = aws.client()
+    for key in keys:
+        client.put_object(Bucket=BUCKET, Key=key, Body=key.encode())
+    assert read_objects([f"s3://{BUCKET}/{key}" for key in keys]) == [k.encode() for k in keys]
+    assert buckets._store(BUCKET) is not None  # obstore read them (a CA bundle is for https)
+
+
+def test_a_process_forked_after_reading_still_reads(aws):
+    """obstore cannot read in a process forked from one where it has (it would wait forever):
+    boto3 reads there."""
+    import multiprocessing
+
+    aws.client().put_object(Bucket=BUCKET, Key="fork/a.jpg", Body=b"a")
+    url = f"s3://{BUCKET}/fork/a.jpg"
+    assert read_objects([url]) == [b"a"]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(read_objects, ([url],)).get(timeout=60) == [b"a"]
