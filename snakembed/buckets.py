@@ -248,7 +248,16 @@ def _client():
                 connect_timeout=10,
                 read_timeout=60,
             )
-            client = _session(environment).client("s3", config=config)
+            try:
+                client = _session(environment).client("s3", config=config)
+            except ValueError as exc:  # botocore's "Invalid endpoint: ..."
+                endpoint = dict(environment).get("AWS_ENDPOINT_URL_S3") or dict(environment).get(
+                    "AWS_ENDPOINT_URL"
+                )
+                raise BucketError(
+                    f"{exc}: write AWS_ENDPOINT_URL as http://HOST:PORT or https://HOST"
+                    f"{f' (it is {endpoint!r})' if endpoint else ''}"
+                ) from exc
             _CLIENTS.clear()
             _CLIENTS[(os.getpid(), environment)] = client
         return client
@@ -451,17 +460,20 @@ def _store(bucket: str):
         config = {"region": client.meta.region_name or "us-east-1"}
         if not (urlsplit(endpoint).hostname or "").endswith(".amazonaws.com"):
             config["endpoint"] = endpoint
-        _STORES[key] = S3Store(
-            bucket,
-            config=config,
-            client_options={
-                "allow_http": endpoint.startswith("http://"),
-                "connect_timeout": "10s",
-                "timeout": "60s",
-            },
-            retry_config={"max_retries": 0},  # boto3 retries what fails, and says why
-            credential_provider=Boto3CredentialProvider(session),
-        )
+        try:
+            _STORES[key] = S3Store(
+                bucket,
+                config=config,
+                client_options={
+                    "allow_http": endpoint.startswith("http://"),
+                    "connect_timeout": "10s",
+                    "timeout": "60s",
+                },
+                retry_config={"max_retries": 0},  # boto3 retries what fails, and says why
+                credential_provider=Boto3CredentialProvider(session),
+            )
+        except Exception:  # noqa: BLE001 - no credentials, say: boto3 reads, and says why
+            return None
         _OBSTORE_PROCESS[:] = [os.getpid()]
         return _STORES[key]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import atomic_path
-from .buckets import READ_CONCURRENCY, BucketUnavailable, is_bucket, object_identity
+from .buckets import READ_CONCURRENCY, BucketUnavailable, is_bucket, object_identity, root_path
 from .images import ImageError, decode_image, read_image_bytes
 from .layout import ROOT_FOLDER, folder_file
 from .reader import Store, open_store
@@ -533,7 +533,7 @@ def _neighbours_page(
     for i, hits in zip(picks.astype(int), found, strict=True):
         name = _name(sample.folders[i], sample.ids[i])
         others = [h for h in hits if (h.folder, h.image_id) != (sample.folders[i], sample.ids[i])]
-        paths = [sample.paths[i], *(Path(h.path) for h in others[:top])]
+        paths = [sample.paths[i], *(root_path(h.path) for h in others[:top])]
         thumbs = thumbnails(paths, 112, [sample.digests[i], *[None] * (len(paths) - 1)])
         figures = [_figure(thumbs[0], name, "query", "query")]
         figures += [

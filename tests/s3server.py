@@ -79,7 +79,7 @@ class S3Server:
 
     def start(self, timeout: float = 90) -> None:
         """Start the server (again, after :meth:`stop`, on the same ports and data) and wait
-        until it answers.
+        until it stores and serves objects.
 
         Raises:
             RuntimeError: when it does not answer within ``timeout`` seconds, with its log.
@@ -103,7 +103,12 @@ class S3Server:
             if self.process.poll() is not None:
                 break
             with contextlib.suppress(Exception):
-                self.client().head_bucket(Bucket=BUCKET)
+                # objects written and read: the server answers a bucket's HEAD before its
+                # volumes serve (a GET then answered InternalError); a hidden key, which no
+                # listing of images takes
+                client = self.client()
+                client.put_object(Bucket=BUCKET, Key=".ready", Body=b"ready")
+                client.get_object(Bucket=BUCKET, Key=".ready")["Body"].read()
                 return
             time.sleep(0.25)
         self.stop()

@@ -194,6 +194,8 @@ def test_a_server_gone_stops_the_job_and_the_next_run_finishes(
     assert "data:image/jpeg" not in (pages / "map.html").read_text()
     write_report_pages(tmp_path / "r", *(pages / name for name in names))
     assert (pages / "map.html").read_text().count("data:image/jpeg") == 3  # made now
+    neighbours = (pages / "neighbours.html").read_text()  # the hits' too, from the bucket
+    assert neighbours.count("<figure") == neighbours.count("data:image/jpeg") > 3
 
 
 @pytest.mark.parametrize(
@@ -202,6 +204,7 @@ def test_a_server_gone_stops_the_job_and_the_next_run_finishes(
         ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "check AWS_SECRET_ACCESS_KEY"),
         ({"AWS_ACCESS_KEY_ID": "nobody"}, "check AWS_ACCESS_KEY_ID"),
         ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "check AWS_ENDPOINT_URL"),
+        ({"AWS_ENDPOINT_URL": "127.0.0.1:9"}, "write AWS_ENDPOINT_URL as http://HOST:PORT"),
         ({"bucket": "no-such-bucket"}, "bucket 'no-such-bucket' does not exist there"),
         ({"prefix": "nothing-here"}, "no image objects"),
         (OUTSIDER, "AccessDenied: Access Denied; these credentials may not read it"),
@@ -209,7 +212,18 @@ def test_a_server_gone_stops_the_job_and_the_next_run_finishes(
         ({"root": f"S3://{BUCKET}/listed"}, "s3 in lower case, two slashes"),
         ({"root": f"s3:/{BUCKET}/listed"}, "s3 in lower case, two slashes"),
     ],
-    ids=["secret", "key", "endpoint", "bucket", "prefix", "denied", "https", "S3", "s3:/"],
+    ids=[
+        "secret",
+        "key",
+        "endpoint",
+        "no scheme",
+        "bucket",
+        "prefix",
+        "denied",
+        "https",
+        "S3",
+        "s3:/",
+    ],
 )
 def test_what_keeps_the_bucket_from_being_listed_stops_the_run_before_any_job(
     server, tmp_path, change, said
