@@ -147,7 +147,12 @@ def test_killed_runs_resume_to_the_same_results(tmp_path, workers):
 def test_reading_while_the_workflow_writes(tmp_path, workers):
     images = tmp_path / "images"
     keys = _tree(images, folders=6, per_folder=3)
-    config = write_config(tmp_path / "config.yaml", images=str(images), results="results")
+    # folders in several jobs, each written as soon as it is done: the files are replaced
+    # seconds apart, not all at once at the end of one group (a reader then never saw both)
+    shards = {"count": 8, "group": 1}
+    config = write_config(
+        tmp_path / "config.yaml", images=str(images), results="results", shards=shards
+    )
     results = tmp_path / "results"
 
     def read_until(proc: subprocess.Popen) -> list[dict[str, str]]:
@@ -180,7 +185,9 @@ def test_reading_while_the_workflow_writes(tmp_path, workers):
     first = _matrices(results)
     assert sorted(first) == sorted(keys)
     # a second run rewrites every file (new preprocessing) while the old ones are being read
-    write_config(config, images=str(images), results="results", preprocess={"resize": 72})
+    write_config(
+        config, images=str(images), results="results", shards=shards, preprocess={"resize": 72}
+    )
     proc = _start(tmp_path, config, workers.env)
     passes = read_until(proc)
     assert proc.returncode == 0, _output(tmp_path)
