@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import hashlib
 import html
 import io
 import json
@@ -31,7 +32,7 @@ from .images import ImageError, decode_image, read_image_bytes
 from .layout import ROOT_FOLDER, folder_file
 from .reader import Store, open_store
 from .reduce import fit_pca_sample
-from .search import search
+from .search import Hit, best_rows, name_hits, unit_queries
 
 __all__ = ["write_report_pages"]
 
@@ -61,13 +62,16 @@ svg .pt:hover circle { stroke: #000; stroke-width: 2 }
 
 @dataclass
 class _Sample:
-    """Images drawn evenly from the whole store, with their vectors."""
+    """Images drawn from the whole store (see :func:`_draw`), in folder order, with their
+    vectors; ``origins`` names each image's row of a version of a folder file."""
 
     folders: list[str]
     ids: list[str]
     paths: list[Path | None]
     digests: list[str]
     labels: list[str | None]
+    draws: list[float]
+    origins: list[str]
     vectors: np.ndarray
 
 
@@ -93,7 +97,8 @@ def write_report_pages(
         embedding_map: a 2-D map of the embeddings (HTML, SVG inside): UMAP where the ``umap``
             package is installed, else PCA; a thumbnail shows on hover.
         neighbours: the nearest stored images of a few sample images, as thumbnail strips.
-        points: images drawn for the map, evenly across the store.
+        points: images drawn for the map, at random across the store (the same draw from
+            report to report).
         queries: sample images for the neighbour strips.
         metrics: the trained head's ``metrics.json``, or None.
 
@@ -104,13 +109,15 @@ def write_report_pages(
 
     log_to_stderr()
     store = open_store(results)
-    folders = _read_folders(store, Path(embedding_map).parent / _FOLDERS)
+    kept = Path(embedding_map).parent
+    folders = _read_folders(store, kept / _FOLDERS, points)
     _write_text(summary, _summary_page(folders, Path(results), metrics))
     _plot_labels(folders, labels)
-    sample = _sample(store, folders, points)
-    thumbnails = _Thumbnails(Path(embedding_map).parent / _THUMBNAILS)
+    sample = _sample(store, folders, points, kept / _VECTORS)
+    thumbnails = _Thumbnails(kept / _THUMBNAILS)
     _write_text(embedding_map, _map_page(store, sample, thumbnails))
-    _write_text(neighbours, _neighbours_page(store, sample, queries, thumbnails))
+    found = _neighbours(store, folders, sample, queries, kept / _NEIGHBOURS)
+    _write_text(neighbours, _neighbours_page(sample, found, thumbnails))
     made = thumbnails.save()
     log.info(
         "report pages written: %d images on the map; %d thumbnails made, %d kept from the last run",
@@ -142,38 +149,101 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _read_folders(store: Store, path: Path) -> dict[str, dict]:
-    """What the pages need of each folder (its provenance, failures and label counts), read
-    from the folder files that changed since the last report and kept beside the pages: a
-    one-folder change reads one folder file."""
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    kept = kept if isinstance(kept, dict) else {}
-    folders, read = {}, 0
+def _read_folders(store: Store, path: Path, points: int) -> dict[str, dict]:
+    """What the pages need of each folder (its provenance, failures, label counts and the
+    images it may give the sample: see :func:`_draw`), read from the folder files that changed
+    since the last report and kept beside the pages: a one-folder change reads one folder
+    file."""
+    kept = _load_json(path)
+    folders, read = {}, set()
     for key in store:
         stamp = _file_key(folder_file(store.results, key))
         entry = kept.get(key)
-        if not isinstance(entry, dict) or entry.get("stamp") != stamp or stamp is None:
-            with store[key] as folder:
-                attrs = folder.attrs
-                labels = folder.table(embeddings=False)["label"]
-            entry = {
-                "stamp": stamp,
-                "attrs": {name: attrs.get(name) for name in _FACTS},
-                "labels": Counter(_NOT_CLASSIFIED if label is None else label for label in labels),
-            }
-            read += 1
+        # an entry of another version of the file, or kept by an older snakembed: read it
+        usable = stamp and isinstance(entry, dict) and entry.keys() >= _ENTRY
+        if not usable or entry["stamp"] != stamp:
+            folders[key] = None
+            read.add(key)
+            continue
         folders[key] = entry
+    total = sum(entry["attrs"]["num_images"] for entry in folders.values() if entry) + sum(
+        len(store.view(key)) for key in read
+    )
+    # each folder keeps the images it would give a sample of four times the size: a store
+    # that grows or shrinks a little keeps every folder's share; beyond that, the folders short
+    # of images are read again (below)
+    cap = min(1.0, 4 * points / max(total, 1))
+    for key in read:
+        folders[key] = _folder_entry(store, key, cap)
+    while True:  # twice at most: a short folder's cap at least doubles, or becomes 1 (all)
+        need = _threshold(folders, points)
+        # a folder whose candidates stop at or below the sample's highest draw may hold
+        # images of the sample that it did not keep
+        short = [key for key, entry in folders.items() if entry["cap"] <= need and entry["cap"] < 1]
+        if not short:
+            break
+        for key in short:
+            read.add(key)
+            folders[key] = _folder_entry(store, key, min(1.0, max(cap, 2 * need)))
     with contextlib.suppress(OSError), atomic_path(path) as tmp:
         tmp.write_text(json.dumps(folders))
     log.info(
         "report: %d of %d folder files read (the others kept from the last report)",
-        read,
+        len(read),
         len(folders),
     )
     return folders
+
+
+def _folder_entry(store: Store, key: str, cap: float) -> dict:
+    """What the pages keep of folder ``key`` (see :func:`_read_folders`): the images of draw
+    below ``cap`` are its candidates for the sample."""
+    stamp = _file_key(folder_file(store.results, key))
+    with store[key] as folder:
+        attrs = folder.attrs
+        table = folder.table(embeddings=False)
+    rows = zip(table["image_id"], table["source"], table["sha256"], table["label"], strict=True)
+    candidates = []
+    for row, (image_id, source, digest, label) in enumerate(rows):
+        draw = _draw(key, image_id)
+        if draw < cap:
+            candidates.append([draw, row, image_id, source, digest, label])
+    return {
+        "stamp": stamp,
+        "attrs": {name: attrs.get(name) for name in _FACTS},
+        "labels": Counter(_NOT_CLASSIFIED if label is None else label for label in table["label"]),
+        "cap": cap,
+        "candidates": sorted(candidates),
+    }
+
+
+def _draw(key: str, image_id: str) -> float:
+    """A number in [0, 1) fixed by the image's folder and id, as if drawn at random: the
+    sample is the images of the lowest draws, so a change to the store changes the sample only
+    by the images it adds or removes there (and the map's other thumbnails and vectors are
+    kept)."""
+    digest = hashlib.blake2b(f"{key}\0{image_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _threshold(folders: dict[str, dict], points: int) -> float:
+    """The highest draw of the sample of ``points`` images, from the folders' candidates; 1
+    (all) when they hold fewer images than the sample wants."""
+    draws = sorted(c[0] for entry in folders.values() for c in entry["candidates"])
+    total = sum(entry["attrs"]["num_images"] for entry in folders.values())
+    wanted = min(points, total)
+    if not wanted:
+        return -1.0  # no sample: no folder is short of candidates
+    return draws[wanted - 1] if len(draws) >= wanted else 1.0
+
+
+def _load_json(path: Path) -> dict:
+    """A dict kept by the last report, or an empty one (none, unreadable, or another shape)."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
 
 
 def _file_key(path: Path) -> list[int] | None:
@@ -287,39 +357,66 @@ def _plot_labels(folders: dict[str, dict], path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _sample(store: Store, read: dict[str, dict], points: int) -> _Sample:
-    """Up to ``points`` images, evenly spaced over the store in folder order (``read``: see
+def _sample(store: Store, folders: dict[str, dict], points: int, path: Path) -> _Sample:
+    """The ``points`` images of the lowest draws (see :func:`_draw`) in folder order, their
+    vectors kept beside the pages by folder file version and row: after a change, only the
+    folders that give the sample new images are read (``folders``: see
     :func:`_read_folders`)."""
-    sizes = {key: entry["attrs"]["num_images"] for key, entry in read.items()}
-    total = sum(sizes.values())
-    picks = np.unique(np.linspace(0, total - 1, min(points, total)).round().astype(int))
-    folders, ids, paths, digests, labels, vectors = [], [], [], [], [], []
-    start = 0
-    for key, size in sizes.items():
-        lo, hi = np.searchsorted(picks, [start, start + size])
-        rows = picks[lo:hi] - start
-        start += size
-        if not len(rows):
-            continue
-        with store[key] as folder:
-            table = folder.table(embeddings=False)
-        matrix = store.view(key)
-        for row in rows:
-            folders.append(key)
-            ids.append(table["image_id"][row])
-            root = store.images_root
-            paths.append(root / table["source"][row] if root else None)
-            digests.append(table["sha256"][row])
-            labels.append(table["label"][row])
+    order = {key: i for i, key in enumerate(folders)}
+    need = _threshold(folders, points)
+    chosen = sorted(
+        (order[key], candidate[1], key, candidate)
+        for key, entry in folders.items()
+        for candidate in entry["candidates"]
+        if candidate[0] <= need
+    )
+    kept = _load_vectors(path)
+    sample = _Sample([], [], [], [], [], [], [], np.zeros((0, 0), np.float32))
+    vectors, views, read = [], {}, 0
+    root = store.images_root
+    for _, row, key, (draw, _, image_id, source, digest, label) in chosen:
+        origin = json.dumps([key, folders[key]["stamp"], row])
+        vector = kept.get(origin)
+        if vector is None:
+            matrix = views[key] if key in views else views.setdefault(key, store.view(key))
             vector = np.asarray(matrix[row], np.float32)
-            vectors.append(vector.mean(axis=0) if vector.ndim == 2 else vector)  # maps: mean
+            vector = vector.mean(axis=0) if vector.ndim == 2 else vector  # a map: its mean
+            read += 1
+        sample.folders.append(key)
+        sample.ids.append(image_id)
+        sample.paths.append(root / source if root else None)
+        sample.digests.append(digest)
+        sample.labels.append(label)
+        sample.draws.append(draw)
+        sample.origins.append(origin)
+        vectors.append(vector)
     dim = len(vectors[0]) if vectors else 0
-    vectors = np.asarray(vectors, np.float32).reshape(-1, dim)
-    return _Sample(folders, ids, paths, digests, labels, vectors)
+    sample.vectors = np.asarray(vectors, np.float32).reshape(-1, dim)
+    with contextlib.suppress(OSError), atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, origins=np.asarray(sample.origins, str), vectors=sample.vectors)
+    log.info(
+        "report: %d of the sample's %d vectors read from %d folder files",
+        read,
+        len(vectors),
+        len(views),
+    )
+    return sample
+
+
+def _load_vectors(path: Path) -> dict[str, np.ndarray]:
+    """The last report's sample vectors by origin (see :class:`_Sample`)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return dict(zip(data["origins"].tolist(), data["vectors"], strict=True))
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 #: What the pages need of each folder, kept from the last report (see :func:`_read_folders`).
 _FOLDERS = ".folders.json"
+
+#: What the pages keep of each folder (see :func:`_folder_entry`).
+_ENTRY = {"stamp", "attrs", "labels", "cap", "candidates"}
 
 #: The attributes of a folder file that the pages show.
 _FACTS = (
@@ -327,6 +424,15 @@ _FACTS = (
 )  # fmt: skip
 
 _NOT_CLASSIFIED = "(not classified)"
+
+#: The sample's vectors of the last report (see :func:`_sample`).
+_VECTORS = ".sample.npz"
+
+#: The nearest neighbours of the last report (see :func:`_neighbours`).
+_NEIGHBOURS = ".neighbours.json"
+
+#: Stored images shown beside each sample image on the neighbours page.
+_STRIP = 6
 
 #: The thumbnails of the last report, beside its pages, so that the next one makes only new
 #: ones: a one-image change must not decode the thousand images of the map again.
@@ -513,7 +619,8 @@ def _map_page(store: Store, sample: _Sample, thumbnails: _Thumbnails) -> str:
     if len(counts) > len(top):
         legend += f'<span><i style="background:{_OTHER}"></i>other</span>'
     body = (
-        f"<p>{len(sample.ids)} images drawn evenly from {len(store)} folders, laid out by "
+        f"<p>{len(sample.ids)} images drawn at random from {len(store)} folders (the same "
+        f"draw from report to report), laid out by "
         f"{method}, coloured by {'predicted label' if classified else 'folder'}. Hover over a "
         f'point for its image.</p><p class="legend">{legend}</p>'
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -522,27 +629,65 @@ def _map_page(store: Store, sample: _Sample, thumbnails: _Thumbnails) -> str:
     return _page("Map of the embeddings", body)
 
 
+def _neighbours(
+    store: Store, folders: dict[str, dict], sample: _Sample, queries: int, path: Path
+) -> list[tuple[int, list[Hit]]]:
+    """The ``_STRIP + 1`` stored images nearest each of the ``queries`` sample images of the
+    lowest draws (the image itself among them), by sample index in folder order. The last
+    report's are kept beside the pages: when its queries are the same and no folder it found
+    them in changed, only the folders that changed since are searched, and their best are
+    merged with the kept ones (:func:`~snakembed.search.best_rows` orders all rows one way,
+    so the result is that of a search of every folder)."""
+    picks = sorted(int(i) for i in np.argsort(sample.draws, kind="stable")[:queries])
+    wanted = _STRIP + 1
+    identity = [*(sample.origins[i] for i in picks), wanted]
+    stamps = {key: entry["stamp"] for key, entry in folders.items()}
+    kept = _load_json(path)
+    searched = list(stamps)
+    found: list[list] = []
+    if kept.get("identity") == identity and isinstance(kept.get("stamps"), dict):
+        before = kept["stamps"]
+        changed = {key for key in set(stamps) | set(before) if stamps.get(key) != before.get(key)}
+        if not any(hit[1] in changed for hits in kept.get("found", []) for hit in hits):
+            searched = [key for key in stamps if key in changed]
+            found = kept["found"]
+    vectors = unit_queries(sample.vectors[picks]) if picks else np.zeros((0, 0), np.float32)
+    best = best_rows(store, vectors, searched, wanted) if picks else []
+    named = {}
+    for rows in best:  # only the rows found now are named
+        named.update({row: hit for row, hit in zip(rows, name_hits(store, rows), strict=True)})
+    for hits in found:
+        named.update({(h[0], h[1], h[2]): Hit(h[0], h[1], h[3], h[4]) for h in hits})
+    merged = [
+        sorted({*rows, *((h[0], h[1], h[2]) for h in hits)}, reverse=True)[:wanted]
+        for rows, hits in zip(best, found or [[] for _ in best], strict=True)
+    ]
+    keep = [[[*row, named[row].image_id, named[row].path] for row in rows] for rows in merged]
+    with contextlib.suppress(OSError), atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"identity": identity, "stamps": stamps, "found": keep}))
+    log.info("report: nearest neighbours searched in %d of %d folders", len(searched), len(stamps))
+    return [(i, [named[row] for row in rows]) for i, rows in zip(picks, merged, strict=True)]
+
+
 def _neighbours_page(
-    store: Store, sample: _Sample, queries: int, thumbnails: _Thumbnails, top: int = 6
+    sample: _Sample, found: list[tuple[int, list[Hit]]], thumbnails: _Thumbnails
 ) -> str:
-    if not sample.ids:
+    if not found:
         return _page("Nearest neighbours", "<p>No embedded images.</p>")
-    picks = np.unique(np.linspace(0, len(sample.ids) - 1, min(queries, len(sample.ids))).round())
-    found = search(store, sample.vectors[picks.astype(int)], top=top + 1)
     strips = []
-    for i, hits in zip(picks.astype(int), found, strict=True):
+    for i, hits in found:
         name = _name(sample.folders[i], sample.ids[i])
         others = [h for h in hits if (h.folder, h.image_id) != (sample.folders[i], sample.ids[i])]
-        paths = [sample.paths[i], *(root_path(h.path) for h in others[:top])]
+        paths = [sample.paths[i], *(root_path(h.path) for h in others[:_STRIP])]
         thumbs = thumbnails(paths, 112, [sample.digests[i], *[None] * (len(paths) - 1)])
         figures = [_figure(thumbs[0], name, "query", "query")]
         figures += [
             _figure(thumb, _name(h.folder, h.image_id), f"{h.score:.3f}", "")
-            for thumb, h in zip(thumbs[1:], others[:top], strict=True)
+            for thumb, h in zip(thumbs[1:], others[:_STRIP], strict=True)
         ]
         strips.append(f'<div class="strip">{"".join(figures)}</div>')
     body = (
-        f"<p>{len(strips)} sample images (left) and the {top} most similar stored images by "
+        f"<p>{len(strips)} sample images (left) and the {_STRIP} most similar stored images by "
         "cosine similarity, with their scores.</p>" + "".join(strips)
     )
     return _page("Nearest neighbours", body)

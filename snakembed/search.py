@@ -19,7 +19,7 @@ import numpy as np
 from .layout import folder_file
 from .reader import Store
 
-__all__ = ["Hit", "search"]
+__all__ = ["Hit", "best_rows", "name_hits", "search", "unit_queries"]
 
 #: Rows scored at a time: big enough for BLAS, small enough to stay in cache-friendly memory.
 _BLOCK = 65536
@@ -65,10 +65,41 @@ def search(
         >>> search(store, query, top=1)[0][0].image_id  # doctest: +SKIP
         'chelsea.jpg'
     """
+    queries = unit_queries(queries)
+    keys = list(store) if folders is None else list(folders)
+    return [name_hits(store, found) for found in best_rows(store, queries, keys, top)]
+
+
+def unit_queries(queries: np.ndarray) -> np.ndarray:
+    """``[Q, D]`` unit vectors of :func:`search`'s queries (a map: its mean over positions)."""
     queries = np.asarray(queries, np.float32)
     queries = queries.mean(axis=1) if queries.ndim == 3 else np.atleast_2d(queries)
-    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    keys = list(store) if folders is None else list(folders)
+    return queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+
+
+def best_rows(
+    store: Store, queries: np.ndarray, keys: list[str], top: int
+) -> list[list[tuple[float, str, int]]]:
+    """The ``top`` best ``(score, folder, row)`` of each of the unit ``queries`` among the
+    folders ``keys``, best first, in one total order (score, then folder, then row): the best of
+    a union of folders is the best of the best of each part, whatever order they are read in.
+
+    Args:
+        store: an opened results folder.
+        queries: ``[Q, D]`` unit vectors (see :func:`unit_queries`).
+        keys: the folders searched.
+        top: how many per query.
+
+    Returns:
+        One list per query, highest first.
+
+    Raises:
+        ValueError: when a folder is unknown or its embeddings are not of the queries' size.
+
+    Example:
+        >>> best_rows(store, unit_queries(vectors), ["animals"], 3)  # doctest: +SKIP
+        [[(1.0, 'animals', 4), (0.91, 'animals', 0), (0.87, 'animals', 2)]]
+    """
     unknown = [key for key in keys if key not in store]
     if unknown:
         raise ValueError(f"no folder {unknown[0]!r} in {store.results}; see `snakembed info`")
@@ -88,14 +119,29 @@ def search(
             scores = (block @ queries.T) / norms[:, None]
             k = min(top, len(block))
             for q, column in enumerate(scores.T):
-                for row in np.argpartition(-column, k - 1)[:k]:
+                # every row tied with the k-th best too: which of equal scores are kept is
+                # then decided by the total order, not by where a partition put them
+                kth = np.partition(column, len(column) - k)[len(column) - k]
+                for row in np.flatnonzero(column >= kth):
                     _keep(best[q], (float(column[row]), key, start + int(row)), top)
-    return [_hits(store, sorted(found, reverse=True)) for found in best]
+    return [sorted(found, reverse=True) for found in best]
 
 
-def _hits(store: Store, found: list[tuple[float, str, int]]) -> list[Hit]:
-    """Name the rows found (only these: reading every id of a big store costs more than the
-    search)."""
+def name_hits(store: Store, found: list[tuple[float, str, int]]) -> list[Hit]:
+    """The :class:`Hit` of each ``(score, folder, row)`` found by :func:`best_rows` (only
+    these are named: reading every id of a big store costs more than the search).
+
+    Args:
+        store: the results folder searched.
+        found: rows found, in the order wanted.
+
+    Returns:
+        One hit per row, in that order.
+
+    Example:
+        >>> name_hits(store, [(0.93, "animals", 4)])[0].image_id  # doctest: +SKIP
+        'chelsea.jpg'
+    """
     hits = []
     for score, key, row in found:
         with store[key] as folder:
@@ -108,5 +154,5 @@ def _hits(store: Store, found: list[tuple[float, str, int]]) -> list[Hit]:
 def _keep(heap: list, item: tuple, top: int) -> None:
     if len(heap) < top:
         heapq.heappush(heap, item)
-    elif item[0] > heap[0][0]:
+    elif item > heap[0]:
         heapq.heapreplace(heap, item)

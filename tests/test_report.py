@@ -94,7 +94,7 @@ def test_the_pages_say_what_the_run_did(report):
     assert f"{round(metrics['accuracy'], 4)}" in summary
     neighbours = (results / "report" / "neighbours.html").read_text()
     assert neighbours.count('class="strip"') == 3
-    assert "20 images drawn evenly" in (results / "report" / "map.html").read_text()
+    assert "20 images drawn at random" in (results / "report" / "map.html").read_text()
 
 
 def test_the_report_shows_every_page_and_its_images_render_in_chromium(report):
