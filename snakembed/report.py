@@ -447,12 +447,7 @@ class _Thumbnails:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self._kept = json.loads(path.read_text())
-        except (OSError, ValueError):
-            self._kept = {}
-        if not isinstance(self._kept, dict):
-            self._kept = {}
+        self._kept = _load_json(path)
         self._used: dict[str, str | None] = {}
         self._stale: set[str] = set()
         self._made = 0
@@ -640,7 +635,8 @@ def _neighbours(
     so the result is that of a search of every folder)."""
     picks = sorted(int(i) for i in np.argsort(sample.draws, kind="stable")[:queries])
     wanted = _STRIP + 1
-    identity = [*(sample.origins[i] for i in picks), wanted]
+    # the hits' paths are the image root's: another root names them again
+    identity = [*(sample.origins[i] for i in picks), wanted, str(store.images_root)]
     stamps = {key: entry["stamp"] for key, entry in folders.items()}
     kept = _load_json(path)
     searched = list(stamps)
