@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -187,11 +188,8 @@ def _read_folders(store: Store, path: Path, points: int) -> dict[str, dict]:
             folders[key] = _folder_entry(store, key, min(1.0, max(cap, 2 * need)))
     with contextlib.suppress(OSError), atomic_path(path) as tmp:
         tmp.write_text(json.dumps(folders))
-    log.info(
-        "report: %d of %d folder files read (the others kept from the last report)",
-        len(read),
-        len(folders),
-    )
+    kept_too = " (the others kept from the last report)" if len(read) < len(folders) else ""
+    log.info("report: %d of %d folder files read%s", len(read), len(folders), kept_too)
     return folders
 
 
@@ -408,7 +406,7 @@ def _load_vectors(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return dict(zip(data["origins"].tolist(), data["vectors"], strict=True))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: read again
         return {}
 
 

@@ -127,6 +127,10 @@ def test_reports_after_changes_read_what_changed_and_equal_fresh_reports(tmp_pat
     (kept / ".sample.npz").write_bytes(b"not an npz")
     (kept / ".neighbours.json").write_text("{")
     check()
+    whole = (kept / ".sample.npz").read_bytes()
+    for damaged in (b"", whole[: len(whole) // 2]):  # emptied; cut short by a copy
+        (kept / ".sample.npz").write_bytes(damaged)
+        check()
     entries = json.loads((kept / ".folders.json").read_text())
     for entry in entries.values():
         del entry["candidates"], entry["cap"]
