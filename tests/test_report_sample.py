@@ -51,10 +51,18 @@ def _pages(results: Path, where: Path, points: int) -> dict[str, bytes]:
     return {name: (where / name).read_bytes() for name in _PAGES}
 
 
-def _logged(caplog, what: str) -> tuple[int, int]:
-    """The two numbers of the report's last log line about ``what``."""
-    lines = [r.getMessage() for r in caplog.records if what in r.getMessage()]
-    return tuple(int(n) for n in re.findall(r"\d+", lines[-1])[:2])
+def _logged(lines: list[str], what: str) -> tuple[int, int]:
+    """The two numbers of the log line about ``what`` among a report's ``lines``."""
+    [line] = [line for line in lines if what in line]
+    return tuple(int(n) for n in re.findall(r"\d+", line)[:2])
+
+
+def _report_log(caplog, write) -> list[str]:
+    """The log lines of the report that ``write()`` writes (and only those)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="snakembed"):
+        write()
+    return [record.getMessage() for record in caplog.records]
 
 
 def _hit_folders(kept: Path) -> set[str]:
@@ -71,27 +79,27 @@ def test_reports_after_changes_read_what_changed_and_equal_fresh_reports(tmp_pat
         _folder(results, f"f{i:02d}", rng.normal(size=(3, 8)))
     keys = _index(results)
     kept, points = tmp_path / "kept", 12
-    step = 0
+    step, logged = 0, []
 
     def check() -> None:
         nonlocal step
         step += 1
-        with caplog.at_level(logging.INFO, logger="snakembed"):
-            again = _pages(results, kept, points)
+        again = {}
+        logged[:] = _report_log(caplog, lambda: again.update(_pages(results, kept, points)))
         assert again == _pages(results, tmp_path / "fresh" / str(step), points), step
 
     check()
-    assert _logged(caplog, "folder files read") == (30, 30)
-    assert _logged(caplog, "nearest neighbours searched") == (30, 30)
+    assert _logged(logged, "folder files read") == (30, 30)
+    assert _logged(logged, "nearest neighbours searched") == (30, 30)
 
     # one folder that gave no neighbour changes: only it is read and searched
     quiet = next(k for k in keys if k not in _hit_folders(kept))
     with h5py.File(folder_file(results, quiet), "r+") as f:
         f[EMBEDDINGS][0] = rng.normal(size=8)
     check()
-    assert _logged(caplog, "folder files read") == (1, 30)
-    assert _logged(caplog, "nearest neighbours searched") == (1, 30)
-    read, sampled = _logged(caplog, "of the sample's")
+    assert _logged(logged, "folder files read") == (1, 30)
+    assert _logged(logged, "nearest neighbours searched") == (1, 30)
+    read, sampled = _logged(logged, "of the sample's")
     assert read <= 3 and sampled == points  # the sample kept the other folders' images
 
     # a folder gets an exact copy of a query's neighbour: a tie, ordered as a search of all
@@ -106,7 +114,7 @@ def test_reports_after_changes_read_what_changed_and_equal_fresh_reports(tmp_pat
     with h5py.File(folder_file(results, hit), "r+") as f:
         f[EMBEDDINGS][...] = rng.normal(size=(3, 8))
     check()
-    assert _logged(caplog, "nearest neighbours searched") == (30, 30)
+    assert _logged(logged, "nearest neighbours searched") == (30, 30)
 
     # a folder added, one removed, more images than the kept candidates cover, a new size
     _folder(results, "g00", rng.normal(size=(5, 8)))
@@ -136,11 +144,11 @@ def test_reports_after_changes_read_what_changed_and_equal_fresh_reports(tmp_pat
         del entry["candidates"], entry["cap"]
     (kept / ".folders.json").write_text(json.dumps(entries))
     check()
-    assert _logged(caplog, "folder files read") == (len(entries), len(entries))
+    assert _logged(logged, "folder files read") == (len(entries), len(entries))
     # a sample far larger than the one the folders kept candidates for: they are read again
     points = 200
     check()
-    assert _logged(caplog, "folder files read") == (len(entries), len(entries))
+    assert _logged(logged, "folder files read") == (len(entries), len(entries))
 
 
 def test_the_sample_follows_the_store_by_its_own_images(tmp_path, caplog):
@@ -161,15 +169,14 @@ def test_the_sample_follows_the_store_by_its_own_images(tmp_path, caplog):
     before = sampled()
     grown = np.concatenate([h5py.File(folder_file(results, "f07"), "r")[EMBEDDINGS][()]] * 3)
     _folder(results, "f07", grown)  # eight images more; the first four are the same images
-    with caplog.at_level(logging.INFO, logger="snakembed"):
-        _pages(results, kept, 60)
+    logged = _report_log(caplog, lambda: _pages(results, kept, 60))
     after = sampled()
     assert len(after) == len(before) == 60
     entered, left = after - before, before - after
     assert entered and all(key == "f07" and row >= 4 for key, row in entered)
     assert len(left) == len(entered)  # each pushed out one image of a higher draw
     # only the rows of the rewritten folder were read again
-    read, sampled_ = _logged(caplog, "of the sample's")
+    read, sampled_ = _logged(logged, "of the sample's")
     assert (read, sampled_) == (sum(key == "f07" for key, _ in after), 60)
 
 
