@@ -251,9 +251,8 @@ def _client():
             try:
                 client = _session(environment).client("s3", config=config)
             except ValueError as exc:  # botocore's "Invalid endpoint: ..."
-                endpoint = dict(environment).get("AWS_ENDPOINT_URL_S3") or dict(environment).get(
-                    "AWS_ENDPOINT_URL"
-                )
+                variables = dict(environment)
+                endpoint = variables.get("AWS_ENDPOINT_URL_S3") or variables.get("AWS_ENDPOINT_URL")
                 raise BucketError(
                     f"{exc}: write AWS_ENDPOINT_URL as http://HOST:PORT or https://HOST"
                     f"{f' (it is {endpoint!r})' if endpoint else ''}"

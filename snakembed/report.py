@@ -376,8 +376,9 @@ def _sample(store: Store, folders: dict[str, dict], points: int, path: Path) -> 
         origin = json.dumps([key, folders[key]["stamp"], row])
         vector = kept.get(origin)
         if vector is None:
-            matrix = views[key] if key in views else views.setdefault(key, store.view(key))
-            vector = np.asarray(matrix[row], np.float32)
+            if key not in views:
+                views[key] = store.view(key)
+            vector = np.asarray(views[key][row], np.float32)
             vector = vector.mean(axis=0) if vector.ndim == 2 else vector  # a map: its mean
             read += 1
         sample.folders.append(key)
@@ -632,6 +633,8 @@ def _neighbours(
     merged with the kept ones (:func:`~snakembed.search.best_rows` orders all rows one way,
     so the result is that of a search of every folder)."""
     picks = sorted(int(i) for i in np.argsort(sample.draws, kind="stable")[:queries])
+    if not picks:
+        return []
     wanted = _STRIP + 1
     # the hits' paths are the image root's: another root names them again
     identity = [*(sample.origins[i] for i in picks), wanted, str(store.images_root)]
@@ -645,8 +648,7 @@ def _neighbours(
         if not any(hit[1] in changed for hits in kept.get("found", []) for hit in hits):
             searched = [key for key in stamps if key in changed]
             found = kept["found"]
-    vectors = unit_queries(sample.vectors[picks]) if picks else np.zeros((0, 0), np.float32)
-    best = best_rows(store, vectors, searched, wanted) if picks else []
+    best = best_rows(store, unit_queries(sample.vectors[picks]), searched, wanted)
     named = {}
     for rows in best:  # only the rows found now are named
         named.update({row: hit for row, hit in zip(rows, name_hits(store, rows), strict=True)})
